@@ -1,0 +1,249 @@
+//! The backend set and selection: which workers are in rotation, and which one gets the next
+//! connection.
+//!
+//! The set is an immutable `Vec` behind an [`ArcSwap`]: the per-connection path (`pick`)
+//! takes no lock, only an atomic load and an atomic add; the rare writers (a worker entering
+//! or leaving rotation) copy the vector and swap it in under a mutex of their own.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+/// How the next backend is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Each new connection goes to the next backend in slot order. Exact for sequential
+    /// connections: with N backends, N consecutive picks return N different backends.
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest open connections; ties broken round-robin, so a set of
+    /// idle backends still shares the load evenly.
+    LeastConn,
+}
+
+/// One worker in rotation.
+#[derive(Debug)]
+pub struct Backend {
+    /// Unique per worker *instance*: a replacement in the same slot gets a new key, so a late
+    /// `remove` for the old instance never takes the new one out.
+    pub key: u64,
+    /// The supervisor's slot number, for logs.
+    pub slot: usize,
+    /// Where the worker accepts connections.
+    pub addr: SocketAddr,
+    /// Connections currently forwarded to this backend.
+    active: AtomicUsize,
+    /// Connect failures in a row (reset by a successful connect). Read by the supervisor to
+    /// take a failing worker out of rotation between active health checks.
+    connect_failures: AtomicU32,
+}
+
+impl Backend {
+    /// Open connections forwarded to this backend right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connect failures in a row since the last successful connect.
+    pub fn connect_failures(&self) -> u32 {
+        self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_connect(&self, ok: bool) {
+        if ok {
+            if self.connect_failures.load(Ordering::Relaxed) != 0 {
+                self.connect_failures.store(0, Ordering::Relaxed);
+            }
+        } else {
+            self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one open connection until the guard is dropped.
+    pub(crate) fn open(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(self))
+    }
+}
+
+/// Holds one unit of [`Backend::active`] for the life of a forwarded connection.
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Arc<Backend>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The set of backends in rotation.
+#[derive(Debug, Default)]
+pub struct Backends {
+    set: ArcSwap<Vec<Arc<Backend>>>,
+    next: AtomicUsize,
+    policy: Policy,
+    /// Serialises writers; readers never take it.
+    write: Mutex<()>,
+}
+
+impl Backends {
+    /// An empty set using `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Puts a worker instance into rotation (replacing any entry with the same key).
+    pub fn insert(&self, key: u64, slot: usize, addr: SocketAddr) -> Arc<Backend> {
+        let backend = Arc::new(Backend {
+            key,
+            slot,
+            addr,
+            active: AtomicUsize::new(0),
+            connect_failures: AtomicU32::new(0),
+        });
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next: Vec<_> = self
+            .set
+            .load()
+            .iter()
+            .filter(|b| b.key != key)
+            .cloned()
+            .collect();
+        next.push(Arc::clone(&backend));
+        next.sort_by_key(|b| (b.slot, b.key));
+        self.set.store(Arc::new(next));
+        backend
+    }
+
+    /// Takes a worker instance out of rotation. Returns it if it was in.
+    pub fn remove(&self, key: u64) -> Option<Arc<Backend>> {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.set.load_full();
+        let found = current.iter().find(|b| b.key == key).cloned()?;
+        let next: Vec<_> = current.iter().filter(|b| b.key != key).cloned().collect();
+        self.set.store(Arc::new(next));
+        Some(found)
+    }
+
+    /// Whether the instance `key` is in rotation.
+    pub fn contains(&self, key: u64) -> bool {
+        self.set.load().iter().any(|b| b.key == key)
+    }
+
+    /// How many backends are in rotation.
+    pub fn len(&self) -> usize {
+        self.set.load().len()
+    }
+
+    /// Whether no backend is in rotation.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A consistent copy of the set, for status pages and tests.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.set.load_full()
+    }
+
+    /// Chooses the backend for a new connection, or `None` when the set is empty.
+    pub fn pick(&self) -> Option<Arc<Backend>> {
+        self.pick_excluding(&[])
+    }
+
+    /// Like [`pick`](Self::pick), skipping the keys in `tried` (a retry after a refused
+    /// connect must not land on the same worker). Bounded: one pass over the set at most.
+    pub fn pick_excluding(&self, tried: &[u64]) -> Option<Arc<Backend>> {
+        let set = self.set.load();
+        let n = set.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let candidates = (0..n)
+            .map(|i| &set[(start + i) % n])
+            .filter(|b| !tried.contains(&b.key));
+        match self.policy {
+            Policy::RoundRobin => candidates.into_iter().next().cloned(),
+            // `min_by_key` keeps the first minimum, and candidates start at the round-robin
+            // offset: that is the tie-break.
+            Policy::LeastConn => candidates.min_by_key(|b| b.active()).cloned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn set(policy: Policy, n: u16) -> Backends {
+        let b = Backends::new(policy);
+        for i in 0..n {
+            b.insert(u64::from(i) + 100, usize::from(i), addr(1000 + i));
+        }
+        b
+    }
+
+    #[test]
+    fn round_robin_is_exact_for_sequential_picks() {
+        let b = set(Policy::RoundRobin, 3);
+        for _ in 0..4 {
+            let mut slots: Vec<_> = (0..3).map(|_| b.pick().unwrap().slot).collect();
+            slots.sort();
+            assert_eq!(slots, vec![0, 1, 2]);
+        }
+    }
+
+    #[test]
+    fn empty_set_picks_nothing() {
+        let b = Backends::new(Policy::RoundRobin);
+        assert!(b.pick().is_none());
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn removal_is_by_instance_key() {
+        let b = set(Policy::RoundRobin, 2);
+        // A replacement of slot 0 with a new key...
+        b.insert(7, 0, addr(2000));
+        // ...is not removed by the old instance's late removal of a different key.
+        assert!(b.remove(999).is_none());
+        assert!(b.remove(100).is_some());
+        assert!(b.contains(7));
+        assert_eq!(b.len(), 2);
+        assert!((0..10).all(|_| b.pick().unwrap().key != 100));
+    }
+
+    #[test]
+    fn retries_skip_tried_backends() {
+        let b = set(Policy::RoundRobin, 3);
+        let first = b.pick().unwrap();
+        let second = b.pick_excluding(&[first.key]).unwrap();
+        assert_ne!(first.key, second.key);
+        let third = b.pick_excluding(&[first.key, second.key]).unwrap();
+        assert!(third.key != first.key && third.key != second.key);
+        assert!(b.pick_excluding(&[100, 101, 102]).is_none());
+    }
+
+    #[test]
+    fn least_conn_prefers_idle_and_breaks_ties_round_robin() {
+        let b = set(Policy::LeastConn, 2);
+        let busy = b.snapshot()[0].clone();
+        let _g = busy.open();
+        for _ in 0..5 {
+            assert_eq!(b.pick().unwrap().slot, 1);
+        }
+        drop(_g);
+        let mut slots: Vec<_> = (0..2).map(|_| b.pick().unwrap().slot).collect();
+        slots.sort();
+        assert_eq!(slots, vec![0, 1]);
+    }
+}

@@ -1,0 +1,118 @@
+//! Forwarding one client connection: pick a backend, connect (trying the next one on
+//! failure), then copy bytes both ways until both sides are done.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::backends::Backends;
+
+/// Knobs for forwarding, fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// How long a connect to a worker may take before the next worker is tried. Loopback
+    /// connects take microseconds; a long wait means the worker's accept queue is full or the
+    /// worker is stopped.
+    pub connect_timeout: Duration,
+    /// How many backends one client may be offered before it is closed.
+    pub max_tries: usize,
+    /// Size of each of the two copy buffers (client→worker, worker→client). This bounds the
+    /// memory of a proxied connection whatever the peers do.
+    pub buf_size: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            max_tries: 3,
+            buf_size: 16 * 1024,
+        }
+    }
+}
+
+/// Why a client connection was not (fully) forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No backend was in rotation when the client arrived.
+    #[error("no backend in rotation")]
+    NoBackend,
+    /// Every backend offered refused or timed out.
+    #[error("{tries} backend(s) failed to accept the connection")]
+    AllFailed {
+        /// How many backends were tried.
+        tries: usize,
+        /// The last connect error.
+        #[source]
+        last: io::Error,
+    },
+    /// The connection was established and then failed mid-stream (reset, broken pipe).
+    #[error("copying between client and backend")]
+    Copy(#[source] io::Error),
+}
+
+/// Bytes moved by one forwarded connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// Client → backend.
+    pub to_backend: u64,
+    /// Backend → client.
+    pub to_client: u64,
+}
+
+/// Forwards `client` to a backend from `backends`. Returns when both directions are closed.
+/// A half-close from either side is passed on to the other (`shutdown(SHUT_WR)`).
+pub async fn forward(
+    mut client: TcpStream,
+    backends: &Backends,
+    config: &ForwardConfig,
+) -> Result<Transfer, ForwardError> {
+    let mut tried: Vec<u64> = Vec::new();
+    let mut last_error = None;
+    let (backend, mut upstream) = loop {
+        if tried.len() >= config.max_tries {
+            return Err(ForwardError::AllFailed {
+                tries: tried.len(),
+                last: last_error.unwrap_or_else(|| io::ErrorKind::NotConnected.into()),
+            });
+        }
+        let Some(backend) = backends.pick_excluding(&tried) else {
+            return Err(match last_error {
+                Some(last) => ForwardError::AllFailed {
+                    tries: tried.len(),
+                    last,
+                },
+                None => ForwardError::NoBackend,
+            });
+        };
+        let connect =
+            tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr));
+        match connect.await {
+            Ok(Ok(stream)) => {
+                backend.record_connect(true);
+                break (backend, stream);
+            }
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),
+        }
+        backend.record_connect(false);
+        tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
+        tried.push(backend.key);
+    };
+    let _active = backend.open();
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (to_backend, to_client) = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        config.buf_size,
+        config.buf_size,
+    )
+    .await
+    .map_err(ForwardError::Copy)?;
+    Ok(Transfer {
+        to_backend,
+        to_client,
+    })
+}

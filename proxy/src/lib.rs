@@ -1,0 +1,15 @@
+//! balancer's data path.
+//!
+//! The accept loop ([`server`]), the set of workers in rotation and how one is chosen
+//! ([`backends`]), forwarding one connection ([`forward`]), and health probes ([`health`]).
+//! It takes an already-bound listener and a cancellation token; it never spawns processes,
+//! reads the environment or installs signal handlers, so it can be tested with plain sockets.
+
+pub mod backends;
+pub mod forward;
+pub mod health;
+pub mod server;
+
+pub use backends::{Backend, Backends, Policy};
+pub use forward::{forward, ForwardConfig, ForwardError, Transfer};
+pub use server::{serve, Connections, Proxy, Stats};

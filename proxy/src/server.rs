@@ -1,0 +1,158 @@
+//! The accept loop: take connections from an already-bound listener, bound how many are open
+//! at once, and hand each to [`forward`](crate::forward::forward) on its own task.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backends::Backends;
+use crate::forward::{forward, ForwardConfig, ForwardError};
+
+/// First pause after an accept error that means "out of resources" (EMFILE, ENFILE, ENOBUFS,
+/// ENOMEM). Retrying at once would spin the CPU while nothing can change.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between accept retries; short enough to recover soon after fds free up.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Counters of the data path, read by status and metrics. Relaxed atomics: each is
+/// independently exact, together they are a moment's approximation.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections forwarded to a backend and finished.
+    pub completed: AtomicU64,
+    /// Connections closed because no backend was in rotation.
+    pub no_backend: AtomicU64,
+    /// Connections closed because every backend tried failed to accept.
+    pub connect_failed: AtomicU64,
+    /// Connections that failed mid-stream (reset by either side).
+    pub copy_failed: AtomicU64,
+    /// `accept()` errors.
+    pub accept_errors: AtomicU64,
+}
+
+/// The shared state of the data path.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Workers in rotation.
+    pub backends: Arc<Backends>,
+    /// How each connection is forwarded.
+    pub forward: ForwardConfig,
+    /// At most this many client connections are open at once; further ones wait in the
+    /// kernel's listen backlog (the loop stops accepting) rather than being accepted and
+    /// closed, so a burst is delayed, not refused.
+    pub max_conns: usize,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Where connection tasks live, so a drain can wait for them and a hard stop can end them.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    /// Every connection task is spawned on this tracker.
+    pub tracker: TaskTracker,
+    /// Cancelled to close every open connection at once (end of the grace period).
+    pub abort: CancellationToken,
+}
+
+/// Accepts on `listener` until `stop` is cancelled, forwarding each connection on a task in
+/// `conns`. Returns once it has stopped accepting (and dropped the listener); open connections
+/// go on until they finish or `conns.abort` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    stop: CancellationToken,
+    conns: Connections,
+) {
+    let permits = Arc::new(Semaphore::new(proxy.max_conns.max(1)));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
+            Ok(ok) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                ok
+            }
+            Err(e) => {
+                proxy.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if is_resource_exhaustion(&e) {
+                    tracing::warn!(error = %e, pause = ?backoff, "accept failed, backing off");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                } else {
+                    tracing::debug!(error = %e, "accept failed");
+                }
+                continue;
+            }
+        };
+        proxy.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let proxy = Arc::clone(&proxy);
+        let abort = conns.abort.clone();
+        conns.tracker.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
+                result = forward(client, &proxy.backends, &proxy.forward) => record(&proxy.stats, peer, result),
+            }
+        });
+    }
+    drop(listener);
+}
+
+fn record(
+    stats: &Stats,
+    peer: std::net::SocketAddr,
+    result: Result<crate::forward::Transfer, ForwardError>,
+) {
+    let counter = match &result {
+        Ok(_) => &stats.completed,
+        Err(ForwardError::NoBackend) => &stats.no_backend,
+        Err(ForwardError::AllFailed { .. }) => &stats.connect_failed,
+        Err(ForwardError::Copy(_)) => &stats.copy_failed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok(t) => {
+            tracing::debug!(%peer, to_backend = t.to_backend, to_client = t.to_client, "connection done")
+        }
+        Err(e @ ForwardError::Copy(_)) => tracing::debug!(%peer, error = %e, "connection failed"),
+        Err(e) => tracing::warn!(%peer, error = %e, "client closed without a backend"),
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// The errno values this module cares about (Linux), without a libc dependency.
+mod libc_errno {
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    pub const ENOBUFS: i32 = 105;
+}

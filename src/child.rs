@@ -1,0 +1,116 @@
+//! Starting one worker process: its command line, its environment, the IPC socketpair it
+//! inherits, and the guarantees set up between `fork` and `exec`.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::Stdio;
+
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::cli::WorkerOutput;
+use crate::config::WorkerProgram;
+use worker::protocol::{ENV_IPC_FD, ENV_WORKER_ID};
+
+/// A freshly started worker.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The process; dropping it kills the worker (`kill_on_drop`), a last safety net.
+    pub child: Child,
+    /// Its pid, kept apart from `child` because `Child::id` is `None` once it is reaped.
+    pub pid: u32,
+    /// The master's end of the IPC channel.
+    pub ipc: UnixStream,
+}
+
+/// Starts one worker for `slot`. Must be called from a thread that lives as long as the
+/// master (the supervisor's thread): `PR_SET_PDEATHSIG` fires when the *thread* that forked
+/// the child exits, not the process.
+pub fn spawn(program: &WorkerProgram, slot: usize, output: WorkerOutput) -> io::Result<Spawned> {
+    // Both ends are close-on-exec; only the child's copy of its end loses that flag, after
+    // the fork, so no other worker spawned concurrently can inherit it.
+    let (master_end, child_end) = StdUnixStream::pair()?;
+    let child_fd = child_end.as_raw_fd();
+
+    let mut cmd = match program {
+        WorkerProgram::Builtin => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg("worker");
+            c
+        }
+        WorkerProgram::Command { program, args } => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+    };
+    cmd.env(ENV_IPC_FD, child_fd.to_string())
+        .env(ENV_WORKER_ID, slot.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        // Its own process group: a terminal's Ctrl-C reaches only the master, which then
+        // stops the workers in order; and the master can signal a worker's whole group.
+        .process_group(0);
+    let (stdout, stderr) = match output {
+        WorkerOutput::Prefix => (Stdio::piped(), Stdio::piped()),
+        WorkerOutput::Inherit => (Stdio::inherit(), Stdio::inherit()),
+        WorkerOutput::Ignore => (Stdio::null(), Stdio::null()),
+    };
+    cmd.stdout(stdout).stderr(stderr);
+
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
+    // are allowed. prctl, getppid and fcntl are system calls: no allocation, no locks. The
+    // closure captures only two integers.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The master may have died between fork and prctl: then the signal was never
+            // armed, so do not start an orphan.
+            if libc::getppid() != parent {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            // Clear close-on-exec on the child's end (dup2 onto itself would not).
+            if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // The master must not keep the child's end: only then does the master see EOF on the
+    // channel when the worker dies.
+    drop(cmd);
+    drop(OwnedFd::from(child_end));
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("worker exited before its pid was read"))?;
+    master_end.set_nonblocking(true)?;
+    Ok(Spawned {
+        child,
+        pid,
+        ipc: UnixStream::from_std(master_end)?,
+    })
+}
+
+/// Sends `signal` to the worker's process group (falling back to the process alone if it
+/// left the group). Only call while the worker is unreaped, so the pid cannot have been
+/// reused by a process balancer did not start.
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    use nix::sys::signal::{kill, killpg};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(pid as i32);
+    if killpg(pid, signal).is_err() {
+        let _ = kill(pid, signal);
+    }
+}

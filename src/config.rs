@@ -1,0 +1,201 @@
+//! Validated configuration: [`Config::try_from`] turns raw [`Cli`] flags into plain values,
+//! so everything after start-up can trust them.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::cli::{Cli, WorkerOutput};
+
+/// Upper bound for `--cpus`: far more workers than any machine has cores, low enough that a
+/// typo (`--cpus 100000`) is caught instead of forking the machine to death.
+pub const MAX_WORKERS: usize = 1024;
+
+/// What each worker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerProgram {
+    /// This executable, with the hidden `worker` subcommand.
+    Builtin,
+    /// A user command, started directly.
+    Command {
+        /// The resolved executable.
+        program: PathBuf,
+        /// Its arguments.
+        args: Vec<String>,
+    },
+}
+
+/// Everything the master needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to bind for clients.
+    pub listen: SocketAddr,
+    /// Number of worker slots.
+    pub workers: usize,
+    /// Graceful-stop deadline for open connections.
+    pub grace: Duration,
+    /// Deadline for a new worker's `ready`.
+    pub ready_timeout: Duration,
+    /// What each worker runs.
+    pub program: WorkerProgram,
+    /// Cap on open client connections.
+    pub max_conns: usize,
+    /// Where worker output goes.
+    pub worker_output: WorkerOutput,
+}
+
+impl TryFrom<&Cli> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(cli: &Cli) -> anyhow::Result<Self> {
+        Ok(Self {
+            listen: parse_listen(&cli.listen)?,
+            workers: parse_cpus(&cli.cpus)?,
+            grace: parse_duration("--grace", &cli.grace)?,
+            ready_timeout: parse_nonzero_duration("--ready-timeout", &cli.ready_timeout)?,
+            program: parse_program(&cli.command)?,
+            max_conns: match cli.max_conns {
+                0 => bail!("--max-conns 0: at least one connection must be allowed"),
+                n => n,
+            },
+            worker_output: cli.worker_output,
+        })
+    }
+}
+
+/// `IP:PORT`, `[v6]:PORT`, or `:PORT` (all IPv4 addresses).
+fn parse_listen(raw: &str) -> anyhow::Result<SocketAddr> {
+    if let Some(port) = raw.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--listen {raw:?}: not a port number"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    raw.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--listen {raw:?}: expected IP:PORT (e.g. 0.0.0.0:8080, [::1]:8080) or :PORT"
+        )
+    })
+}
+
+/// `auto` or a whole number from 1 to [`MAX_WORKERS`].
+fn parse_cpus(raw: &str) -> anyhow::Result<usize> {
+    if raw.eq_ignore_ascii_case("auto") {
+        // Honours sched affinity and cgroup v1/v2 CPU quotas (rounded down, at least 1).
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    match raw.parse::<usize>() {
+        Ok(0) => bail!("--cpus 0: at least one worker is needed"),
+        Ok(n) if n <= MAX_WORKERS => Ok(n),
+        _ => bail!("--cpus {raw:?}: expected `auto` or a whole number from 1 to {MAX_WORKERS}"),
+    }
+}
+
+fn parse_duration(flag: &str, raw: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(raw.trim())
+        .map_err(|e| anyhow::anyhow!("{flag} {raw:?}: {e} (expected e.g. 30s, 500ms, 2m)"))
+}
+
+fn parse_nonzero_duration(flag: &str, raw: &str) -> anyhow::Result<Duration> {
+    let d = parse_duration(flag, raw)?;
+    if d.is_zero() {
+        bail!("{flag} {raw:?}: must be more than zero");
+    }
+    Ok(d)
+}
+
+/// Resolves the worker command now, so a typo fails at start-up with one clear line instead
+/// of a crash loop of workers that cannot exec.
+fn parse_program(command: &[String]) -> anyhow::Result<WorkerProgram> {
+    let Some((program, args)) = command.split_first() else {
+        return Ok(WorkerProgram::Builtin);
+    };
+    if program.is_empty() {
+        bail!("worker command is empty");
+    }
+    let resolved = resolve_executable(program)?;
+    Ok(WorkerProgram::Command {
+        program: resolved,
+        args: args.to_vec(),
+    })
+}
+
+fn resolve_executable(program: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        let meta = path
+            .metadata()
+            .with_context(|| format!("worker command {program:?}"))?;
+        if !meta.is_file() {
+            bail!("worker command {program:?} is not a file");
+        }
+        if !is_executable(&path) {
+            bail!("worker command {program:?} is not executable");
+        }
+        return Ok(path);
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .with_context(|| format!("worker command {program:?} not found in PATH"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            parse_listen(":8080").unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(parse_listen("127.0.0.1:0").unwrap().port(), 0);
+        assert!(parse_listen("[::1]:80").unwrap().is_ipv6());
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen(":99999").is_err());
+        assert!(parse_listen("1.2.3.4").is_err());
+    }
+
+    #[test]
+    fn cpus_forms() {
+        assert!(parse_cpus("auto").unwrap() >= 1);
+        assert_eq!(parse_cpus("3").unwrap(), 3);
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("two").is_err());
+        assert!(parse_cpus("100000").is_err());
+        assert!(parse_cpus("99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("--grace", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert!(parse_duration("--grace", "soon").is_err());
+        assert!(parse_nonzero_duration("--ready-timeout", "0s").is_err());
+    }
+
+    #[test]
+    fn programs() {
+        assert_eq!(parse_program(&[]).unwrap(), WorkerProgram::Builtin);
+        assert!(matches!(
+            parse_program(&["sh".into()]).unwrap(),
+            WorkerProgram::Command { .. }
+        ));
+        assert!(parse_program(&["definitely-not-a-command-xyz".into()]).is_err());
+        assert!(parse_program(&["/etc/hostname".into()]).is_err());
+        assert!(parse_program(&["/nonexistent/x".into()]).is_err());
+        assert!(parse_program(&["/tmp".into()]).is_err());
+    }
+}

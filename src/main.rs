@@ -1,0 +1,192 @@
+//! The `balancer` binary: the master process, and (with the hidden `worker` subcommand) the
+//! built-in worker it spawns.
+//!
+//! The master runs two runtimes. The data path (`proxy`) runs on a multi-threaded runtime of
+//! its own. The supervisor and signal handling run on the main thread's current-thread
+//! runtime: every worker is forked from the main thread, which lives as long as the master,
+//! so `PR_SET_PDEATHSIG` stays armed for the workers' whole lives.
+
+mod child;
+mod cli;
+mod config;
+mod output;
+mod ownership;
+mod signals;
+mod supervisor;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::{TcpListener, TcpSocket};
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Sub};
+use config::Config;
+use proxy::{Backends, Connections, ForwardConfig, Policy, Proxy};
+use signals::{Intent, Signals};
+use supervisor::StopTokens;
+
+/// Listen backlog: connections wait here while all `--max-conns` are busy, and during bursts.
+const LISTEN_BACKLOG: u32 = 4096;
+/// After the grace period, how long aborted connections get to be torn down.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.subcommand {
+        Some(Sub::Worker) => worker::builtin::run().map_err(anyhow::Error::from),
+        None => run_master(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("balancer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: u8) {
+    let default = match (verbose, quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    let filter =
+        EnvFilter::try_from_env("BALANCER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn run_master(cli: &Cli) -> anyhow::Result<()> {
+    let config = Arc::new(Config::try_from(cli)?);
+    raise_fd_limit();
+
+    let proxy_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .thread_name("balancer-proxy")
+        .enable_all()
+        .build()
+        .context("starting the proxy runtime")?;
+    let listener = {
+        let _guard = proxy_runtime.enter();
+        bind(config.listen).with_context(|| format!("binding {}", config.listen))?
+    };
+    let local = listener.local_addr().context("reading the bound address")?;
+
+    let backends = Arc::new(Backends::new(Policy::RoundRobin));
+    let proxy = Arc::new(Proxy {
+        backends: Arc::clone(&backends),
+        forward: ForwardConfig::default(),
+        max_conns: config.max_conns,
+        stats: Default::default(),
+    });
+    let stop_accepting = tokio_util::sync::CancellationToken::new();
+    let conns = Connections::default();
+
+    let supervisor_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the supervisor runtime")?;
+    supervisor_runtime.block_on(async {
+        let mut signals = Signals::install().context("installing signal handlers")?;
+        proxy_runtime.spawn(proxy::serve(listener, proxy, stop_accepting.clone(), conns.clone()));
+        tracing::info!(addr = %local, workers = config.workers, "listening");
+
+        let stop = StopTokens::default();
+        let mut supervisor = tokio::spawn(supervisor::run(
+            Arc::clone(&config),
+            Arc::clone(&backends),
+            local.port(),
+            stop.clone(),
+        ));
+
+        loop {
+            match signals.next().await {
+                Intent::Graceful | Intent::Interrupt => break,
+                Intent::Reload => tracing::warn!("SIGHUP: rolling reload is not available in this version; ignored"),
+            }
+        }
+
+        // 1. Stop accepting; let open connections finish within the grace period.
+        let open = conns.tracker.len();
+        tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
+        stop_accepting.cancel();
+        conns.tracker.close();
+        let mut forced = false;
+        tokio::select! {
+            done = tokio::time::timeout(config.grace, conns.tracker.wait()) => {
+                if done.is_err() {
+                    tracing::warn!(open_connections = conns.tracker.len(), "grace period over; closing open connections");
+                }
+            }
+            _ = next_stop_signal(&mut signals) => {
+                tracing::warn!("second stop signal: stopping at once");
+                forced = true;
+            }
+        }
+        conns.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_TIMEOUT, conns.tracker.wait()).await;
+
+        // 2. Stop the workers (in order, unless told twice) and reap them all.
+        if forced {
+            stop.force.cancel();
+        }
+        stop.graceful.cancel();
+        tokio::select! {
+            _ = &mut supervisor => {}
+            _ = next_stop_signal(&mut signals), if !forced => {
+                tracing::warn!("second stop signal: killing workers");
+                stop.force.cancel();
+                let _ = supervisor.await;
+            }
+        }
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })?;
+    proxy_runtime.shutdown_timeout(ABORT_TIMEOUT);
+    Ok(())
+}
+
+/// Resolves on the next SIGTERM or SIGINT (SIGHUP is ignored while stopping).
+async fn next_stop_signal(signals: &mut Signals) {
+    while signals.next().await == Intent::Reload {}
+}
+
+/// Binds the client listener with `SO_REUSEADDR` (a restarted master can bind while old
+/// connections sit in TIME_WAIT).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: each proxied connection costs two fds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
+}

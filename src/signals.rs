@@ -1,0 +1,45 @@
+//! Unix signals, mapped to what the operator means by them.
+
+use std::io;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// What a signal asks the master to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// SIGTERM: stop accepting, drain open connections up to `--grace`, stop the workers.
+    Graceful,
+    /// SIGINT: the same, from a terminal; a second one stops at once.
+    Interrupt,
+    /// SIGHUP: rolling reload of the workers.
+    Reload,
+}
+
+/// The master's signal handlers. Installed before any worker is spawned, so an early
+/// SIGTERM is an orderly stop rather than the default (immediate death with orphans).
+#[derive(Debug)]
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs handlers for SIGTERM, SIGINT and SIGHUP.
+    pub fn install() -> io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for the next signal.
+    pub async fn next(&mut self) -> Intent {
+        tokio::select! {
+            _ = self.term.recv() => Intent::Graceful,
+            _ = self.int.recv() => Intent::Interrupt,
+            _ = self.hup.recv() => Intent::Reload,
+        }
+    }
+}

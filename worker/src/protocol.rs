@@ -1,0 +1,266 @@
+//! The IPC protocol between the master and a worker: message types and the line parser.
+//!
+//! One UTF-8 JSON value per `\n`-terminated line, at most [`MAX_LINE`] bytes. This is
+//! exactly the framing Node.js uses for `process.send` in its default `json` mode, so a
+//! Node worker can speak it with no library. Both sides use these types; the master parses
+//! [`WorkerMessage`]s and writes [`MasterMessage`]s, a worker does the opposite.
+//!
+//! Parsing is lenient where real programs need it (a Node worker that does
+//! `process.send("41234 ready")`) and strict everywhere else: anything that is not a known
+//! message becomes [`WorkerMessage::Unknown`] rather than an error, so a new message type in a
+//! newer worker never breaks an older master.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest line either side accepts, newline excluded. Bounds the master's memory per worker:
+/// a worker that writes without newlines is cut off here instead of growing a buffer forever.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Environment variable carrying the child's end of the IPC socketpair (a decimal fd number).
+pub const ENV_IPC_FD: &str = "BALANCER_IPC_FD";
+/// Environment variable carrying the worker's slot number, `0..N`, stable across replacement.
+pub const ENV_WORKER_ID: &str = "BALANCER_WORKER_ID";
+
+/// A message from a worker to the master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// The worker listens on `127.0.0.1:port` and is ready for connections.
+    Ready {
+        /// The loopback TCP port the worker accepts on.
+        port: u16,
+        /// Optional capabilities the worker announces (for example `"ping"`), so the master
+        /// only uses features the worker understands.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
+    },
+    /// Answer to [`MasterMessage::Ping`] with the same sequence number.
+    Pong {
+        /// Sequence number copied from the ping.
+        seq: u64,
+    },
+    /// A message this version does not know. Kept (not an error) so protocols can grow.
+    #[serde(skip)]
+    Unknown,
+}
+
+/// A message from the master to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MasterMessage {
+    /// Stop accepting, finish open connections, exit 0. The master escalates to SIGTERM and
+    /// SIGKILL after its own timeouts, so a worker may ignore this and still be stopped.
+    Shutdown,
+    /// Liveness probe over the channel; answer with [`WorkerMessage::Pong`] carrying `seq`.
+    Ping {
+        /// Sequence number to echo back.
+        seq: u64,
+    },
+    /// A message this version does not know.
+    #[serde(skip)]
+    Unknown,
+}
+
+/// Why a line could not be read as a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// The line is not valid JSON.
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    /// The line is JSON of a known type whose fields are wrong (for example `port: -1`).
+    #[error("bad {kind} message: {reason}")]
+    Fields {
+        /// The `type` the message claimed.
+        kind: String,
+        /// What was wrong with its fields.
+        reason: String,
+    },
+}
+
+impl WorkerMessage {
+    /// Parses one line (without its newline) sent by a worker.
+    ///
+    /// Accepts the canonical object form, plus the string forms `"ready 41234"` and
+    /// `"41234 ready"` that Node programs naturally send with `process.send(string)`.
+    /// Unknown object types and other strings are [`WorkerMessage::Unknown`].
+    pub fn parse(line: &str) -> Result<Self, ParseError> {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
+        match value {
+            serde_json::Value::String(s) => Ok(parse_ready_string(&s).unwrap_or(Self::Unknown)),
+            serde_json::Value::Object(ref map) => {
+                let kind = match map.get("type").and_then(|t| t.as_str()) {
+                    Some(k) => k,
+                    None => return Ok(Self::Unknown),
+                };
+                if !matches!(kind, "ready" | "pong") {
+                    return Ok(Self::Unknown);
+                }
+                serde_json::from_value(value.clone()).map_err(|e| ParseError::Fields {
+                    kind: kind.to_owned(),
+                    reason: e.to_string(),
+                })
+            }
+            _ => Ok(Self::Unknown),
+        }
+    }
+
+    /// The canonical line for this message, newline included.
+    pub fn to_line(&self) -> String {
+        to_line(self)
+    }
+}
+
+impl MasterMessage {
+    /// Parses one line (without its newline) sent by the master. Unknown types, and lines
+    /// that are not objects, are [`MasterMessage::Unknown`].
+    pub fn parse(line: &str) -> Result<Self, ParseError> {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
+        let kind = match value.get("type").and_then(|t| t.as_str()) {
+            Some(k @ ("shutdown" | "ping")) => k.to_owned(),
+            _ => return Ok(Self::Unknown),
+        };
+        serde_json::from_value(value).map_err(|e| ParseError::Fields {
+            kind,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The canonical line for this message, newline included.
+    pub fn to_line(&self) -> String {
+        to_line(self)
+    }
+}
+
+fn to_line<T: Serialize>(msg: &T) -> String {
+    // Serializing these enums cannot fail: every field is a plain number, string or list.
+    let mut line = serde_json::to_string(msg).unwrap_or_else(|_| String::from("{}"));
+    line.push('\n');
+    line
+}
+
+/// `"ready 41234"` or `"41234 ready"` (any surrounding or inner whitespace).
+fn parse_ready_string(s: &str) -> Option<WorkerMessage> {
+    let mut words = s.split_whitespace();
+    let (a, b) = (words.next()?, words.next()?);
+    if words.next().is_some() {
+        return None;
+    }
+    let port = if a.eq_ignore_ascii_case("ready") {
+        b
+    } else if b.eq_ignore_ascii_case("ready") {
+        a
+    } else {
+        return None;
+    };
+    let port: u16 = port.parse().ok()?;
+    Some(WorkerMessage::Ready {
+        port,
+        features: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(port: u16) -> WorkerMessage {
+        WorkerMessage::Ready {
+            port,
+            features: vec![],
+        }
+    }
+
+    #[test]
+    fn canonical_ready_round_trips() {
+        let line = ready(40123).to_line();
+        assert_eq!(line, "{\"type\":\"ready\",\"port\":40123}\n");
+        assert_eq!(WorkerMessage::parse(line.trim_end()), Ok(ready(40123)));
+    }
+
+    #[test]
+    fn ready_with_features() {
+        let msg = WorkerMessage::parse(r#"{"type":"ready","port":1,"features":["ping"]}"#);
+        assert_eq!(
+            msg,
+            Ok(WorkerMessage::Ready {
+                port: 1,
+                features: vec!["ping".into()]
+            })
+        );
+    }
+
+    #[test]
+    fn node_string_forms() {
+        assert_eq!(WorkerMessage::parse(r#""ready 8080""#), Ok(ready(8080)));
+        assert_eq!(WorkerMessage::parse(r#""8080 ready""#), Ok(ready(8080)));
+        assert_eq!(WorkerMessage::parse(r#"" 8080   READY ""#), Ok(ready(8080)));
+        assert_eq!(
+            WorkerMessage::parse(r#""ready 99999""#),
+            Ok(WorkerMessage::Unknown)
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#""hello world""#),
+            Ok(WorkerMessage::Unknown)
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#""ready 1 2""#),
+            Ok(WorkerMessage::Unknown)
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_not_errors() {
+        assert_eq!(
+            WorkerMessage::parse(r#"{"type":"metrics","x":1}"#),
+            Ok(WorkerMessage::Unknown)
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#"{"cmd":"NODE_HANDLE_ACK"}"#),
+            Ok(WorkerMessage::Unknown)
+        );
+        assert_eq!(WorkerMessage::parse("42"), Ok(WorkerMessage::Unknown));
+        assert_eq!(WorkerMessage::parse("null"), Ok(WorkerMessage::Unknown));
+    }
+
+    #[test]
+    fn bad_lines_are_errors() {
+        assert!(matches!(
+            WorkerMessage::parse("{not json"),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            WorkerMessage::parse(r#"{"type":"ready","port":-1}"#),
+            Err(ParseError::Fields { .. })
+        ));
+        assert!(matches!(
+            WorkerMessage::parse(r#"{"type":"ready","port":70000}"#),
+            Err(ParseError::Fields { .. })
+        ));
+        assert!(matches!(
+            WorkerMessage::parse(r#"{"type":"ready"}"#),
+            Err(ParseError::Fields { .. })
+        ));
+    }
+
+    #[test]
+    fn master_messages() {
+        assert_eq!(
+            MasterMessage::Shutdown.to_line(),
+            "{\"type\":\"shutdown\"}\n"
+        );
+        assert_eq!(
+            MasterMessage::parse(r#"{"type":"ping","seq":7}"#),
+            Ok(MasterMessage::Ping { seq: 7 })
+        );
+        assert_eq!(
+            MasterMessage::parse(r#"{"type":"later"}"#),
+            Ok(MasterMessage::Unknown)
+        );
+        assert_eq!(
+            MasterMessage::parse(r#""server""#),
+            Ok(MasterMessage::Unknown)
+        );
+    }
+}
