@@ -116,3 +116,90 @@ pub async fn forward(
         to_client,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::Policy;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A backend that echoes everything, then half-closes when the client does.
+    async fn echo_backend() -> SocketAddrAndTask {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (addr, task)
+    }
+    type SocketAddrAndTask = (std::net::SocketAddr, tokio::task::JoinHandle<()>);
+
+    async fn closed_port() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// Runs `forward` for one client and returns the client's end.
+    async fn proxied(backends: std::sync::Arc<Backends>) -> (TcpStream, tokio::task::JoinHandle<Result<Transfer, ForwardError>>) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (c, _) = front.accept().await.unwrap();
+            forward(c, &backends, &ForwardConfig::default()).await
+        });
+        (TcpStream::connect(addr).await.unwrap(), task)
+    }
+
+    #[tokio::test]
+    async fn half_close_is_passed_on_and_bytes_counted() {
+        let (addr, _echo) = echo_backend().await;
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        backends.insert(1, 0, addr);
+        let (mut client, task) = proxied(backends).await;
+        client.write_all(b"hello").await.unwrap();
+        // Half-close: the backend sees EOF, finishes echoing, then closes its side.
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        let t = task.await.unwrap().unwrap();
+        assert_eq!((t.to_backend, t.to_client), (5, 5));
+    }
+
+    #[tokio::test]
+    async fn refused_backend_is_skipped() {
+        let (good, _echo) = echo_backend().await;
+        let bad = closed_port().await;
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        backends.insert(1, 0, bad);
+        backends.insert(2, 1, good);
+        for _ in 0..4 {
+            let (mut client, task) = proxied(std::sync::Arc::clone(&backends)).await;
+            client.write_all(b"x").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"x");
+            assert!(task.await.unwrap().is_ok());
+        }
+        let bad_backend = backends.snapshot().iter().find(|b| b.key == 1).cloned().unwrap();
+        assert!(bad_backend.connect_failures() >= 2);
+    }
+
+    #[tokio::test]
+    async fn no_backend_and_all_refused_are_errors() {
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        let (_client, task) = proxied(std::sync::Arc::clone(&backends)).await;
+        assert!(matches!(task.await.unwrap(), Err(ForwardError::NoBackend)));
+        backends.insert(1, 0, closed_port().await);
+        let (_client, task) = proxied(backends).await;
+        assert!(matches!(task.await.unwrap(), Err(ForwardError::AllFailed { tries: 1, .. })));
+    }
+}

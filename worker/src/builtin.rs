@@ -24,7 +24,7 @@ use crate::channel::{Channel, ChannelError, StopReason};
 
 /// Default `n` for `/sum`: about half a second of one core on this project's machines, the
 /// classic "long computation" that blocks a single-threaded server.
-pub const DEFAULT_SUM_N: u64 = 400_000_000;
+pub const DEFAULT_SUM_N: u64 = 800_000_000;
 /// Largest `n` accepted by `/sum`, so one request cannot occupy a worker for hours.
 pub const MAX_SUM_N: u64 = 20_000_000_000;
 /// How long open connections may take to finish after a shutdown request. The master has its
