@@ -30,10 +30,45 @@ pub struct Cli {
     #[arg(long, default_value = "10s")]
     pub ready_timeout: String,
 
+    /// Active health check: `auto` (HTTP /healthz for the built-in worker, IPC ping for
+    /// workers that announce it, TCP connect otherwise), `tcp`, `http`, or `ipc`.
+    #[arg(long, value_enum, default_value_t = CheckArg::Auto)]
+    pub health_check: CheckArg,
+
+    /// Path for the HTTP health check (implies `--health-check http` unless another kind is
+    /// given).
+    #[arg(long, value_name = "PATH")]
+    pub health_http: Option<String>,
+
+    /// Time between health checks of one worker.
+    #[arg(long, default_value = "1s")]
+    pub health_interval: String,
+
+    /// How long one health check may take.
+    #[arg(long, default_value = "1s")]
+    pub health_timeout: String,
+
+    /// Successful checks in a row that bring a worker back into rotation.
+    #[arg(long, default_value_t = 2)]
+    pub health_rise: u32,
+
+    /// Failed checks in a row that take a worker out of rotation (as many more replace it).
+    #[arg(long, default_value_t = 3)]
+    pub health_fall: u32,
+
+    /// How long a connect to a worker may take before the client is offered to the next.
+    #[arg(long, default_value = "1s")]
+    pub connect_timeout: String,
+
+    /// Close a proxied connection after this long with no bytes either way (0 = never).
+    #[arg(long, default_value = "60s")]
+    pub idle_timeout: String,
+
     /// At most this many client connections are open at once; more wait in the kernel's
-    /// listen backlog until one closes.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_conns: usize,
+    /// listen backlog until one closes. Default: as many as the open-file limit allows
+    /// (two fds each), at most 100000.
+    #[arg(long)]
+    pub max_conns: Option<usize>,
 
     /// What happens to the workers' stdout and stderr: `prefix` writes each line to the
     /// master's stderr tagged with slot and pid; `inherit` shares the master's; `ignore`
@@ -64,6 +99,19 @@ pub enum Sub {
     /// Run as a built-in worker (the master starts its own executable this way).
     #[command(hide = true)]
     Worker,
+}
+
+/// See [`Cli::health_check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckArg {
+    /// Chosen per worker.
+    Auto,
+    /// TCP connect.
+    Tcp,
+    /// HTTP GET expecting 2xx.
+    Http,
+    /// IPC ping/pong.
+    Ipc,
 }
 
 /// See [`Cli::worker_output`].

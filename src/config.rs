@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{Cli, WorkerOutput};
+use crate::cli::{CheckArg, Cli, WorkerOutput};
+use crate::health::{CheckKind, HealthConfig};
 
 /// Upper bound for `--cpus`: far more workers than any machine has cores, low enough that a
 /// typo (`--cpus 100000`) is caught instead of forking the machine to death.
@@ -40,8 +41,14 @@ pub struct Config {
     pub ready_timeout: Duration,
     /// What each worker runs.
     pub program: WorkerProgram,
-    /// Cap on open client connections.
-    pub max_conns: usize,
+    /// Cap on open client connections (`None`: derived from the open-file limit).
+    pub max_conns: Option<usize>,
+    /// Active health checks.
+    pub health: HealthConfig,
+    /// Connect timeout towards workers.
+    pub connect_timeout: Duration,
+    /// Idle timeout of proxied connections (`None`: never).
+    pub idle_timeout: Option<Duration>,
     /// Where worker output goes.
     pub worker_output: WorkerOutput,
 }
@@ -57,12 +64,45 @@ impl TryFrom<&Cli> for Config {
             ready_timeout: parse_nonzero_duration("--ready-timeout", &cli.ready_timeout)?,
             program: parse_program(&cli.command)?,
             max_conns: match cli.max_conns {
-                0 => bail!("--max-conns 0: at least one connection must be allowed"),
+                Some(0) => bail!("--max-conns 0: at least one connection must be allowed"),
                 n => n,
             },
             worker_output: cli.worker_output,
+            health: parse_health(cli)?,
+            connect_timeout: parse_nonzero_duration("--connect-timeout", &cli.connect_timeout)?,
+            idle_timeout: Some(parse_duration("--idle-timeout", &cli.idle_timeout)?)
+                .filter(|d| !d.is_zero()),
         })
     }
+}
+
+fn parse_health(cli: &Cli) -> anyhow::Result<HealthConfig> {
+    let path = cli.health_http.clone();
+    if let Some(p) = &path {
+        if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("--health-http {p:?}: expected a path starting with / and without spaces");
+        }
+    }
+    let kind = match (cli.health_check, path) {
+        (CheckArg::Auto, None) => CheckKind::Auto,
+        (CheckArg::Auto | CheckArg::Http, Some(p)) => CheckKind::Http(p),
+        (CheckArg::Http, None) => CheckKind::Http("/healthz".to_owned()),
+        (CheckArg::Tcp, None) => CheckKind::Tcp,
+        (CheckArg::Ipc, None) => CheckKind::Ipc,
+        (_, Some(_)) => bail!("--health-http goes with --health-check http or auto"),
+    };
+    let interval = parse_nonzero_duration("--health-interval", &cli.health_interval)?;
+    let timeout = parse_nonzero_duration("--health-timeout", &cli.health_timeout)?;
+    if cli.health_rise == 0 || cli.health_fall == 0 {
+        bail!("--health-rise and --health-fall must be at least 1");
+    }
+    Ok(HealthConfig {
+        kind,
+        interval,
+        timeout,
+        rise: cli.health_rise,
+        fall: cli.health_fall,
+    })
 }
 
 /// `IP:PORT`, `[v6]:PORT`, or `:PORT` (all IPv4 addresses).
@@ -194,7 +234,12 @@ mod tests {
             WorkerProgram::Command { .. }
         ));
         assert!(parse_program(&["definitely-not-a-command-xyz".into()]).is_err());
-        assert!(parse_program(&["/etc/hostname".into()]).is_err());
+        let not_executable =
+            std::env::temp_dir().join(format!("balancer-noexec-{}", std::process::id()));
+        std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+        let plain = parse_program(&[not_executable.display().to_string()]);
+        let _ = std::fs::remove_file(&not_executable);
+        assert!(plain.is_err());
         assert!(parse_program(&["/nonexistent/x".into()]).is_err());
         assert!(parse_program(&["/tmp".into()]).is_err());
     }

@@ -9,6 +9,8 @@
 mod child;
 mod cli;
 mod config;
+mod health;
+mod instance;
 mod output;
 mod ownership;
 mod signals;
@@ -71,7 +73,7 @@ fn init_logging(verbose: u8, quiet: u8) {
 
 fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let config = Arc::new(Config::try_from(cli)?);
-    raise_fd_limit();
+    let max_conns = max_conns(config.max_conns);
 
     let proxy_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -88,8 +90,12 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let backends = Arc::new(Backends::new(Policy::RoundRobin));
     let proxy = Arc::new(Proxy {
         backends: Arc::clone(&backends),
-        forward: ForwardConfig::default(),
-        max_conns: config.max_conns,
+        forward: ForwardConfig {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            ..ForwardConfig::default()
+        },
+        max_conns,
         stats: Default::default(),
     });
     let stop_accepting = tokio_util::sync::CancellationToken::new();
@@ -102,20 +108,29 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     supervisor_runtime.block_on(async {
         let mut signals = Signals::install().context("installing signal handlers")?;
         proxy_runtime.spawn(proxy::serve(listener, proxy, stop_accepting.clone(), conns.clone()));
-        tracing::info!(addr = %local, workers = config.workers, "listening");
+        tracing::info!(addr = %local, workers = config.workers, max_conns, "listening");
 
         let stop = StopTokens::default();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let mut supervisor = tokio::spawn(supervisor::run(
             Arc::clone(&config),
             Arc::clone(&backends),
             local.port(),
             stop.clone(),
+            reloads,
         ));
 
         loop {
             match signals.next().await {
                 Intent::Graceful | Intent::Interrupt => break,
-                Intent::Reload => tracing::warn!("SIGHUP: rolling reload is not available in this version; ignored"),
+                Intent::Reload => {
+                    // A full queue means a reload is already pending: this one coalesces.
+                    if reload.try_send(()).is_ok() {
+                        tracing::info!("SIGHUP: rolling reload requested");
+                    } else {
+                        tracing::info!("SIGHUP: a reload is already pending; coalesced");
+                    }
+                }
             }
         }
 
@@ -177,16 +192,51 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit: each proxied connection costs two fds.
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
-            }
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and settles the connection cap: the
+/// one asked for (with a warning if it cannot fit), or as many as the limit allows. Each
+/// proxied connection costs two fds.
+fn max_conns(asked: Option<usize>) -> usize {
+    let limit = raise_fd_limit();
+    let fits = usize::try_from(limit.saturating_sub(FD_RESERVE) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    match asked {
+        Some(n) if n > fits => {
+            tracing::warn!(
+                max_conns = n,
+                open_file_limit = limit,
+                "--max-conns cannot fit the open-file limit; accept will back off when fds run out"
+            );
+            n
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+        Some(n) => n,
+        None => fits.min(MAX_CONNS_DEFAULT_CAP),
     }
 }
+
+/// Upper bound of the derived `--max-conns` default.
+const MAX_CONNS_DEFAULT_CAP: usize = 100_000;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open-file limit");
+            1024
+        }
+    };
+    limit
+}
+
+/// Fds the master needs besides proxied connections: the listener, the workers' channels
+/// and pipes, and slack.
+const FD_RESERVE: u64 = 256;

@@ -4,9 +4,12 @@
 use std::io;
 use std::time::Duration;
 
+use std::sync::atomic::AtomicBool;
+
 use tokio::net::TcpStream;
 
 use crate::backends::Backends;
+use crate::idle::{idle, Marked};
 
 /// Knobs for forwarding, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -17,6 +20,9 @@ pub struct ForwardConfig {
     pub connect_timeout: Duration,
     /// How many backends one client may be offered before it is closed.
     pub max_tries: usize,
+    /// Close the connection after this long with no bytes in either direction (`None`:
+    /// never). Frees the fds and buffers of clients that connect and say nothing.
+    pub idle_timeout: Option<Duration>,
     /// Size of each of the two copy buffers (client→worker, worker→client). This bounds the
     /// memory of a proxied connection whatever the peers do.
     pub buf_size: usize,
@@ -27,6 +33,7 @@ impl Default for ForwardConfig {
         Self {
             connect_timeout: Duration::from_secs(1),
             max_tries: 3,
+            idle_timeout: None,
             buf_size: 16 * 1024,
         }
     }
@@ -50,6 +57,9 @@ pub enum ForwardError {
     /// The connection was established and then failed mid-stream (reset, broken pipe).
     #[error("copying between client and backend")]
     Copy(#[source] io::Error),
+    /// No bytes moved in either direction for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
 }
 
 /// Bytes moved by one forwarded connection.
@@ -64,7 +74,7 @@ pub struct Transfer {
 /// Forwards `client` to a backend from `backends`. Returns when both directions are closed.
 /// A half-close from either side is passed on to the other (`shutdown(SHUT_WR)`).
 pub async fn forward(
-    mut client: TcpStream,
+    client: TcpStream,
     backends: &Backends,
     config: &ForwardConfig,
 ) -> Result<Transfer, ForwardError> {
@@ -103,14 +113,20 @@ pub async fn forward(
     let _active = backend.open();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (to_backend, to_client) = tokio::io::copy_bidirectional_with_sizes(
+    let moved = AtomicBool::new(false);
+    let mut client = Marked::new(client, &moved);
+    let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
         config.buf_size,
         config.buf_size,
-    )
-    .await
-    .map_err(ForwardError::Copy)?;
+    );
+    let (to_backend, to_client) = tokio::select! {
+        copied = copy => copied.map_err(ForwardError::Copy)?,
+        _ = idle(&moved, config.idle_timeout) => {
+            return Err(ForwardError::Idle(config.idle_timeout.unwrap_or_default()));
+        }
+    };
     Ok(Transfer {
         to_backend,
         to_client,
@@ -147,7 +163,12 @@ mod tests {
     }
 
     /// Runs `forward` for one client and returns the client's end.
-    async fn proxied(backends: std::sync::Arc<Backends>) -> (TcpStream, tokio::task::JoinHandle<Result<Transfer, ForwardError>>) {
+    async fn proxied(
+        backends: std::sync::Arc<Backends>,
+    ) -> (
+        TcpStream,
+        tokio::task::JoinHandle<Result<Transfer, ForwardError>>,
+    ) {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -189,7 +210,12 @@ mod tests {
             assert_eq!(got, b"x");
             assert!(task.await.unwrap().is_ok());
         }
-        let bad_backend = backends.snapshot().iter().find(|b| b.key == 1).cloned().unwrap();
+        let bad_backend = backends
+            .snapshot()
+            .iter()
+            .find(|b| b.key == 1)
+            .cloned()
+            .unwrap();
         assert!(bad_backend.connect_failures() >= 2);
     }
 
@@ -200,6 +226,9 @@ mod tests {
         assert!(matches!(task.await.unwrap(), Err(ForwardError::NoBackend)));
         backends.insert(1, 0, closed_port().await);
         let (_client, task) = proxied(backends).await;
-        assert!(matches!(task.await.unwrap(), Err(ForwardError::AllFailed { tries: 1, .. })));
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(ForwardError::AllFailed { tries: 1, .. })
+        ));
     }
 }

@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod forward;
 pub mod health;
+pub mod idle;
 pub mod server;
 
 pub use backends::{Backend, Backends, Policy};

@@ -34,6 +34,8 @@ pub struct Stats {
     pub connect_failed: AtomicU64,
     /// Connections that failed mid-stream (reset by either side).
     pub copy_failed: AtomicU64,
+    /// Connections closed by the idle timeout.
+    pub idle_closed: AtomicU64,
     /// `accept()` errors.
     pub accept_errors: AtomicU64,
 }
@@ -131,13 +133,16 @@ fn record(
         Err(ForwardError::NoBackend) => &stats.no_backend,
         Err(ForwardError::AllFailed { .. }) => &stats.connect_failed,
         Err(ForwardError::Copy(_)) => &stats.copy_failed,
+        Err(ForwardError::Idle(_)) => &stats.idle_closed,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(t) => {
             tracing::debug!(%peer, to_backend = t.to_backend, to_client = t.to_client, "connection done")
         }
-        Err(e @ ForwardError::Copy(_)) => tracing::debug!(%peer, error = %e, "connection failed"),
+        Err(e @ (ForwardError::Copy(_) | ForwardError::Idle(_))) => {
+            tracing::debug!(%peer, error = %e, "connection closed")
+        }
         Err(e) => tracing::warn!(%peer, error = %e, "client closed without a backend"),
     }
 }

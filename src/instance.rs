@@ -1,0 +1,651 @@
+//! One worker process's life, from spawn to reaped: its IPC channel, admission into
+//! rotation, active and passive health, retirement (drain) and termination.
+//!
+//! A slot (see [`crate::supervisor`]) owns one [`Instance`] at a time, two during a reload.
+
+use std::net::SocketAddr;
+use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use nix::sys::signal::Signal;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{interval_at, Interval, MissedTickBehavior};
+use tokio_util::codec::FramedRead;
+
+use proxy::Backend;
+use worker::codec::LineDecoder;
+use worker::protocol::{MasterMessage, WorkerMessage, MAX_LINE};
+
+use crate::child::{self, Spawned};
+use crate::cli::WorkerOutput;
+use crate::config::WorkerProgram;
+use crate::health::{Check, Flip, Tally};
+use crate::output::{self, LastLine};
+use crate::ownership;
+use crate::supervisor::{Shared, StopTokens};
+
+/// How long after `ready` the announced port may take to accept the master's probe: a
+/// worker may announce just before its `listen()` completes.
+const ADMIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between admission probes.
+const ADMIT_RETRY: Duration = Duration::from_millis(20);
+/// Timeout of one admission connect on loopback.
+const ADMIT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a stopping worker gets after SIGTERM before SIGKILL.
+pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a retiring worker's open connections are counted while it drains.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Protocol violations (malformed lines, impossible ports, floods) a worker may commit
+/// before it is replaced. High enough that a chatty but honest worker is never hit.
+const MAX_STRIKES: u32 = 20;
+/// More messages than this in one second is a flood: one strike per such second.
+const FLOOD_PER_SECOND: u32 = 1000;
+/// An IPC write that takes longer than this is abandoned (the worker is not reading).
+const IPC_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where an instance is in its life, as seen by its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Spawned, not yet admitted.
+    Starting,
+    /// Admitted (it may since have gone down on health checks).
+    Ready,
+    /// Reaped.
+    Ended,
+}
+
+/// How one worker's life ended.
+#[derive(Debug)]
+pub struct Ending {
+    /// Whether it was ever in rotation.
+    pub was_ready: bool,
+    /// Why it ended, with its exit status.
+    pub reason: String,
+}
+
+/// A running worker instance, driven by its own task.
+#[derive(Debug)]
+pub struct Instance {
+    retire: mpsc::Sender<()>,
+    phase: watch::Receiver<Phase>,
+    task: JoinHandle<Ending>,
+}
+
+impl Instance {
+    /// Spawns a worker for `slot` and starts driving it.
+    pub fn start(slot: usize, shared: Arc<Shared>, stop: StopTokens) -> Self {
+        let (retire, retire_rx) = mpsc::channel(1);
+        let (phase_tx, phase) = watch::channel(Phase::Starting);
+        let task = tokio::spawn(async move {
+            let ending = run(slot, &shared, &stop, retire_rx, &phase_tx).await;
+            phase_tx.send_replace(Phase::Ended);
+            ending
+        });
+        Self {
+            retire,
+            phase,
+            task,
+        }
+    }
+
+    /// Waits until the worker is admitted (`true`) or has ended (`false`).
+    pub async fn wait_ready(&mut self) -> bool {
+        matches!(
+            self.phase
+                .wait_for(|p| *p != Phase::Starting)
+                .await
+                .map(|p| *p),
+            Ok(Phase::Ready)
+        )
+    }
+
+    /// Takes the worker out of rotation, lets its connections finish (up to `--grace`),
+    /// then stops it. Returns at once; await [`finished`](Self::finished) for the end.
+    pub fn retire(&self) {
+        let _ = self.retire.try_send(());
+    }
+
+    /// Waits for the worker to be reaped.
+    pub async fn finished(&mut self) -> Ending {
+        match (&mut self.task).await {
+            Ok(ending) => ending,
+            Err(e) => Ending {
+                was_ready: false,
+                reason: format!("instance task failed: {e}"),
+            },
+        }
+    }
+}
+
+/// Events that helper tasks report to the instance task.
+#[derive(Debug)]
+enum Event {
+    /// The admission probe of an announced port finished.
+    Admitted(Result<SocketAddr, String>),
+    /// An active TCP or HTTP check finished.
+    Checked(Result<(), String>),
+}
+
+/// A helper task that is aborted when its worker's life ends.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The worker's membership of the backend set, with the log line and counter for each change.
+struct Rotation<'a> {
+    shared: &'a Shared,
+    slot: usize,
+    pid: u32,
+    key: u64,
+    /// The backend entry while in rotation, and the last one after (to count its
+    /// connections while draining).
+    backend: Option<Arc<Backend>>,
+    in_rotation: bool,
+}
+
+impl Rotation<'_> {
+    fn enter(&mut self, addr: SocketAddr, why: &str) {
+        if self.in_rotation {
+            return;
+        }
+        self.backend = Some(self.shared.backends.insert(self.key, self.slot, addr));
+        self.in_rotation = true;
+        let now = self.shared.in_rotation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(slot = self.slot, pid = self.pid, %addr, in_rotation = now, reason = why, "worker ready");
+        if now == self.shared.config.workers {
+            if self
+                .shared
+                .announced_all_ready
+                .swap(true, Ordering::Relaxed)
+            {
+                tracing::debug!(workers = now, "all workers ready");
+            } else {
+                tracing::info!(workers = now, "all workers ready");
+            }
+        }
+    }
+
+    fn leave(&mut self, why: &str, stopping: bool) {
+        if !self.in_rotation {
+            return;
+        }
+        self.in_rotation = false;
+        self.shared.backends.remove(self.key);
+        let left = self.shared.in_rotation.fetch_sub(1, Ordering::Relaxed) - 1;
+        tracing::info!(
+            slot = self.slot,
+            pid = self.pid,
+            reason = why,
+            in_rotation = left,
+            "worker out of rotation"
+        );
+        if left == 0 && !stopping {
+            tracing::warn!("no worker in rotation: new connections fail until one is ready");
+        }
+    }
+
+    /// Connections still open to this worker.
+    fn open_connections(&self) -> usize {
+        self.backend.as_ref().map_or(0, |b| b.active())
+    }
+}
+
+impl Drop for Rotation<'_> {
+    fn drop(&mut self) {
+        self.leave("ended", true);
+    }
+}
+
+/// Drives one worker from spawn to reaped.
+async fn run(
+    slot: usize,
+    shared: &Arc<Shared>,
+    stop: &StopTokens,
+    mut retire: mpsc::Receiver<()>,
+    phase: &watch::Sender<Phase>,
+) -> Ending {
+    let config = &shared.config;
+    let Spawned {
+        mut child,
+        pid,
+        ipc,
+    } = match child::spawn(&config.program, slot, config.worker_output) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(slot, error = %e, "could not start worker");
+            return Ending {
+                was_ready: false,
+                reason: format!("spawn failed: {e}"),
+            };
+        }
+    };
+    let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(slot, pid, "worker spawned");
+
+    let last_stderr = LastLine::default();
+    if config.worker_output == WorkerOutput::Prefix {
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(output::relay(out, slot, pid, "stdout", None));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(output::relay(
+                err,
+                slot,
+                pid,
+                "stderr",
+                Some(Arc::clone(&last_stderr)),
+            ));
+        }
+    }
+
+    let (read, mut write) = ipc.into_split();
+    let mut lines = FramedRead::new(read, LineDecoder::new(MAX_LINE));
+    let (events_tx, mut events) = mpsc::channel::<Event>(4);
+    let mut rotation = Rotation {
+        shared,
+        slot,
+        pid,
+        key,
+        backend: None,
+        in_rotation: false,
+    };
+    let health = &config.health;
+    let mut admission: Option<AbortOnDrop> = None;
+    let mut probe: Option<AbortOnDrop> = None;
+    let mut addr: Option<SocketAddr> = None;
+    let mut check: Option<Check> = None;
+    let mut tally = Tally::new(health.rise, health.fall);
+    let mut ticker: Option<Interval> = None;
+    let mut ping: (u64, Option<Instant>) = (0, None);
+    let mut strikes = Strikes::default();
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let ready_deadline = tokio::time::sleep(config.ready_timeout);
+    tokio::pin!(ready_deadline);
+
+    // Each branch either carries on or ends the loop with a reason; `None` for the status
+    // means the worker still runs and must be stopped.
+    let (reason, status): (String, Option<std::io::Result<ExitStatus>>) = loop {
+        let mut result: Option<bool> = None;
+        tokio::select! {
+            status = child.wait() => {
+                rotation.leave("exited", stop.graceful.is_cancelled());
+                break ("exited".to_owned(), Some(status));
+            }
+            line = lines.next() => match line {
+                Some(Ok(Ok(text))) => {
+                    strikes.message();
+                    match WorkerMessage::parse(&text) {
+                        Ok(WorkerMessage::Ready { port, features }) => {
+                            if let Some(why) = reject_port(port, shared.listen_port) {
+                                strikes.add(slot, pid, &format!("ready names {why}"));
+                            } else if addr.is_some() || admission.is_some() || drain_deadline.is_some() {
+                                tracing::debug!(slot, pid, port, "duplicate ready ignored");
+                            } else {
+                                let builtin = config.program == WorkerProgram::Builtin;
+                                let resolved = health.kind.resolve(builtin, features.iter().any(|f| f == "ping"));
+                                check = Some(resolved.clone());
+                                let (tx, timeout) = (events_tx.clone(), health.timeout);
+                                admission = Some(AbortOnDrop(tokio::spawn(async move {
+                                    let _ = tx.send(Event::Admitted(admit(pid, port, &resolved, timeout).await)).await;
+                                })));
+                            }
+                        }
+                        Ok(WorkerMessage::Pong { seq }) => {
+                            if let (expected, Some(sent)) = ping {
+                                if seq == expected {
+                                    ping.1 = None;
+                                    result = Some(sent.elapsed() <= health.timeout);
+                                }
+                            }
+                        }
+                        Ok(WorkerMessage::Unknown) => tracing::debug!(slot, pid, line = %truncate(&text), "unknown ipc message ignored"),
+                        Err(e) => strikes.add(slot, pid, &format!("malformed message: {e}")),
+                    }
+                }
+                Some(Ok(Err(e))) => strikes.add(slot, pid, &e.to_string()),
+                Some(Err(_)) | None => {
+                    rotation.leave("ipc channel closed", stop.graceful.is_cancelled());
+                    if !stop.graceful.is_cancelled() {
+                        tracing::warn!(slot, pid, "worker closed its ipc channel; stopping it");
+                    }
+                    break ("ipc channel closed".to_owned(), None);
+                }
+            },
+            Some(event) = events.recv() => match event {
+                Event::Admitted(Ok(at)) => {
+                    admission = None;
+                    addr = Some(at);
+                    rotation.enter(at, "admitted");
+                    phase.send_replace(Phase::Ready);
+                    let mut t = interval_at(tokio::time::Instant::now() + health.interval, health.interval);
+                    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    ticker = Some(t);
+                }
+                Event::Admitted(Err(why)) => {
+                    admission = None;
+                    strikes.add(slot, pid, &format!("announced port not admitted: {why}"));
+                }
+                Event::Checked(r) => {
+                    probe = None;
+                    if let Err(why) = &r {
+                        tracing::debug!(slot, pid, error = %why, "health check failed");
+                    }
+                    result = Some(r.is_ok());
+                }
+            },
+            _ = tick(&mut ticker), if drain_deadline.is_none() => {
+                let passive_failures = rotation.backend.as_ref().map_or(0, |b| b.connect_failures());
+                if tally.is_up() && passive_failures >= health.fall {
+                    if tally.force_down() == Flip::Down {
+                        tracing::warn!(slot, pid, connect_failures = passive_failures, "worker down: connects keep failing");
+                        rotation.leave("connects failing", false);
+                    }
+                }
+                match (&check, addr) {
+                    (Some(Check::Ipc), _) => {
+                        if ping.1.take().is_some() {
+                            result = Some(false);
+                        }
+                        ping.0 += 1;
+                        ping.1 = Some(Instant::now());
+                        send(&mut write, &MasterMessage::Ping { seq: ping.0 }).await;
+                    }
+                    (Some(check), Some(at)) if probe.is_none() => {
+                        let (tx, check, timeout) = (events_tx.clone(), check.clone(), health.timeout);
+                        probe = Some(AbortOnDrop(tokio::spawn(async move {
+                            let r = match check {
+                                Check::Http(path) => proxy::health::http(at, &path, timeout).await,
+                                _ => proxy::health::tcp(at, timeout).await,
+                            };
+                            let _ = tx.send(Event::Checked(r.map_err(|e| e.to_string()))).await;
+                        })));
+                    }
+                    // A probe still running at the next tick has taken a whole interval.
+                    (Some(_), Some(_)) => result = Some(false),
+                    _ => {}
+                }
+            }
+            _ = &mut ready_deadline, if addr.is_none() && drain_deadline.is_none() => {
+                tracing::warn!(slot, pid, timeout = ?config.ready_timeout, "worker did not become ready within --ready-timeout; replacing it");
+                break (format!("no ready within {:?}", config.ready_timeout), None);
+            }
+            Some(()) = retire.recv(), if drain_deadline.is_none() => {
+                rotation.leave("retired", false);
+                drain_deadline = Some(tokio::time::Instant::now() + config.grace);
+                tracing::info!(slot, pid, open_connections = rotation.open_connections(), "worker draining");
+            }
+            _ = tokio::time::sleep(DRAIN_POLL), if drain_deadline.is_some() => {
+                let open = rotation.open_connections();
+                if open == 0 || drain_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    if open > 0 {
+                        tracing::warn!(slot, pid, open_connections = open, "drain deadline reached; stopping worker anyway");
+                    }
+                    send(&mut write, &MasterMessage::Shutdown).await;
+                    break ("retired".to_owned(), None);
+                }
+            }
+            _ = stop.graceful.cancelled() => {
+                rotation.leave("master stopping", true);
+                // Best effort: a worker that reads its channel drains and exits by itself.
+                send(&mut write, &MasterMessage::Shutdown).await;
+                break ("master stopping".to_owned(), None);
+            }
+        }
+        if let Some(ok) = result {
+            match tally.record(ok) {
+                Flip::Down => {
+                    tracing::warn!(
+                        slot,
+                        pid,
+                        fall = health.fall,
+                        "worker down: health checks failing"
+                    );
+                    rotation.leave("health checks failing", false);
+                }
+                Flip::Up => {
+                    tracing::info!(
+                        slot,
+                        pid,
+                        rise = health.rise,
+                        "worker up: health checks passing"
+                    );
+                    if let Some(at) = addr {
+                        rotation.enter(at, "health checks passing");
+                    }
+                }
+                Flip::None => {}
+            }
+            if !tally.is_up() && tally.down_failures() >= health.fall {
+                tracing::warn!(slot, pid, "worker unresponsive; replacing it");
+                break ("unresponsive".to_owned(), None);
+            }
+        }
+        if strikes.count >= MAX_STRIKES {
+            rotation.leave("misbehaving", false);
+            tracing::warn!(
+                slot,
+                pid,
+                strikes = strikes.count,
+                "worker keeps breaking the ipc protocol; replacing it"
+            );
+            break ("ipc protocol violations".to_owned(), None);
+        }
+    };
+    drop((admission, probe));
+    let expected = stop.graceful.is_cancelled() || reason == "retired";
+    let status = match status {
+        Some(Ok(status)) => status,
+        Some(Err(_)) | None => terminate(&mut child, pid, stop).await,
+    };
+    log_exit(slot, pid, status, expected, &last_stderr);
+    Ending {
+        was_ready: addr.is_some(),
+        reason: format!("{reason} ({})", describe(status)),
+    }
+}
+
+/// Protocol violations of one worker, plus a message-rate window to detect floods.
+#[derive(Debug)]
+struct Strikes {
+    count: u32,
+    window: Instant,
+    in_window: u32,
+}
+
+impl Default for Strikes {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            window: Instant::now(),
+            in_window: 0,
+        }
+    }
+}
+
+impl Strikes {
+    fn add(&mut self, slot: usize, pid: u32, what: &str) {
+        self.count += 1;
+        tracing::warn!(slot, pid, strikes = self.count, "ipc: {what}; ignored");
+    }
+
+    fn message(&mut self) {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.in_window = 0;
+        }
+        self.in_window += 1;
+        if self.in_window == FLOOD_PER_SECOND {
+            self.count += 1;
+            tracing::warn!(
+                strikes = self.count,
+                "ipc: more than {FLOOD_PER_SECOND} messages in a second"
+            );
+        }
+    }
+}
+
+/// The next health tick, or never when checks have not started.
+async fn tick(ticker: &mut Option<Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Why an announced port can never be admitted, or `None` if it may be probed.
+fn reject_port(port: u16, listen_port: u16) -> Option<&'static str> {
+    if port == 0 {
+        Some("port 0")
+    } else if port == listen_port {
+        Some("the master's own listening port")
+    } else {
+        None
+    }
+}
+
+/// Admission of an announced port: it must be a listening socket held by the worker (or one
+/// of its descendants), accept a TCP connection from the master and, when the worker's
+/// check is HTTP, pass it once. Retried briefly, since a worker may announce just before its
+/// `listen()` completes.
+async fn admit(
+    pid: u32,
+    port: u16,
+    check: &Check,
+    timeout: Duration,
+) -> Result<SocketAddr, String> {
+    let deadline = Instant::now() + ADMIT_TIMEOUT;
+    let candidates = [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+    ];
+    let mut last;
+    loop {
+        if ownership::owns_listening_port(pid, port) {
+            last = String::new();
+            for addr in candidates {
+                let probed = match proxy::health::tcp(addr, ADMIT_CONNECT_TIMEOUT).await {
+                    Ok(()) => match check {
+                        Check::Http(path) => proxy::health::http(addr, path, timeout).await,
+                        _ => Ok(()),
+                    },
+                    Err(e) => Err(e),
+                };
+                match probed {
+                    Ok(()) => return Ok(addr),
+                    Err(e) => last = format!("{addr}: {e}"),
+                }
+            }
+        } else {
+            last = format!("port {port} is not a listening socket of this worker");
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("{last} (gave up after {ADMIT_TIMEOUT:?})"));
+        }
+        tokio::time::sleep(ADMIT_RETRY).await;
+    }
+}
+
+/// Stops a worker that is still running: SIGTERM (and SIGCONT, in case it is stopped) to
+/// its process group, SIGKILL after [`WORKER_STOP_TIMEOUT`] (at once if `stop.force`
+/// fires), then reaps it.
+async fn terminate(child: &mut tokio::process::Child, pid: u32, stop: &StopTokens) -> ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    if !stop.force.is_cancelled() {
+        child::signal(pid, Signal::SIGTERM);
+        child::signal(pid, Signal::SIGCONT);
+        tokio::select! {
+            status = child.wait() => if let Ok(status) = status { return status },
+            _ = tokio::time::sleep(WORKER_STOP_TIMEOUT) => {
+                tracing::warn!(pid, timeout = ?WORKER_STOP_TIMEOUT, "worker ignored SIGTERM; sending SIGKILL");
+            }
+            _ = stop.force.cancelled() => {}
+        }
+    }
+    // Still unreaped here, so the pid is still ours to signal.
+    if matches!(child.try_wait(), Ok(None)) {
+        child::signal(pid, Signal::SIGKILL);
+    }
+    loop {
+        match child.wait().await {
+            Ok(status) => return status,
+            // wait() fails only on an interrupted syscall; try again.
+            Err(e) => tracing::debug!(pid, error = %e, "waiting for worker"),
+        }
+    }
+}
+
+fn log_exit(slot: usize, pid: u32, status: ExitStatus, expected: bool, last_stderr: &LastLine) {
+    let status = describe(status);
+    if expected {
+        tracing::info!(slot, pid, %status, "worker stopped");
+        return;
+    }
+    match last_stderr.lock().ok().and_then(|l| l.clone()) {
+        Some(line) => tracing::warn!(slot, pid, %status, last_stderr = %line, "worker exited"),
+        None => tracing::warn!(slot, pid, %status, "worker exited"),
+    }
+}
+
+/// `exit code 3` or `signal 9 (SIGKILL)`.
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(name) => format!("signal {sig} ({name})"),
+            Err(_) => format!("signal {sig}"),
+        },
+        (None, None) => status.to_string(),
+    }
+}
+
+/// Writes one message to a worker. Errors and timeouts are only logged: a worker that
+/// cannot be written to is gone, going, or not reading, and that is handled elsewhere.
+async fn send(write: &mut OwnedWriteHalf, msg: &MasterMessage) {
+    match tokio::time::timeout(IPC_WRITE_TIMEOUT, write.write_all(msg.to_line().as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "ipc send failed"),
+        Err(_) => tracing::debug!("ipc send timed out"),
+    }
+}
+
+/// The first 200 characters of an IPC line, for logs.
+fn truncate(line: &str) -> &str {
+    match line.char_indices().nth(200) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_that_cannot_be_admitted() {
+        assert!(reject_port(0, 80).is_some());
+        assert!(reject_port(80, 80).is_some());
+        assert!(reject_port(8080, 80).is_none());
+    }
+
+    #[test]
+    fn truncate_is_char_safe() {
+        let long = "é".repeat(300);
+        assert_eq!(truncate(&long).chars().count(), 200);
+        assert_eq!(truncate("short"), "short");
+    }
+}
