@@ -24,10 +24,35 @@ pub struct Spawned {
     pub ipc: UnixStream,
 }
 
-/// Starts one worker for `slot`. Must be called from a thread that lives as long as the
-/// master (the supervisor's thread): `PR_SET_PDEATHSIG` fires when the *thread* that forked
-/// the child exits, not the process.
-pub fn spawn(program: &WorkerProgram, slot: usize, output: WorkerOutput) -> io::Result<Spawned> {
+/// Node.js's IPC variables: a Node program started with these treats the fd as the channel
+/// of `child_process.fork`, so `process.send` and `process.on('message')` work unchanged.
+/// The framing (one JSON value per line) is balancer's own.
+const NODE_CHANNEL_FD: &str = "NODE_CHANNEL_FD";
+const NODE_CHANNEL_SERIALIZATION_MODE: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
+
+/// What one worker is started with.
+#[derive(Debug)]
+pub struct SpawnSpec<'a> {
+    /// The program.
+    pub program: &'a WorkerProgram,
+    /// Its slot (`BALANCER_WORKER_ID`).
+    pub slot: usize,
+    /// Where its stdout and stderr go.
+    pub output: WorkerOutput,
+    /// With `--ready port`: the port it must listen on (`PORT`, and `{port}` in arguments).
+    pub port: Option<u16>,
+}
+
+/// Starts one worker. Must be called from a thread that lives as long as the master (the
+/// supervisor's thread): `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
+/// exits, not the process.
+pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
+    let SpawnSpec {
+        program,
+        slot,
+        output,
+        port,
+    } = *spec;
     // Both ends are close-on-exec; only the child's copy of its end loses that flag, after
     // the fork, so no other worker spawned concurrently can inherit it.
     let (master_end, child_end) = StdUnixStream::pair()?;
@@ -41,17 +66,25 @@ pub fn spawn(program: &WorkerProgram, slot: usize, output: WorkerOutput) -> io::
         }
         WorkerProgram::Command { program, args } => {
             let mut c = Command::new(program);
-            c.args(args);
+            match port {
+                Some(port) => c.args(args.iter().map(|a| a.replace("{port}", &port.to_string()))),
+                None => c.args(args),
+            };
             c
         }
     };
     cmd.env(ENV_IPC_FD, child_fd.to_string())
+        .env(NODE_CHANNEL_FD, child_fd.to_string())
+        .env(NODE_CHANNEL_SERIALIZATION_MODE, "json")
         .env(ENV_WORKER_ID, slot.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         // Its own process group: a terminal's Ctrl-C reaches only the master, which then
         // stops the workers in order; and the master can signal a worker's whole group.
         .process_group(0);
+    if let Some(port) = port {
+        cmd.env("PORT", port.to_string());
+    }
     let (stdout, stderr) = match output {
         WorkerOutput::Prefix => (Stdio::piped(), Stdio::piped()),
         WorkerOutput::Inherit => (Stdio::inherit(), Stdio::inherit()),
@@ -101,6 +134,14 @@ pub fn spawn(program: &WorkerProgram, slot: usize, output: WorkerOutput) -> io::
         pid,
         ipc: UnixStream::from_std(master_end)?,
     })
+}
+
+/// A free loopback port for a `--ready port` worker: bound and released at once, so another
+/// program could take it in between; the worker's admission then fails and it is replaced.
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
 }
 
 /// Sends `signal` to the worker's process group (falling back to the process alone if it

@@ -30,6 +30,17 @@ pub struct Cli {
     #[arg(long, default_value = "10s")]
     pub ready_timeout: String,
 
+    /// How a worker announces it is ready: `ipc` (it sends `ready` over the channel) or
+    /// `port` (the master picks a free loopback port, passes it as PORT and in place of
+    /// `{port}` in the command's arguments, and waits until that port accepts connections:
+    /// for programs that know nothing of IPC).
+    #[arg(long, value_enum, default_value_t = ReadyArg::Ipc)]
+    pub ready: ReadyArg,
+
+    /// How the next worker is chosen for a new connection.
+    #[arg(long, value_enum, default_value_t = BalanceArg::RoundRobin)]
+    pub balance: BalanceArg,
+
     /// Active health check: `auto` (HTTP /healthz for the built-in worker, IPC ping for
     /// workers that announce it, TCP connect otherwise), `tcp`, `http`, or `ipc`.
     #[arg(long, value_enum, default_value_t = CheckArg::Auto)]
@@ -99,6 +110,24 @@ pub enum Sub {
     /// Run as a built-in worker (the master starts its own executable this way).
     #[command(hide = true)]
     Worker,
+}
+
+/// See [`Cli::ready`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReadyArg {
+    /// `{"type":"ready","port":P}` over the IPC channel.
+    Ipc,
+    /// The master assigns the port and probes it.
+    Port,
+}
+
+/// See [`Cli::balance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BalanceArg {
+    /// Each new connection to the next worker in turn.
+    RoundRobin,
+    /// The worker with the fewest open connections (ties round-robin).
+    LeastConn,
 }
 
 /// See [`Cli::health_check`].

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{CheckArg, Cli, WorkerOutput};
+use crate::cli::{BalanceArg, CheckArg, Cli, ReadyArg, WorkerOutput};
 use crate::health::{CheckKind, HealthConfig};
 
 /// Upper bound for `--cpus`: far more workers than any machine has cores, low enough that a
@@ -41,6 +41,10 @@ pub struct Config {
     pub ready_timeout: Duration,
     /// What each worker runs.
     pub program: WorkerProgram,
+    /// How workers announce readiness.
+    pub ready: ReadyArg,
+    /// How the next backend is chosen.
+    pub policy: proxy::Policy,
     /// Cap on open client connections (`None`: derived from the open-file limit).
     pub max_conns: Option<usize>,
     /// Active health checks.
@@ -63,6 +67,14 @@ impl TryFrom<&Cli> for Config {
             grace: parse_duration("--grace", &cli.grace)?,
             ready_timeout: parse_nonzero_duration("--ready-timeout", &cli.ready_timeout)?,
             program: parse_program(&cli.command)?,
+            ready: match (cli.ready, &cli.command) {
+                (ReadyArg::Port, c) if c.is_empty() => bail!("--ready port needs a worker COMMAND (the built-in worker announces itself over IPC)"),
+                (r, _) => r,
+            },
+            policy: match cli.balance {
+                BalanceArg::RoundRobin => proxy::Policy::RoundRobin,
+                BalanceArg::LeastConn => proxy::Policy::LeastConn,
+            },
             max_conns: match cli.max_conns {
                 Some(0) => bail!("--max-conns 0: at least one connection must be allowed"),
                 n => n,

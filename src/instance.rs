@@ -23,8 +23,9 @@ use worker::codec::LineDecoder;
 use worker::protocol::{MasterMessage, WorkerMessage, MAX_LINE};
 
 use crate::child::{self, Spawned};
+use crate::cli::ReadyArg;
 use crate::cli::WorkerOutput;
-use crate::config::WorkerProgram;
+use crate::config::{Config, WorkerProgram};
 use crate::health::{Check, Flip, Tally};
 use crate::output::{self, LastLine};
 use crate::ownership;
@@ -37,6 +38,9 @@ const ADMIT_TIMEOUT: Duration = Duration::from_secs(2);
 const ADMIT_RETRY: Duration = Duration::from_millis(20);
 /// Timeout of one admission connect on loopback.
 const ADMIT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a worker that speaks IPC gets to exit after the `shutdown` message before it is
+/// sent SIGTERM. Its connections are already drained by then, so exiting is quick.
+const SHUTDOWN_MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
 pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a retiring worker's open connections are counted while it drains.
@@ -215,11 +219,14 @@ async fn run(
     phase: &watch::Sender<Phase>,
 ) -> Ending {
     let config = &shared.config;
-    let Spawned {
-        mut child,
-        pid,
-        ipc,
-    } = match child::spawn(&config.program, slot, config.worker_output) {
+    let (
+        Spawned {
+            mut child,
+            pid,
+            ipc,
+        },
+        assigned_port,
+    ) = match spawn(slot, config) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(slot, error = %e, "could not start worker");
@@ -271,6 +278,19 @@ async fn run(
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let ready_deadline = tokio::time::sleep(config.ready_timeout);
     tokio::pin!(ready_deadline);
+    if let Some(port) = assigned_port {
+        // `--ready port`: nothing will be announced; admit the port as soon as it answers.
+        let resolved = health.kind.resolve(false, false);
+        check = Some(resolved.clone());
+        let (tx, timeout, patience) = (events_tx.clone(), health.timeout, config.ready_timeout);
+        admission = Some(AbortOnDrop(tokio::spawn(async move {
+            let _ = tx
+                .send(Event::Admitted(
+                    admit(pid, port, &resolved, timeout, patience).await,
+                ))
+                .await;
+        })));
+    }
 
     // Each branch either carries on or ends the loop with a reason; `None` for the status
     // means the worker still runs and must be stopped.
@@ -296,7 +316,7 @@ async fn run(
                                 check = Some(resolved.clone());
                                 let (tx, timeout) = (events_tx.clone(), health.timeout);
                                 admission = Some(AbortOnDrop(tokio::spawn(async move {
-                                    let _ = tx.send(Event::Admitted(admit(pid, port, &resolved, timeout).await)).await;
+                                    let _ = tx.send(Event::Admitted(admit(pid, port, &resolved, timeout, ADMIT_TIMEOUT).await)).await;
                                 })));
                             }
                         }
@@ -443,15 +463,35 @@ async fn run(
     };
     drop((admission, probe));
     let expected = stop.graceful.is_cancelled() || reason == "retired";
+    // A worker that announced itself over IPC was sent `shutdown` if it is being stopped:
+    // give it a moment to exit on its own before signals.
+    let asked = assigned_port.is_none()
+        && addr.is_some()
+        && (reason == "retired" || reason == "master stopping");
     let status = match status {
         Some(Ok(status)) => status,
-        Some(Err(_)) | None => terminate(&mut child, pid, stop).await,
+        Some(Err(_)) | None => terminate(&mut child, pid, stop, asked).await,
     };
     log_exit(slot, pid, status, expected, &last_stderr);
     Ending {
         was_ready: addr.is_some(),
         reason: format!("{reason} ({})", describe(status)),
     }
+}
+
+/// Spawns the worker process, with a port chosen for it under `--ready port`.
+fn spawn(slot: usize, config: &Config) -> std::io::Result<(Spawned, Option<u16>)> {
+    let port = match config.ready {
+        ReadyArg::Port => Some(child::free_port()?),
+        ReadyArg::Ipc => None,
+    };
+    let spawned = child::spawn(&child::SpawnSpec {
+        program: &config.program,
+        slot,
+        output: config.worker_output,
+        port,
+    })?;
+    Ok((spawned, port))
 }
 
 /// Protocol violations of one worker, plus a message-rate window to detect floods.
@@ -524,8 +564,9 @@ async fn admit(
     port: u16,
     check: &Check,
     timeout: Duration,
+    patience: Duration,
 ) -> Result<SocketAddr, String> {
-    let deadline = Instant::now() + ADMIT_TIMEOUT;
+    let deadline = Instant::now() + patience;
     let candidates = [
         SocketAddr::from(([127, 0, 0, 1], port)),
         SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
@@ -551,18 +592,31 @@ async fn admit(
             last = format!("port {port} is not a listening socket of this worker");
         }
         if Instant::now() >= deadline {
-            return Err(format!("{last} (gave up after {ADMIT_TIMEOUT:?})"));
+            return Err(format!("{last} (gave up after {patience:?})"));
         }
         tokio::time::sleep(ADMIT_RETRY).await;
     }
 }
 
-/// Stops a worker that is still running: SIGTERM (and SIGCONT, in case it is stopped) to
+/// Stops a worker that is still running: if it was `asked` (sent `shutdown` over IPC), it
+/// first gets [`SHUTDOWN_MESSAGE_TIMEOUT`] to exit by itself; then SIGTERM (and SIGCONT, in case it is stopped) to
 /// its process group, SIGKILL after [`WORKER_STOP_TIMEOUT`] (at once if `stop.force`
 /// fires), then reaps it.
-async fn terminate(child: &mut tokio::process::Child, pid: u32, stop: &StopTokens) -> ExitStatus {
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    stop: &StopTokens,
+    asked: bool,
+) -> ExitStatus {
     if let Ok(Some(status)) = child.try_wait() {
         return status;
+    }
+    if asked && !stop.force.is_cancelled() {
+        tokio::select! {
+            status = child.wait() => if let Ok(status) = status { return status },
+            _ = tokio::time::sleep(SHUTDOWN_MESSAGE_TIMEOUT) => {}
+            _ = stop.force.cancelled() => {}
+        }
     }
     if !stop.force.is_cancelled() {
         child::signal(pid, Signal::SIGTERM);

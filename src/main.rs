@@ -28,7 +28,7 @@ use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Sub};
 use config::Config;
-use proxy::{Backends, Connections, ForwardConfig, Policy, Proxy};
+use proxy::{Backends, Connections, ForwardConfig, Proxy};
 use signals::{Intent, Signals};
 use supervisor::StopTokens;
 
@@ -87,7 +87,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     };
     let local = listener.local_addr().context("reading the bound address")?;
 
-    let backends = Arc::new(Backends::new(Policy::RoundRobin));
+    let backends = Arc::new(Backends::new(config.policy));
     let proxy = Arc::new(Proxy {
         backends: Arc::clone(&backends),
         forward: ForwardConfig {
