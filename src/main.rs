@@ -1,8 +1,8 @@
 //! The `balancer` binary: the master process, and (with the hidden `worker` subcommand) the
 //! built-in worker it spawns.
 //!
-//! The master runs two runtimes. The data path (`proxy`) runs on a multi-threaded runtime of
-//! its own. The supervisor and signal handling run on the main thread's current-thread
+//! The master runs the data path (`proxy`) on one thread per CPU, each a current-thread
+//! runtime with its own `SO_REUSEPORT` listener. The supervisor and signal handling run on the main thread's current-thread
 //! runtime: every worker is forked from the main thread, which lives as long as the master,
 //! so `PR_SET_PDEATHSIG` stays armed for the workers' whole lives.
 
@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Sub};
@@ -75,29 +75,23 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let config = Arc::new(Config::try_from(cli)?);
     let max_conns = max_conns(config.max_conns);
 
-    let proxy_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .thread_name("balancer-proxy")
-        .enable_all()
-        .build()
-        .context("starting the proxy runtime")?;
-    let listener = {
-        let _guard = proxy_runtime.enter();
-        bind(config.listen).with_context(|| format!("binding {}", config.listen))?
-    };
-    let local = listener.local_addr().context("reading the bound address")?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let listeners =
+        bind_all(config.listen, threads).with_context(|| format!("binding {}", config.listen))?;
+    let local = listeners[0]
+        .local_addr()
+        .context("reading the bound address")?;
 
     let backends = Arc::new(Backends::new(config.policy));
-    let proxy = Arc::new(Proxy {
-        backends: Arc::clone(&backends),
-        forward: ForwardConfig {
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&backends),
+        ForwardConfig {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             ..ForwardConfig::default()
         },
         max_conns,
-        stats: Default::default(),
-    });
+    ));
     let stop_accepting = tokio_util::sync::CancellationToken::new();
     let conns = Connections::default();
 
@@ -107,7 +101,8 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         .context("starting the supervisor runtime")?;
     supervisor_runtime.block_on(async {
         let mut signals = Signals::install().context("installing signal handlers")?;
-        proxy_runtime.spawn(proxy::serve(listener, proxy, stop_accepting.clone(), conns.clone()));
+        let proxy_threads = start_proxy_threads(listeners, &proxy, &stop_accepting, &conns)
+            .context("starting the proxy threads")?;
         tracing::info!(addr = %local, workers = config.workers, max_conns, "listening");
 
         let stop = StopTokens::default();
@@ -167,10 +162,12 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
                 let _ = supervisor.await;
             }
         }
+        for t in proxy_threads {
+            let _ = t.join();
+        }
         tracing::info!("stopped");
         anyhow::Ok(())
     })?;
-    proxy_runtime.shutdown_timeout(ABORT_TIMEOUT);
     Ok(())
 }
 
@@ -179,17 +176,68 @@ async fn next_stop_signal(signals: &mut Signals) {
     while signals.next().await == Intent::Reload {}
 }
 
-/// Binds the client listener with `SO_REUSEADDR` (a restarted master can bind while old
-/// connections sit in TIME_WAIT).
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+/// Binds `count` client listeners on `addr` with `SO_REUSEPORT`, one per proxy thread, so
+/// the kernel spreads new connections over the threads and no connection ever moves between
+/// threads. `SO_REUSEADDR` lets a restarted master bind while old connections sit in
+/// TIME_WAIT. With port 0, the first bind picks the port and the others share it.
+fn bind_all(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_one(addr)?;
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..count {
+        all.push(bind_one(addr)?);
+    }
+    Ok(all)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // `[::]:P` means IPv6 only here; IPv4 clients use an IPv4 address.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Runs one proxy thread per listener, each with its own current-thread runtime: a
+/// connection's accept, connect and copies all happen on one thread, with no work stealing
+/// and no cross-thread wake-ups. Each thread returns once it has stopped accepting and every
+/// connection (of all threads) is done.
+fn start_proxy_threads(
+    listeners: Vec<std::net::TcpListener>,
+    proxy: &Arc<Proxy>,
+    stop_accepting: &tokio_util::sync::CancellationToken,
+    conns: &Connections,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (proxy, stop, conns) = (Arc::clone(proxy), stop_accepting.clone(), conns.clone());
+            std::thread::Builder::new()
+                .name(format!("balancer-proxy-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                proxy::serve(listener, proxy, stop, conns.clone()).await
+                            }
+                            Err(e) => tracing::error!(error = %e, "registering a listener"),
+                        }
+                        conns.tracker.wait().await;
+                    });
+                })
+        })
+        .collect()
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and settles the connection cap: the

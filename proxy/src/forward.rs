@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use tokio::net::TcpStream;
 
 use crate::backends::Backends;
-use crate::idle::{idle, Marked};
+use crate::idle::idle;
 
 /// Knobs for forwarding, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -23,9 +23,6 @@ pub struct ForwardConfig {
     /// Close the connection after this long with no bytes in either direction (`None`:
     /// never). Frees the fds and buffers of clients that connect and say nothing.
     pub idle_timeout: Option<Duration>,
-    /// Size of each of the two copy buffers (client→worker, worker→client). This bounds the
-    /// memory of a proxied connection whatever the peers do.
-    pub buf_size: usize,
 }
 
 impl Default for ForwardConfig {
@@ -34,7 +31,6 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(1),
             max_tries: 3,
             idle_timeout: None,
-            buf_size: 16 * 1024,
         }
     }
 }
@@ -80,7 +76,7 @@ pub async fn forward(
 ) -> Result<Transfer, ForwardError> {
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
-    let (backend, mut upstream) = loop {
+    let (backend, upstream) = loop {
         if tried.len() >= config.max_tries {
             return Err(ForwardError::AllFailed {
                 tries: tried.len(),
@@ -114,13 +110,7 @@ pub async fn forward(
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let moved = AtomicBool::new(false);
-    let mut client = Marked::new(client, &moved);
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        config.buf_size,
-        config.buf_size,
-    );
+    let copy = crate::copy::bidirectional(&client, &upstream, &moved);
     let (to_backend, to_client) = tokio::select! {
         copied = copy => copied.map_err(ForwardError::Copy)?,
         _ = idle(&moved, config.idle_timeout) => {

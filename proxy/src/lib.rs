@@ -6,6 +6,7 @@
 //! reads the environment or installs signal handlers, so it can be tested with plain sockets.
 
 pub mod backends;
+pub mod copy;
 pub mod forward;
 pub mod health;
 pub mod idle;

@@ -47,12 +47,25 @@ pub struct Proxy {
     pub backends: Arc<Backends>,
     /// How each connection is forwarded.
     pub forward: ForwardConfig,
-    /// At most this many client connections are open at once; further ones wait in the
-    /// kernel's listen backlog (the loop stops accepting) rather than being accepted and
-    /// closed, so a burst is delayed, not refused.
-    pub max_conns: usize,
+    /// One permit per open client connection, shared by every accept loop. When none is
+    /// left, the loops stop accepting and new connections wait in the kernel's listen
+    /// backlog rather than being accepted and closed: a burst is delayed, not refused.
+    permits: Arc<Semaphore>,
     /// Counters.
     pub stats: Stats,
+}
+
+impl Proxy {
+    /// The data path's state: `backends` to forward to, `forward` settings, and at most
+    /// `max_conns` client connections open at once.
+    pub fn new(backends: Arc<Backends>, forward: ForwardConfig, max_conns: usize) -> Self {
+        Self {
+            backends,
+            forward,
+            permits: Arc::new(Semaphore::new(max_conns.clamp(1, Semaphore::MAX_PERMITS))),
+            stats: Stats::default(),
+        }
+    }
 }
 
 /// Where connection tasks live, so a drain can wait for them and a hard stop can end them.
@@ -64,7 +77,8 @@ pub struct Connections {
     pub abort: CancellationToken,
 }
 
-/// Accepts on `listener` until `stop` is cancelled, forwarding each connection on a task in
+/// Accepts on `listener` until `stop` is cancelled (several loops may share one [`Proxy`],
+/// one per listener and thread), forwarding each connection on a task in
 /// `conns`. Returns once it has stopped accepting (and dropped the listener); open connections
 /// go on until they finish or `conns.abort` is cancelled.
 pub async fn serve(
@@ -73,13 +87,12 @@ pub async fn serve(
     stop: CancellationToken,
     conns: Connections,
 ) {
-    let permits = Arc::new(Semaphore::new(proxy.max_conns.max(1)));
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
+            permit = Arc::clone(&proxy.permits).acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
             },

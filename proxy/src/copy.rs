@@ -1,0 +1,223 @@
+//! The copy loop: moves bytes both ways between a client and a backend until both
+//! directions are closed.
+//!
+//! Unlike `tokio::io::copy_bidirectional`, it holds no buffer while a connection is idle.
+//! Each direction waits for readiness, reads into a stack buffer and writes it straight on,
+//! synchronously; only when the destination cannot take everything does the rest go into a
+//! heap buffer until it drains. So an idle proxied connection costs its task and two sockets,
+//! and the common case (the destination keeps up) allocates nothing. A read or write that
+//! comes back short clears the socket's readiness, as tokio's own `poll_read` does, which
+//! saves the extra `read()` returning `EAGAIN` after every message.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes moved by a finished copy: (a → b, b → a).
+pub type Totals = (u64, u64);
+
+/// Size of the stack buffer used per read. One read of this size covers a typical HTTP
+/// request or response; larger bodies simply take several rounds.
+pub const CHUNK: usize = 16 * 1024;
+
+/// Copies `a → b` and `b → a` until both directions reach EOF, passing a half-close on
+/// (`shutdown(SHUT_WR)` on the other socket). Sets `moved` whenever bytes move. Returns the
+/// first error of either direction (the caller drops both sockets, which closes them).
+pub async fn bidirectional(a: &TcpStream, b: &TcpStream, moved: &AtomicBool) -> io::Result<Totals> {
+    let (ab, ba) = tokio::try_join!(one_way(a, b, moved), one_way(b, a, moved))?;
+    Ok((ab, ba))
+}
+
+/// Copies `src → dst` until EOF on `src`, then shuts down `dst` for writing.
+async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicBool) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut backlog: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await?;
+        // The stack buffer lives only inside this block, which has no `.await`, so it is not
+        // part of the future: an idle connection does not carry it.
+        let outcome = {
+            let mut buf = [0u8; CHUNK];
+            match read_clearing(src, &mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    moved.store(true, Ordering::Relaxed);
+                    let written = write_now(dst, &buf[..n])?;
+                    backlog.extend_from_slice(&buf[written..n]);
+                    Some(n)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Some(0),
+                Err(e) => return Err(e),
+            }
+        };
+        match outcome {
+            None => {
+                shutdown_write(dst);
+                return Ok(total);
+            }
+            Some(n) => total += n as u64,
+        }
+        // Slow path: the destination is full. Hold the rest (at most one chunk) until it
+        // drains; do not read more meanwhile, so memory stays bounded by one chunk.
+        while !backlog.is_empty() {
+            dst.writable().await?;
+            match write_clearing(dst, &backlog) {
+                Ok(w) => {
+                    backlog.drain(..w);
+                    moved.store(true, Ordering::Relaxed);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if backlog.capacity() > 0 {
+            backlog = Vec::new();
+        }
+    }
+}
+
+/// Writes as much of `data` as the socket takes now; returns how much.
+fn write_now(dst: &TcpStream, mut data: &[u8]) -> io::Result<usize> {
+    let len = data.len();
+    while !data.is_empty() {
+        match write_clearing(dst, data) {
+            Ok(w) => data = &data[w..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(len - data.len())
+}
+
+/// One `read()`; a short read also clears read readiness (the queue is very likely empty).
+fn read_clearing(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let fd = src.as_raw_fd();
+    let r = src.try_io(Interest::READABLE, || {
+        // SAFETY: `fd` is the open socket of `src`, borrowed for this call; `buf` is a valid
+        // writable slice of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got = n as usize;
+        if got > 0 && got < buf.len() {
+            // Tells tokio to clear readiness; the bytes are returned through `got`.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+/// One `send()` (no SIGPIPE); a short write also clears write readiness.
+fn write_clearing(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    let mut put = 0;
+    let fd = dst.as_raw_fd();
+    let r = dst.try_io(Interest::WRITABLE, || {
+        // SAFETY: `fd` is the open socket of `dst`, borrowed for this call; `data` is a valid
+        // readable slice of `data.len()` bytes.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        put = n as usize;
+        if put < data.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(put)
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && put > 0 => Ok(put),
+        other => other,
+    }
+}
+
+/// Passes a half-close on. Errors (the peer is already gone) are irrelevant: the other
+/// direction will see them.
+fn shutdown_write(dst: &TcpStream) {
+    // SAFETY: `dst`'s fd is open for the duration of this call.
+    unsafe {
+        libc::shutdown(dst.as_raw_fd(), libc::SHUT_WR);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn copies_large_transfers_both_ways_with_half_close() {
+        // client <-> (p1 | p2) <-> server
+        let (mut client, p1) = pair().await;
+        let (p2, mut server) = pair().await;
+        let moved = AtomicBool::new(false);
+        let proxy = async { bidirectional(&p1, &p2, &moved).await };
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+        let ends = async {
+            let (mut cr, mut cw) = client.split();
+            let (mut sr, mut sw) = server.split();
+            let send_up = async {
+                cw.write_all(&up).await.unwrap();
+                cw.shutdown().await.unwrap();
+            };
+            let send_down = async {
+                sw.write_all(&down).await.unwrap();
+                sw.shutdown().await.unwrap();
+            };
+            let mut got_up = Vec::new();
+            let mut got_down = Vec::new();
+            tokio::join!(
+                send_up,
+                send_down,
+                sr.read_to_end(&mut got_up),
+                cr.read_to_end(&mut got_down)
+            );
+            (got_up, got_down)
+        };
+        let (totals, (got_up, got_down)) = tokio::join!(proxy, ends);
+        assert_eq!(totals.unwrap(), (up.len() as u64, down.len() as u64));
+        assert!(got_up == up && got_down == down);
+        assert!(moved.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn idle_connection_future_does_not_carry_the_chunk() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a, b) = pair().await;
+            let moved = AtomicBool::new(false);
+            let fut = bidirectional(&a, &b, &moved);
+            assert!(
+                std::mem::size_of_val(&fut) < CHUNK,
+                "future is {} bytes",
+                std::mem::size_of_val(&fut)
+            );
+        });
+    }
+}
