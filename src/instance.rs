@@ -41,6 +41,9 @@ const ADMIT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a worker that speaks IPC gets to exit after the `shutdown` message before it is
 /// sent SIGTERM. Its connections are already drained by then, so exiting is quick.
 const SHUTDOWN_MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the IPC channel reaches EOF, how long to wait for the worker's exit before treating
+/// it as a live worker that closed its channel.
+const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
 pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a retiring worker's open connections are counted while it drains.
@@ -71,6 +74,8 @@ pub struct Ending {
     pub was_ready: bool,
     /// Why it ended, with its exit status.
     pub reason: String,
+    /// The last line it wrote to stderr (with `--worker-output prefix`).
+    pub last_stderr: Option<String>,
 }
 
 /// A running worker instance, driven by its own task.
@@ -122,6 +127,7 @@ impl Instance {
             Err(e) => Ending {
                 was_ready: false,
                 reason: format!("instance task failed: {e}"),
+                last_stderr: None,
             },
         }
     }
@@ -233,6 +239,7 @@ async fn run(
             return Ending {
                 was_ready: false,
                 reason: format!("spawn failed: {e}"),
+                last_stderr: None,
             };
         }
     };
@@ -335,6 +342,11 @@ async fn run(
                 Some(Ok(Err(e))) => strikes.add(slot, pid, &e.to_string()),
                 Some(Err(_)) | None => {
                     rotation.leave("ipc channel closed", stop.graceful.is_cancelled());
+                    // A dying worker closes its channel an instant before it is reaped: tell
+                    // the two apart before calling it a worker that dropped its channel.
+                    if let Ok(status) = tokio::time::timeout(EXIT_AFTER_EOF, child.wait()).await {
+                        break ("exited".to_owned(), Some(status));
+                    }
                     if !stop.graceful.is_cancelled() {
                         tracing::warn!(slot, pid, "worker closed its ipc channel; stopping it");
                     }
@@ -476,6 +488,7 @@ async fn run(
     Ending {
         was_ready: addr.is_some(),
         reason: format!("{reason} ({})", describe(status)),
+        last_stderr: last_stderr.lock().ok().and_then(|l| l.clone()),
     }
 }
 

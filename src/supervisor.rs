@@ -5,7 +5,7 @@
 //! [`Instance`] → it runs until it ends → respawn after backoff. A reload asks each slot in
 //! turn to start a second instance, wait until it is admitted, then retire the old one.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,6 +161,16 @@ async fn run_slot(
         let delay = backoff.next(good_start);
         if !delay.is_zero() {
             tracing::warn!(slot, delay = ?delay, failures = backoff.failures, reason = %ending.reason, "worker failed before becoming ready; respawning after backoff");
+            if !shared.announced_all_ready.load(Ordering::Relaxed)
+                && shared.in_rotation.load(Ordering::Relaxed) == 0
+            {
+                // Nothing has ever served: say plainly why, once per failure.
+                let last = ending
+                    .last_stderr
+                    .as_deref()
+                    .unwrap_or("(nothing on stderr)");
+                tracing::error!(slot, reason = %ending.reason, last_stderr = %last, "no worker has become ready yet");
+            }
             tokio::select! {
                 _ = stop.graceful.cancelled() => break 'respawn,
                 _ = tokio::time::sleep(delay) => {}
