@@ -243,7 +243,8 @@ async fn run_worker(slot: usize, shared: &Arc<Shared>, stop: &StopTokens) -> End
             }
             line = lines.next() => match line {
                 Some(Ok(Ok(text))) => match WorkerMessage::parse(&text) {
-                    Ok(WorkerMessage::Ready { port, .. }) => {
+                    Ok(WorkerMessage::Ready { port: None, .. }) => tracing::warn!(slot, pid, "worker sent ready without a port; ignored"),
+                    Ok(WorkerMessage::Ready { port: Some(port), .. }) => {
                         if let Some(why) = reject_port(port, shared.listen_port) {
                             tracing::warn!(slot, pid, port, "worker announced a port it cannot have: {why}; ignored");
                         } else if state == State::Ready || admission.is_some() {
@@ -258,6 +259,7 @@ async fn run_worker(slot: usize, shared: &Arc<Shared>, stop: &StopTokens) -> End
                     }
                     Ok(WorkerMessage::Pong { seq }) => tracing::trace!(slot, pid, seq, "pong"),
                     Ok(WorkerMessage::Unknown) => tracing::debug!(slot, pid, line = %truncate(&text), "unknown ipc message ignored"),
+                    Ok(WorkerMessage::Accepted { .. } | WorkerMessage::Rejected { .. }) => tracing::debug!(slot, pid, line = %truncate(&text), "handoff answer ignored in proxy mode"),
                     Err(e) => tracing::warn!(slot, pid, error = %e, "malformed ipc message ignored"),
                 },
                 Some(Ok(Err(e))) => tracing::warn!(slot, pid, error = %e, "bad ipc line ignored"),

@@ -111,7 +111,7 @@ impl Channel {
     /// Tells the master this worker accepts connections on `127.0.0.1:port`.
     pub async fn ready(&mut self, port: u16) -> Result<(), ChannelError> {
         self.send(&WorkerMessage::Ready {
-            port,
+            port: Some(port),
             features: vec!["ping".to_owned()],
         })
         .await
@@ -154,7 +154,7 @@ impl Channel {
                         return StopReason::Disconnected;
                     }
                 }
-                Some(MasterMessage::Unknown) => {}
+                Some(_) => {}
             }
         }
     }
