@@ -7,6 +7,7 @@
 pub mod builtin;
 pub mod channel;
 pub mod codec;
+pub mod fdpass;
 pub mod protocol;
 
 pub use channel::{Channel, ChannelError, StopReason};
