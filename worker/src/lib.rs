@@ -10,5 +10,5 @@ pub mod codec;
 pub mod fdpass;
 pub mod protocol;
 
-pub use channel::{Channel, ChannelError, StopReason};
+pub use channel::{Channel, ChannelError, Event, StopReason};
 pub use protocol::{MasterMessage, ParseError, WorkerMessage};
