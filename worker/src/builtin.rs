@@ -53,15 +53,9 @@ pub enum BuiltinError {
     /// `BALANCER_MODE` names no mode.
     #[error("reading {ENV_MODE}")]
     Mode(#[source] UnknownMode),
-    /// `BALANCER_LISTEN` is not a socket address.
-    #[error("{ENV_LISTEN}={value:?} is not an address such as 0.0.0.0:8080")]
-    BadListen {
-        /// The variable's value.
-        value: String,
-        /// Why it did not parse.
-        #[source]
-        source: std::net::AddrParseError,
-    },
+    /// `BALANCER_LISTEN` is not `IP:PORT`, `[v6]:PORT` or `:PORT`.
+    #[error("{ENV_LISTEN}={0:?} is not an address such as 0.0.0.0:8080, [::]:8080 or :8080")]
+    BadListen(String),
     /// Reuseport mode without `BALANCER_LISTEN`.
     #[error("mode reuseport needs {ENV_LISTEN}")]
     MissingListen,
@@ -90,7 +84,8 @@ pub enum BuiltinError {
 pub struct Settings {
     /// How connections reach this worker (`BALANCER_MODE`).
     pub mode: Mode,
-    /// The address every worker binds in [`Mode::ReusePort`] (`BALANCER_LISTEN`).
+    /// The address every worker binds in [`Mode::ReusePort`] (`BALANCER_LISTEN`); `None` in
+    /// the other modes.
     pub listen: Option<SocketAddr>,
 }
 
@@ -101,24 +96,32 @@ impl Settings {
         Self::parse(var(ENV_MODE).as_deref(), var(ENV_LISTEN).as_deref())
     }
 
-    /// Validates the raw values: an absent or empty mode is [`Mode::Proxy`], an empty listen
-    /// address is none, and reuseport without an address is an error.
+    /// Validates the raw values: an absent or empty mode is [`Mode::Proxy`]. The listen
+    /// address is read only in reuseport mode, where it is required: the master's own
+    /// `--listen` takes its value from the same variable, so workers in other modes may well
+    /// inherit one they must not trip over. It takes the master's forms: `IP:PORT`,
+    /// `[v6]:PORT`, or `:PORT` for all IPv4 addresses.
     pub fn parse(mode: Option<&str>, listen: Option<&str>) -> Result<Self, BuiltinError> {
         let mode: Mode = mode
             .unwrap_or_default()
             .parse()
             .map_err(BuiltinError::Mode)?;
-        let listen = match listen.map(str::trim).filter(|v| !v.is_empty()) {
-            None => None,
-            Some(v) => Some(v.parse().map_err(|source| BuiltinError::BadListen {
-                value: v.to_owned(),
-                source,
-            })?),
-        };
-        if mode == Mode::ReusePort && listen.is_none() {
-            return Err(BuiltinError::MissingListen);
+        if mode != Mode::ReusePort {
+            return Ok(Self { mode, listen: None });
         }
-        Ok(Self { mode, listen })
+        let raw = listen
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or(BuiltinError::MissingListen)?;
+        let bad = || BuiltinError::BadListen(raw.to_owned());
+        let addr = match raw.strip_prefix(':') {
+            Some(port) => SocketAddr::from(([0, 0, 0, 0], port.parse().map_err(|_| bad())?)),
+            None => raw.parse().map_err(|_| bad())?,
+        };
+        Ok(Self {
+            mode,
+            listen: Some(addr),
+        })
     }
 }
 
@@ -510,6 +513,22 @@ mod tests {
             Settings::parse(Some("handoff"), Some("")).ok(),
             Some(settings(Mode::Handoff, None))
         );
+        // Inherited from the master's own --listen: ignored outside reuseport.
+        assert_eq!(
+            Settings::parse(Some("proxy"), Some("not an address")).ok(),
+            Some(settings(Mode::Proxy, None))
+        );
+        assert_eq!(
+            Settings::parse(Some("reuseport"), Some(":8080")).ok(),
+            Some(settings(
+                Mode::ReusePort,
+                Some("0.0.0.0:8080".parse().expect("addr"))
+            ))
+        );
+        assert!(matches!(
+            Settings::parse(Some("reuseport"), Some(":http")),
+            Err(BuiltinError::BadListen(_))
+        ));
         let addr: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
         assert_eq!(
             Settings::parse(Some("reuseport"), Some(" 0.0.0.0:8080 ")).ok(),
@@ -521,7 +540,7 @@ mod tests {
         ));
         assert!(matches!(
             Settings::parse(Some("reuseport"), Some("localhost:80")),
-            Err(BuiltinError::BadListen { .. })
+            Err(BuiltinError::BadListen(_))
         ));
         assert!(matches!(
             Settings::parse(Some("fork"), None),

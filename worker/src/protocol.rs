@@ -29,8 +29,10 @@ pub const ENV_WORKER_ID: &str = "BALANCER_WORKER_ID";
 /// Environment variable naming how the worker gets its connections: one of the [`Mode`]
 /// names. Absent or empty means [`Mode::Proxy`].
 pub const ENV_MODE: &str = "BALANCER_MODE";
-/// Environment variable carrying the address to bind in [`Mode::ReusePort`] (for example
-/// `0.0.0.0:8080`); every worker binds the same address with `SO_REUSEPORT`.
+/// Environment variable carrying the address to bind in [`Mode::ReusePort`]: `IP:PORT`,
+/// `[v6]:PORT` or `:PORT` (all IPv4 addresses); every worker binds the same address with
+/// `SO_REUSEPORT`. The master's own `--listen` reads the same variable, with the same forms and
+/// meaning, so workers ignore it in every other mode (they may inherit it).
 pub const ENV_LISTEN: &str = "BALANCER_LISTEN";
 
 /// Most file descriptors one message may carry. Every message that carries handles today
