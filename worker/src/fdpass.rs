@@ -201,7 +201,6 @@ struct Queued {
 ///
 /// `R` is anything that lends the socket: a [`UnixStream`], its
 /// [`OwnedReadHalf`](tokio::net::unix::OwnedReadHalf), an `Arc<UnixStream>`.
-#[derive(Debug)]
 pub struct FdReader<R> {
     stream: R,
     decoder: LineDecoder,
@@ -219,6 +218,18 @@ pub struct FdReader<R> {
     /// The peer closed its end (or the read failed): no more bytes or descriptors.
     eof: bool,
     scratch: Box<[u8]>,
+}
+
+impl<R> std::fmt::Debug for FdReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the scratch buffer: 8 KiB of bytes would drown any log line.
+        f.debug_struct("FdReader")
+            .field("received", &self.received)
+            .field("buffered", &self.buf.len())
+            .field("queued_fds", &self.fds.len())
+            .field("eof", &self.eof)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<R: AsRef<UnixStream>> FdReader<R> {
