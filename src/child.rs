@@ -2,7 +2,8 @@
 //! inherits, and the guarantees set up between `fork` and `exec`.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::Stdio;
 
@@ -11,7 +12,10 @@ use tokio::process::{Child, Command};
 
 use crate::cli::WorkerOutput;
 use crate::config::WorkerProgram;
-use worker::protocol::{ENV_IPC_FD, ENV_WORKER_ID};
+use worker::protocol::{Mode, ENV_IPC_FD, ENV_LISTEN, ENV_MODE, ENV_WORKER_ID};
+
+/// Hidden subcommand: set `LISTEN_PID` to this process's pid, then exec the rest.
+pub const EXEC_WITH_LISTEN_PID: &str = "exec-with-listen-pid";
 
 /// A freshly started worker.
 #[derive(Debug)]
@@ -41,7 +45,19 @@ pub struct SpawnSpec<'a> {
     pub output: WorkerOutput,
     /// With `--ready port`: the port it must listen on (`PORT`, and `{port}` in arguments).
     pub port: Option<u16>,
+    /// How it serves clients (`BALANCER_MODE`).
+    pub mode: Mode,
+    /// The client address (`BALANCER_LISTEN`; what a reuseport worker binds).
+    pub listen: SocketAddr,
+    /// Shared mode: the listening socket, also given as fd 3 with systemd's `LISTEN_FDS`
+    /// convention for programs that do not read the IPC channel.
+    pub listen_fd: Option<RawFd>,
 }
+
+/// The fd that systemd's socket-activation convention puts the first socket at.
+const SD_LISTEN_FDS_START: RawFd = 3;
+/// The child's end of the channel is moved at or above this fd, so it never sits on fd 3.
+const IPC_FD_MIN: RawFd = 10;
 
 /// Starts one worker. Must be called from a thread that lives as long as the master (the
 /// supervisor's thread): `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
@@ -52,16 +68,38 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         slot,
         output,
         port,
+        mode,
+        listen,
+        listen_fd,
     } = *spec;
     // Both ends are close-on-exec; only the child's copy of its end loses that flag, after
     // the fork, so no other worker spawned concurrently can inherit it.
     let (master_end, child_end) = StdUnixStream::pair()?;
+    // Keep the child's end off fd 3 (systemd's first socket) and the low numbers.
+    let child_end: OwnedFd = {
+        let fd = nix::fcntl::fcntl(
+            child_end.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(IPC_FD_MIN),
+        )?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    };
     let child_fd = child_end.as_raw_fd();
 
     let mut cmd = match program {
         WorkerProgram::Builtin => {
             let mut c = Command::new(std::env::current_exe()?);
             c.arg("worker");
+            c
+        }
+        WorkerProgram::Command { program, args } if listen_fd.is_some() => {
+            // systemd's LISTEN_PID must be the worker's own pid, known only after fork: let
+            // this executable set it and exec the program (same pid, same fds).
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg(EXEC_WITH_LISTEN_PID)
+                .arg("--")
+                .arg(program)
+                .args(args);
             c
         }
         WorkerProgram::Command { program, args } => {
@@ -84,6 +122,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .process_group(0);
     if let Some(port) = port {
         cmd.env("PORT", port.to_string());
+    }
+    cmd.env(ENV_MODE, mode.as_str())
+        .env(ENV_LISTEN, listen.to_string());
+    if listen_fd.is_some() {
+        cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "balancer");
     }
     let (stdout, stderr) = match output {
         WorkerOutput::Prefix => (Stdio::piped(), Stdio::piped()),
@@ -117,6 +160,18 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            if let Some(fd) = listen_fd {
+                // dup2 leaves the new fd without close-on-exec; if the listener already is
+                // fd 3, clear the flag instead.
+                let r = if fd == SD_LISTEN_FDS_START {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, SD_LISTEN_FDS_START)
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -124,7 +179,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     // The master must not keep the child's end: only then does the master see EOF on the
     // channel when the worker dies.
     drop(cmd);
-    drop(OwnedFd::from(child_end));
+    drop(child_end);
     let pid = child
         .id()
         .ok_or_else(|| io::Error::other("worker exited before its pid was read"))?;
@@ -154,4 +209,18 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     if killpg(pid, signal).is_err() {
         let _ = kill(pid, signal);
     }
+}
+
+/// The body of the hidden `exec-with-listen-pid -- PROGRAM ARGS...` subcommand: completes
+/// systemd's socket-activation environment (`LISTEN_PID` = own pid) and execs the program.
+/// Returns only on failure.
+pub fn exec_with_listen_pid(command: &[String]) -> io::Error {
+    use std::os::unix::process::CommandExt;
+    let Some((program, args)) = command.split_first() else {
+        return io::Error::other("exec-with-listen-pid: no program given");
+    };
+    std::process::Command::new(program)
+        .args(args)
+        .env("LISTEN_PID", std::process::id().to_string())
+        .exec()
 }

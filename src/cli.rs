@@ -30,10 +30,20 @@ pub struct Cli {
     #[arg(long, default_value = "10s")]
     pub ready_timeout: String,
 
-    /// How a worker announces it is ready: `ipc` (it sends `ready` over the channel) or
-    /// `port` (the master picks a free loopback port, passes it as PORT and in place of
-    /// `{port}` in the command's arguments, and waits until that port accepts connections:
-    /// for programs that know nothing of IPC).
+    /// How workers serve clients: `proxy` (the master accepts and forwards each connection to
+    /// a worker's own loopback port), `shared` (the master hands its listening socket to every
+    /// worker, which accept on it directly), `reuseport` (each worker binds --listen itself
+    /// with SO_REUSEPORT).
+    #[arg(long, value_enum, default_value_t = ModeArg::Proxy)]
+    pub mode: ModeArg,
+
+    /// How a worker announces it is ready: `ipc` (it sends `ready` over the channel, or in
+    /// shared mode acknowledges the listener), `port` (for programs that know nothing of IPC:
+    /// in proxy mode the master picks a free loopback port, passes it as PORT and in place of
+    /// `{port}` in the command's arguments, and waits until it accepts connections; in
+    /// reuseport mode, ready once the worker listens on --listen), or `spawn` (ready once
+    /// started; shared and reuseport modes only, where a worker that is not yet accepting
+    /// takes no connections).
     #[arg(long, value_enum, default_value_t = ReadyArg::Ipc)]
     pub ready: ReadyArg,
 
@@ -110,15 +120,36 @@ pub enum Sub {
     /// Run as a built-in worker (the master starts its own executable this way).
     #[command(hide = true)]
     Worker,
+    /// Set `LISTEN_PID` to this process's pid and exec the command (shared mode, for
+    /// programs that take the listener from fd 3 the systemd way).
+    #[command(name = "exec-with-listen-pid", hide = true)]
+    ExecWithListenPid {
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 /// See [`Cli::ready`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReadyArg {
-    /// `{"type":"ready","port":P}` over the IPC channel.
+    /// `{"type":"ready","port":P}` over the IPC channel (or the listener's acknowledgement).
     Ipc,
-    /// The master assigns the port and probes it.
+    /// The master assigns the port and probes it (reuseport: watches for the listener).
     Port,
+    /// Ready once started.
+    Spawn,
+}
+
+/// See [`Cli::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// The master forwards every connection.
+    Proxy,
+    /// Workers accept on the master's listening socket.
+    Shared,
+    /// Workers bind the address themselves with SO_REUSEPORT.
+    Reuseport,
 }
 
 /// See [`Cli::balance`].

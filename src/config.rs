@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{BalanceArg, CheckArg, Cli, ReadyArg, WorkerOutput};
+use crate::cli::{BalanceArg, CheckArg, Cli, ModeArg, ReadyArg, WorkerOutput};
 use crate::health::{CheckKind, HealthConfig};
+use worker::protocol::Mode;
 
 /// Upper bound for `--cpus`: far more workers than any machine has cores, low enough that a
 /// typo (`--cpus 100000`) is caught instead of forking the machine to death.
@@ -41,6 +42,8 @@ pub struct Config {
     pub ready_timeout: Duration,
     /// What each worker runs.
     pub program: WorkerProgram,
+    /// How workers serve clients.
+    pub mode: Mode,
     /// How workers announce readiness.
     pub ready: ReadyArg,
     /// How the next backend is chosen.
@@ -67,9 +70,18 @@ impl TryFrom<&Cli> for Config {
             grace: parse_duration("--grace", &cli.grace)?,
             ready_timeout: parse_nonzero_duration("--ready-timeout", &cli.ready_timeout)?,
             program: parse_program(&cli.command)?,
-            ready: match (cli.ready, &cli.command) {
-                (ReadyArg::Port, c) if c.is_empty() => bail!("--ready port needs a worker COMMAND (the built-in worker announces itself over IPC)"),
-                (r, _) => r,
+            mode: match cli.mode {
+                ModeArg::Proxy => Mode::Proxy,
+                ModeArg::Shared => Mode::Shared,
+                ModeArg::Reuseport => Mode::ReusePort,
+            },
+            ready: match (cli.ready, cli.mode, &cli.command) {
+                (ReadyArg::Port | ReadyArg::Spawn, _, c) if c.is_empty() => {
+                    bail!("--ready {:?} needs a worker COMMAND (the built-in worker announces itself over IPC)", cli.ready)
+                }
+                (ReadyArg::Spawn, ModeArg::Proxy, _) => bail!("--ready spawn is for --mode shared or reuseport: in proxy mode the master must know the worker's port"),
+                (ReadyArg::Port, ModeArg::Shared, _) => bail!("--ready port does not apply to --mode shared (workers have no port of their own); use ipc or spawn"),
+                (r, _, _) => r,
             },
             policy: match cli.balance {
                 BalanceArg::RoundRobin => proxy::Policy::RoundRobin,

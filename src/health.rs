@@ -27,12 +27,23 @@ pub enum Check {
     Http(String),
     /// See [`CheckKind::Ipc`].
     Ipc,
+    /// No active check: only the process's exit or its channel closing count. For workers
+    /// that share the master's address (shared, reuseport), where a TCP or HTTP probe would
+    /// reach whichever worker the kernel picks, and that cannot answer pings.
+    Liveness,
 }
 
 impl CheckKind {
-    /// The check for one worker, given whether it is the built-in worker and whether it
-    /// announced the `ping` feature.
-    pub fn resolve(&self, builtin: bool, supports_ping: bool) -> Check {
+    /// The check for one worker, given whether it is the built-in worker, whether it
+    /// announced the `ping` feature, and whether it has an address of its own to probe.
+    pub fn resolve(&self, builtin: bool, supports_ping: bool, own_address: bool) -> Check {
+        if !own_address {
+            return if supports_ping {
+                Check::Ipc
+            } else {
+                Check::Liveness
+            };
+        }
         match self {
             Self::Auto if builtin => Check::Http("/healthz".to_owned()),
             Self::Auto if supports_ping => Check::Ipc,

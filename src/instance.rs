@@ -4,6 +4,7 @@
 //! A slot (see [`crate::supervisor`]) owns one [`Instance`] at a time, two during a reload.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,13 +21,13 @@ use tokio_util::codec::FramedRead;
 
 use proxy::Backend;
 use worker::codec::LineDecoder;
-use worker::protocol::{MasterMessage, WorkerMessage, MAX_LINE};
+use worker::protocol::{MasterMessage, Mode, WorkerMessage, MAX_LINE};
 
 use crate::child::{self, Spawned};
 use crate::cli::ReadyArg;
 use crate::cli::WorkerOutput;
-use crate::config::{Config, WorkerProgram};
-use crate::health::{Check, Flip, Tally};
+use crate::config::WorkerProgram;
+use crate::health::{Check, CheckKind, Flip, Tally};
 use crate::output::{self, LastLine};
 use crate::ownership;
 use crate::supervisor::{Shared, StopTokens};
@@ -48,6 +49,9 @@ const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a retiring worker's open connections are counted while it drains.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// How many times a listener is sent again after Node's `NODE_HANDLE_NACK` (Node's own
+/// primary gives up after 3 retransmissions too).
+const MAX_HANDLE_RESENDS: u32 = 3;
 /// Protocol violations (malformed lines, impossible ports, floods) a worker may commit
 /// before it is replaced. High enough that a chatty but honest worker is never hit.
 const MAX_STRIKES: u32 = 20;
@@ -232,7 +236,7 @@ async fn run(
             ipc,
         },
         assigned_port,
-    ) = match spawn(slot, config) {
+    ) = match spawn(slot, shared) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(slot, error = %e, "could not start worker");
@@ -274,7 +278,6 @@ async fn run(
         in_rotation: false,
     };
     let health = &config.health;
-    let mut admission: Option<AbortOnDrop> = None;
     let mut probe: Option<AbortOnDrop> = None;
     let mut addr: Option<SocketAddr> = None;
     let mut check: Option<Check> = None;
@@ -285,19 +288,36 @@ async fn run(
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let ready_deadline = tokio::time::sleep(config.ready_timeout);
     tokio::pin!(ready_deadline);
-    if let Some(port) = assigned_port {
-        // `--ready port`: nothing will be announced; admit the port as soon as it answers.
-        let resolved = health.kind.resolve(false, false);
-        check = Some(resolved.clone());
-        let (tx, timeout, patience) = (events_tx.clone(), health.timeout, config.ready_timeout);
-        admission = Some(AbortOnDrop(tokio::spawn(async move {
-            let _ = tx
-                .send(Event::Admitted(
-                    admit(pid, port, &resolved, timeout, patience).await,
-                ))
-                .await;
-        })));
+    let builtin = config.program == WorkerProgram::Builtin;
+    // Whether the worker has an address of its own (proxy mode) that checks can reach.
+    let own_address = config.mode == Mode::Proxy;
+    let mut supports_ping = false;
+    // Whether the worker sent `ready` itself: it speaks balancer's protocol, and will act on
+    // `shutdown`.
+    let mut spoke_ipc = false;
+    let mut listener_sends = 0u32;
+    let admit_now = |gate: Gate, patience: Duration| {
+        let (tx, timeout, listen) = (events_tx.clone(), health.timeout, shared.listen);
+        AbortOnDrop(tokio::spawn(async move {
+            let r = admit(pid, gate, listen, timeout, patience).await;
+            let _ = tx.send(Event::Admitted(r)).await;
+        }))
+    };
+    if config.mode == Mode::Shared {
+        listener_sends += 1;
+        send_listener(&write, shared).await;
     }
+    let mut admission = match (config.mode, config.ready, assigned_port) {
+        // Nothing will be announced: admit the assigned port as soon as it answers.
+        (Mode::Proxy, ReadyArg::Port, Some(port)) => {
+            Some(admit_now(Gate::Probe(port, None), config.ready_timeout))
+        }
+        (Mode::ReusePort, ReadyArg::Port, _) => {
+            Some(admit_now(Gate::Listens, config.ready_timeout))
+        }
+        (_, ReadyArg::Spawn, _) => Some(admit_now(Gate::Trust, config.ready_timeout)),
+        _ => None,
+    };
 
     // Each branch either carries on or ends the loop with a reason; `None` for the status
     // means the worker still runs and must be stopped.
@@ -313,19 +333,34 @@ async fn run(
                     strikes.message();
                     match WorkerMessage::parse(&text) {
                         Ok(WorkerMessage::Ready { port, features }) => {
-                            if let Some(why) = reject_port(port, shared.listen_port) {
-                                strikes.add(slot, pid, &format!("ready names {why}"));
-                            } else if addr.is_some() || admission.is_some() || drain_deadline.is_some() {
-                                tracing::debug!(slot, pid, port, "duplicate ready ignored");
+                            spoke_ipc = true;
+                            supports_ping |= features.iter().any(|f| f == "ping");
+                            if addr.is_some() || admission.is_some() || drain_deadline.is_some() {
+                                tracing::debug!(slot, pid, ?port, "duplicate ready ignored");
                             } else {
-                                let builtin = config.program == WorkerProgram::Builtin;
-                                let resolved = health.kind.resolve(builtin, features.iter().any(|f| f == "ping"));
-                                check = Some(resolved.clone());
-                                let (tx, timeout) = (events_tx.clone(), health.timeout);
-                                admission = Some(AbortOnDrop(tokio::spawn(async move {
-                                    let _ = tx.send(Event::Admitted(admit(pid, port, &resolved, timeout, ADMIT_TIMEOUT).await)).await;
-                                })));
+                                match gate_for_ready(config.mode, port, shared.listen.port(), &health.kind, builtin, supports_ping) {
+                                    Ok(gate) => admission = Some(admit_now(gate, ADMIT_TIMEOUT)),
+                                    Err(why) => strikes.add(slot, pid, &format!("ready: {why}")),
+                                }
                             }
+                        }
+                        Ok(WorkerMessage::HandleAck) => {
+                            // Shared mode: a Node worker takes the listener and never says
+                            // `ready`; the acknowledgement is its readiness.
+                            if config.mode == Mode::Shared && addr.is_none() && admission.is_none() && drain_deadline.is_none() {
+                                admission = Some(admit_now(Gate::Trust, ADMIT_TIMEOUT));
+                            }
+                        }
+                        Ok(WorkerMessage::HandleNack) => {
+                            if config.mode == Mode::Shared && listener_sends <= MAX_HANDLE_RESENDS {
+                                listener_sends += 1;
+                                send_listener(&write, shared).await;
+                            } else {
+                                strikes.add(slot, pid, "unexpected NODE_HANDLE_NACK");
+                            }
+                        }
+                        Ok(WorkerMessage::Accepted { id } | WorkerMessage::Rejected { id }) => {
+                            tracing::debug!(slot, pid, id, "handoff answer ignored: not in handoff mode");
                         }
                         Ok(WorkerMessage::Pong { seq }) => {
                             if let (expected, Some(sent)) = ping {
@@ -357,6 +392,7 @@ async fn run(
                 Event::Admitted(Ok(at)) => {
                     admission = None;
                     addr = Some(at);
+                    check = Some(health.kind.resolve(builtin, supports_ping, own_address));
                     rotation.enter(at, "admitted");
                     phase.send_replace(Phase::Ready);
                     let mut t = interval_at(tokio::time::Instant::now() + health.interval, health.interval);
@@ -392,6 +428,7 @@ async fn run(
                         ping.1 = Some(Instant::now());
                         send(&mut write, &MasterMessage::Ping { seq: ping.0 }).await;
                     }
+                    (Some(Check::Liveness), _) => {}
                     (Some(check), Some(at)) if probe.is_none() => {
                         let (tx, check, timeout) = (events_tx.clone(), check.clone(), health.timeout);
                         probe = Some(AbortOnDrop(tokio::spawn(async move {
@@ -475,14 +512,18 @@ async fn run(
     };
     drop((admission, probe));
     let expected = stop.graceful.is_cancelled() || reason == "retired";
-    // A worker that announced itself over IPC was sent `shutdown` if it is being stopped:
-    // give it a moment to exit on its own before signals.
-    let asked = assigned_port.is_none()
-        && addr.is_some()
-        && (reason == "retired" || reason == "master stopping");
+    // A worker being stopped was sent `shutdown`. One that speaks IPC may take a moment to
+    // exit by itself: in proxy mode its connections are already drained, so briefly; in the
+    // other modes it holds its own connections, so up to --grace.
+    let stopping = reason == "retired" || reason == "master stopping";
+    let patience = match (stopping && addr.is_some(), spoke_ipc, config.mode) {
+        (false, _, _) => None,
+        (true, true, Mode::Shared | Mode::ReusePort) => Some(config.grace),
+        (true, _, _) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
+    };
     let status = match status {
         Some(Ok(status)) => status,
-        Some(Err(_)) | None => terminate(&mut child, pid, stop, asked).await,
+        Some(Err(_)) | None => terminate(&mut child, pid, stop, patience).await,
     };
     log_exit(slot, pid, status, expected, &last_stderr);
     Ending {
@@ -493,16 +534,25 @@ async fn run(
 }
 
 /// Spawns the worker process, with a port chosen for it under `--ready port`.
-fn spawn(slot: usize, config: &Config) -> std::io::Result<(Spawned, Option<u16>)> {
-    let port = match config.ready {
-        ReadyArg::Port => Some(child::free_port()?),
-        ReadyArg::Ipc => None,
+fn spawn(slot: usize, shared: &Shared) -> std::io::Result<(Spawned, Option<u16>)> {
+    let config = &shared.config;
+    let port = match (config.mode, config.ready) {
+        (Mode::Proxy, ReadyArg::Port) => Some(child::free_port()?),
+        _ => None,
+    };
+    // Programs other than the built-in worker also get the shared listener as fd 3.
+    let listen_fd = match (&shared.shared_listener, &config.program) {
+        (Some(l), WorkerProgram::Command { .. }) => Some(l.as_raw_fd()),
+        _ => None,
     };
     let spawned = child::spawn(&child::SpawnSpec {
         program: &config.program,
         slot,
         output: config.worker_output,
         port,
+        mode: config.mode,
+        listen: shared.listen,
+        listen_fd,
     })?;
     Ok((spawned, port))
 }
@@ -557,52 +607,92 @@ async fn tick(ticker: &mut Option<Interval>) {
     }
 }
 
-/// Why an announced port can never be admitted, or `None` if it may be probed.
-fn reject_port(port: u16, listen_port: u16) -> Option<&'static str> {
-    if port == 0 {
-        Some("port 0")
-    } else if port == listen_port {
-        Some("the master's own listening port")
-    } else {
-        None
+/// What must hold before a worker enters rotation.
+#[derive(Debug, Clone)]
+enum Gate {
+    /// Proxy mode: the port is a listening socket held by the worker (or a descendant),
+    /// accepts the master's TCP connect and, with an HTTP check, passes it once.
+    Probe(u16, Option<String>),
+    /// Reuseport mode: the worker holds a socket listening on the client port.
+    Listens,
+    /// Nothing to check: shared mode, where a worker that is not yet accepting takes no
+    /// connections, or `--ready spawn`.
+    Trust,
+}
+
+/// The gate for a `ready` message, or why the message cannot be admitted.
+fn gate_for_ready(
+    mode: Mode,
+    port: Option<u16>,
+    listen_port: u16,
+    kind: &CheckKind,
+    builtin: bool,
+    supports_ping: bool,
+) -> Result<Gate, String> {
+    match (mode, port) {
+        (Mode::Proxy, None) => Err("no port (proxy mode needs the worker's own port)".into()),
+        (Mode::Proxy, Some(0)) => Err("port 0".into()),
+        (Mode::Proxy, Some(p)) if p == listen_port => Err("the master's own listening port".into()),
+        (Mode::Proxy, Some(p)) => {
+            let http = match kind.resolve(builtin, supports_ping, true) {
+                Check::Http(path) => Some(path),
+                _ => None,
+            };
+            Ok(Gate::Probe(p, http))
+        }
+        (Mode::ReusePort, Some(p)) if p != listen_port => Err(format!(
+            "port {p}, but reuseport workers listen on {listen_port}"
+        )),
+        (Mode::ReusePort, _) => Ok(Gate::Listens),
+        (Mode::Shared, _) => Ok(Gate::Trust),
+        (Mode::Handoff, _) => Ok(Gate::Trust),
     }
 }
 
-/// Admission of an announced port: it must be a listening socket held by the worker (or one
-/// of its descendants), accept a TCP connection from the master and, when the worker's
-/// check is HTTP, pass it once. Retried briefly, since a worker may announce just before its
-/// `listen()` completes.
+/// Waits until `gate` holds (retrying for up to `patience`, since a worker may announce just
+/// before its `listen()` completes) and returns the address it is admitted with.
 async fn admit(
     pid: u32,
-    port: u16,
-    check: &Check,
+    gate: Gate,
+    listen: SocketAddr,
     timeout: Duration,
     patience: Duration,
 ) -> Result<SocketAddr, String> {
     let deadline = Instant::now() + patience;
-    let candidates = [
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
-    ];
     let mut last;
     loop {
-        if ownership::owns_listening_port(pid, port) {
-            last = String::new();
-            for addr in candidates {
-                let probed = match proxy::health::tcp(addr, ADMIT_CONNECT_TIMEOUT).await {
-                    Ok(()) => match check {
-                        Check::Http(path) => proxy::health::http(addr, path, timeout).await,
-                        _ => Ok(()),
-                    },
-                    Err(e) => Err(e),
-                };
-                match probed {
-                    Ok(()) => return Ok(addr),
-                    Err(e) => last = format!("{addr}: {e}"),
+        match &gate {
+            Gate::Trust => return Ok(listen),
+            Gate::Listens => {
+                if ownership::owns_listening_port(pid, listen.port()) {
+                    return Ok(listen);
+                }
+                last = format!("not listening on port {}", listen.port());
+            }
+            Gate::Probe(port, http) => {
+                let port = *port;
+                if ownership::owns_listening_port(pid, port) {
+                    last = String::new();
+                    for addr in [
+                        SocketAddr::from(([127, 0, 0, 1], port)),
+                        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                    ] {
+                        let probed = match proxy::health::tcp(addr, ADMIT_CONNECT_TIMEOUT).await {
+                            Ok(()) => match http {
+                                Some(path) => proxy::health::http(addr, path, timeout).await,
+                                None => Ok(()),
+                            },
+                            Err(e) => Err(e),
+                        };
+                        match probed {
+                            Ok(()) => return Ok(addr),
+                            Err(e) => last = format!("{addr}: {e}"),
+                        }
+                    }
+                } else {
+                    last = format!("port {port} is not a listening socket of this worker");
                 }
             }
-        } else {
-            last = format!("port {port} is not a listening socket of this worker");
         }
         if Instant::now() >= deadline {
             return Err(format!("{last} (gave up after {patience:?})"));
@@ -611,23 +701,39 @@ async fn admit(
     }
 }
 
-/// Stops a worker that is still running: if it was `asked` (sent `shutdown` over IPC), it
-/// first gets [`SHUTDOWN_MESSAGE_TIMEOUT`] to exit by itself; then SIGTERM (and SIGCONT, in case it is stopped) to
+/// Hands the shared listening socket to a worker, in Node's handle form (see
+/// [`worker::protocol::node`]). A failure is only logged: the worker then never acknowledges
+/// and is replaced at its ready timeout.
+async fn send_listener(write: &OwnedWriteHalf, shared: &Shared) {
+    let Some(listener) = &shared.shared_listener else {
+        return;
+    };
+    let fds = [listener.as_fd()];
+    let send = worker::fdpass::send_message(write.as_ref(), &MasterMessage::Listener, &fds);
+    match tokio::time::timeout(IPC_WRITE_TIMEOUT, send).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not hand the listener to a worker"),
+        Err(_) => tracing::warn!("handing the listener to a worker timed out"),
+    }
+}
+
+/// Stops a worker that is still running: given `patience` (it was sent `shutdown`), it first
+/// gets that long to exit by itself; then SIGTERM (and SIGCONT, in case it is stopped) to
 /// its process group, SIGKILL after [`WORKER_STOP_TIMEOUT`] (at once if `stop.force`
 /// fires), then reaps it.
 async fn terminate(
     child: &mut tokio::process::Child,
     pid: u32,
     stop: &StopTokens,
-    asked: bool,
+    patience: Option<Duration>,
 ) -> ExitStatus {
     if let Ok(Some(status)) = child.try_wait() {
         return status;
     }
-    if asked && !stop.force.is_cancelled() {
+    if let Some(patience) = patience.filter(|_| !stop.force.is_cancelled()) {
         tokio::select! {
             status = child.wait() => if let Ok(status) = status { return status },
-            _ = tokio::time::sleep(SHUTDOWN_MESSAGE_TIMEOUT) => {}
+            _ = tokio::time::sleep(patience) => {}
             _ = stop.force.cancelled() => {}
         }
     }

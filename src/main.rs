@@ -31,6 +31,7 @@ use config::Config;
 use proxy::{Backends, Connections, ForwardConfig, Proxy};
 use signals::{Intent, Signals};
 use supervisor::StopTokens;
+use worker::protocol::Mode;
 
 /// Listen backlog: connections wait here while all `--max-conns` are busy, and during bursts.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -42,6 +43,10 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.subcommand {
         Some(Sub::Worker) => worker::builtin::run().map_err(anyhow::Error::from),
+        Some(Sub::ExecWithListenPid { ref command }) => {
+            Err(anyhow::Error::from(child::exec_with_listen_pid(command))
+                .context(format!("starting {:?}", command.first())))
+        }
         None => run_master(&cli),
     };
     match result {
@@ -76,11 +81,9 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let max_conns = max_conns(config.max_conns);
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let listeners =
-        bind_all(config.listen, threads).with_context(|| format!("binding {}", config.listen))?;
-    let local = listeners[0]
-        .local_addr()
-        .context("reading the bound address")?;
+    let bound =
+        Bound::new(&config, threads).with_context(|| format!("binding {}", config.listen))?;
+    let local = bound.local;
 
     let backends = Arc::new(Backends::new(config.policy));
     let proxy = Arc::new(Proxy::new(
@@ -101,16 +104,17 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         .context("starting the supervisor runtime")?;
     supervisor_runtime.block_on(async {
         let mut signals = Signals::install().context("installing signal handlers")?;
-        let proxy_threads = start_proxy_threads(listeners, &proxy, &stop_accepting, &conns)
+        let proxy_threads = start_proxy_threads(bound.proxy_listeners, &proxy, &stop_accepting, &conns)
             .context("starting the proxy threads")?;
-        tracing::info!(addr = %local, workers = config.workers, max_conns, "listening");
+        tracing::info!(addr = %local, workers = config.workers, mode = %config.mode, max_conns, "listening");
 
         let stop = StopTokens::default();
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let mut supervisor = tokio::spawn(supervisor::run(
             Arc::clone(&config),
             Arc::clone(&backends),
-            local.port(),
+            local,
+            bound.shared_listener,
             stop.clone(),
             reloads,
         ));
@@ -176,25 +180,71 @@ async fn next_stop_signal(signals: &mut Signals) {
     while signals.next().await == Intent::Reload {}
 }
 
+/// The client address, bound as the mode needs it.
+struct Bound {
+    /// The address clients connect to, with the real port.
+    local: SocketAddr,
+    /// Proxy mode: one listener per proxy thread.
+    proxy_listeners: Vec<std::net::TcpListener>,
+    /// Shared mode: the one listener handed to every worker.
+    shared_listener: Option<Arc<std::net::TcpListener>>,
+}
+
+impl Bound {
+    fn new(config: &Config, threads: usize) -> std::io::Result<Self> {
+        let addr = config.listen;
+        Ok(match config.mode {
+            Mode::Proxy => {
+                let listeners = bind_all(addr, threads)?;
+                Self {
+                    local: listeners[0].local_addr()?,
+                    proxy_listeners: listeners,
+                    shared_listener: None,
+                }
+            }
+            Mode::Shared | Mode::Handoff => {
+                // One socket and no SO_REUSEPORT: nothing else may bind beside it.
+                let listener = bind_one(addr, false)?;
+                Self {
+                    local: listener.local_addr()?,
+                    proxy_listeners: Vec::new(),
+                    shared_listener: Some(Arc::new(listener)),
+                }
+            }
+            Mode::ReusePort => {
+                // The workers bind it; binding once here reports a taken port or a denied
+                // one at start-up, and resolves port 0. It is closed before any worker runs,
+                // or the kernel would queue connections on a socket nobody accepts from.
+                let probe = bind_one(addr, true)?;
+                Self {
+                    local: probe.local_addr()?,
+                    proxy_listeners: Vec::new(),
+                    shared_listener: None,
+                }
+            }
+        })
+    }
+}
+
 /// Binds `count` client listeners on `addr` with `SO_REUSEPORT`, one per proxy thread, so
 /// the kernel spreads new connections over the threads and no connection ever moves between
 /// threads. `SO_REUSEADDR` lets a restarted master bind while old connections sit in
 /// TIME_WAIT. With port 0, the first bind picks the port and the others share it.
 fn bind_all(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let first = bind_one(addr)?;
+    let first = bind_one(addr, true)?;
     let addr = first.local_addr()?;
     let mut all = vec![first];
     for _ in 1..count {
-        all.push(bind_one(addr)?);
+        all.push(bind_one(addr, true)?);
     }
     Ok(all)
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     if addr.is_ipv6() {
         // `[::]:P` means IPv6 only here; IPv4 clients use an IPv4 address.
         socket.set_only_v6(true)?;

@@ -42,8 +42,10 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The backend set the proxy reads.
     pub backends: Arc<Backends>,
-    /// The master's own listening port: a worker announcing it is lying.
-    pub listen_port: u16,
+    /// The address clients connect to (with the real port when `--listen` asked for 0).
+    pub listen: std::net::SocketAddr,
+    /// In shared mode, the listening socket every worker is handed.
+    pub shared_listener: Option<Arc<std::net::TcpListener>>,
     /// Source of unique backend keys (one per worker instance).
     pub next_key: AtomicU64,
     /// Workers in rotation right now.
@@ -62,12 +64,14 @@ type ReloadRequest = oneshot::Sender<Result<(), String>>;
 pub async fn run(
     config: Arc<Config>,
     backends: Arc<Backends>,
-    listen_port: u16,
+    listen: std::net::SocketAddr,
+    shared_listener: Option<Arc<std::net::TcpListener>>,
     stop: StopTokens,
     mut reloads: mpsc::Receiver<()>,
 ) {
     let shared = Arc::new(Shared {
-        listen_port,
+        listen,
+        shared_listener,
         backends,
         next_key: AtomicU64::new(1),
         in_rotation: AtomicUsize::new(0),

@@ -6,8 +6,14 @@
 //!
 //! Routes: `GET /` (who answered), `GET /sum?n=N` (CPU-bound, runs in the request path),
 //! `GET /healthz` (`ok`).
+//!
+//! It gets its connections the way `BALANCER_MODE` says ([`Mode`]): a loopback port of its
+//! own (proxy), the master's listener received over the channel (shared), `BALANCER_LISTEN`
+//! bound with `SO_REUSEPORT` (reuseport), or one connection at a time from the master
+//! (handoff).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,10 +23,12 @@ use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
-use crate::channel::{Channel, ChannelError, StopReason};
+use crate::channel::{Channel, ChannelError, Event, StopReason};
+use crate::protocol::{Mode, UnknownMode, ENV_LISTEN, ENV_MODE};
 
 /// Default `n` for `/sum`: about half a second of one core on this project's machines, the
 /// classic "long computation" that blocks a single-threaded server.
@@ -30,6 +38,11 @@ pub const MAX_SUM_N: u64 = 20_000_000_000;
 /// How long open connections may take to finish after a shutdown request. The master has its
 /// own, longer deadline; this one only keeps a worker from hanging on a stuck client.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (EMFILE and friends), so the loop backs off instead of spinning
+/// on an error that persists until some connection closes.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Listen backlog for the reuseport socket: the same as tokio's own `TcpListener::bind`.
+const BACKLOG: u32 = 1024;
 
 /// Why the built-in worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +50,79 @@ pub enum BuiltinError {
     /// The IPC channel could not be opened or used.
     #[error(transparent)]
     Channel(#[from] ChannelError),
-    /// Binding or inspecting the loopback listener failed.
-    #[error("binding 127.0.0.1:0")]
-    Bind(#[source] std::io::Error),
+    /// `BALANCER_MODE` names no mode.
+    #[error("reading {ENV_MODE}")]
+    Mode(#[source] UnknownMode),
+    /// `BALANCER_LISTEN` is not `IP:PORT`, `[v6]:PORT` or `:PORT`.
+    #[error("{ENV_LISTEN}={0:?} is not an address such as 0.0.0.0:8080, [::]:8080 or :8080")]
+    BadListen(String),
+    /// Reuseport mode without `BALANCER_LISTEN`.
+    #[error("mode reuseport needs {ENV_LISTEN}")]
+    MissingListen,
+    /// Binding or inspecting a listener failed.
+    #[error("binding {addr}")]
+    Bind {
+        /// The address being bound.
+        addr: SocketAddr,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the local address of the listener the master sent failed.
+    #[error("reading the shared listener's address")]
+    SharedAddr(#[source] std::io::Error),
+    /// Building the tokio runtime failed.
+    #[error("starting the runtime")]
+    Runtime(#[source] std::io::Error),
     /// Installing the SIGTERM handler failed.
     #[error("installing the SIGTERM handler")]
     Signal(#[source] std::io::Error),
+}
+
+/// What the built-in worker reads from its environment, validated in one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How connections reach this worker (`BALANCER_MODE`).
+    pub mode: Mode,
+    /// The address every worker binds in [`Mode::ReusePort`] (`BALANCER_LISTEN`); `None` in
+    /// the other modes.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Reads `BALANCER_MODE` and `BALANCER_LISTEN`.
+    pub fn from_env() -> Result<Self, BuiltinError> {
+        let var = |name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+        Self::parse(var(ENV_MODE).as_deref(), var(ENV_LISTEN).as_deref())
+    }
+
+    /// Validates the raw values: an absent or empty mode is [`Mode::Proxy`]. The listen
+    /// address is read only in reuseport mode, where it is required: the master's own
+    /// `--listen` takes its value from the same variable, so workers in other modes may well
+    /// inherit one they must not trip over. It takes the master's forms: `IP:PORT`,
+    /// `[v6]:PORT`, or `:PORT` for all IPv4 addresses.
+    pub fn parse(mode: Option<&str>, listen: Option<&str>) -> Result<Self, BuiltinError> {
+        let mode: Mode = mode
+            .unwrap_or_default()
+            .parse()
+            .map_err(BuiltinError::Mode)?;
+        if mode != Mode::ReusePort {
+            return Ok(Self { mode, listen: None });
+        }
+        let raw = listen
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or(BuiltinError::MissingListen)?;
+        let bad = || BuiltinError::BadListen(raw.to_owned());
+        let addr = match raw.strip_prefix(':') {
+            Some(port) => SocketAddr::from(([0, 0, 0, 0], port.parse().map_err(|_| bad())?)),
+            None => raw.parse().map_err(|_| bad())?,
+        };
+        Ok(Self {
+            mode,
+            listen: Some(addr),
+        })
+    }
 }
 
 /// Runs the built-in worker until the master asks it to stop, the channel closes, or SIGTERM.
@@ -51,49 +131,160 @@ pub fn run() -> Result<(), BuiltinError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(BuiltinError::Bind)?;
-    runtime.block_on(serve())
+        .map_err(BuiltinError::Runtime)?;
+    runtime.block_on(async {
+        let settings = Settings::from_env()?;
+        let channel = Channel::from_env()?;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(BuiltinError::Signal)?;
+        let stop = CancellationToken::new();
+        let on_sigterm = stop.clone();
+        tokio::spawn(async move {
+            if sigterm.recv().await.is_some() {
+                on_sigterm.cancel();
+            }
+        });
+        serve(channel, &settings, stop).await.map(drop)
+    })
 }
 
-async fn serve() -> Result<(), BuiltinError> {
-    let mut channel = Channel::from_env()?;
-    let listener = TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .map_err(BuiltinError::Bind)?;
-    let port = listener.local_addr().map_err(BuiltinError::Bind)?.port();
-    let mut sigterm = signal(SignalKind::terminate()).map_err(BuiltinError::Signal)?;
-    channel.ready(port).await?;
-
+/// Serves HTTP in the mode `settings` names until the master sends `shutdown`, the channel
+/// closes, or `stop` is cancelled (which counts as a shutdown: open connections drain).
+///
+/// Announces `ready` once it can take connections. Returns why it stopped.
+pub async fn serve(
+    mut channel: Channel,
+    settings: &Settings,
+    stop: CancellationToken,
+) -> Result<StopReason, BuiltinError> {
     let graceful = GracefulShutdown::new();
-    let reason = loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let conn = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            reason = channel.stopped() => break reason,
-            _ = sigterm.recv() => break StopReason::Shutdown,
+    let reason = match settings.mode {
+        Mode::Proxy => {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| BuiltinError::Bind { addr, source })?;
+            let port = port_of(&listener, addr)?;
+            channel.ready(port).await?;
+            accept_loop(&mut channel, &listener, &graceful, &stop).await
+        }
+        Mode::Shared => {
+            let listener = tokio::select! {
+                received = channel.listener() => match received {
+                    Ok(listener) => listener,
+                    Err(ChannelError::NoListener(reason)) => return Ok(reason),
+                    Err(e) => return Err(e.into()),
+                },
+                _ = stop.cancelled() => return Ok(StopReason::Shutdown),
+            };
+            let port = listener
+                .local_addr()
+                .map_err(BuiltinError::SharedAddr)?
+                .port();
+            channel.ready(port).await?;
+            accept_loop(&mut channel, &listener, &graceful, &stop).await
+        }
+        Mode::ReusePort => {
+            let addr = settings.listen.ok_or(BuiltinError::MissingListen)?;
+            let listener =
+                bind_reuseport(addr).map_err(|source| BuiltinError::Bind { addr, source })?;
+            let port = port_of(&listener, addr)?;
+            channel.ready(port).await?;
+            accept_loop(&mut channel, &listener, &graceful, &stop).await
+        }
+        Mode::Handoff => {
+            channel.ready_without_port().await?;
+            handoff_loop(&mut channel, &graceful, &stop).await
         }
     };
-    drop(listener);
     if reason == StopReason::Shutdown {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
     }
-    Ok(())
+    Ok(reason)
+}
+
+fn port_of(listener: &TcpListener, addr: SocketAddr) -> Result<u16, BuiltinError> {
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|source| BuiltinError::Bind { addr, source })
+}
+
+/// Binds `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`, so every worker can bind the same
+/// address and the kernel spreads connections between their sockets.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts on `listener` (own, shared or reuseport) until told to stop. The listener is
+/// dropped by the caller afterwards; for a shared one that closes only this worker's copy.
+async fn accept_loop(
+    channel: &mut Channel,
+    listener: &TcpListener,
+    graceful: &GracefulShutdown,
+    stop: &CancellationToken,
+) -> StopReason {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => serve_connection(stream, graceful),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            reason = channel.stopped() => return reason,
+            _ = stop.cancelled() => return StopReason::Shutdown,
+        }
+    }
+}
+
+/// Serves the connections the master hands over, answering `accepted` for each.
+async fn handoff_loop(
+    channel: &mut Channel,
+    graceful: &GracefulShutdown,
+    stop: &CancellationToken,
+) -> StopReason {
+    loop {
+        let event = tokio::select! {
+            event = channel.recv() => event,
+            _ = stop.cancelled() => return StopReason::Shutdown,
+        };
+        match event {
+            None => return StopReason::Disconnected,
+            Some(Event::Shutdown) => return StopReason::Shutdown,
+            Some(Event::Conn { id, stream }) => {
+                serve_connection(stream, graceful);
+                // The connection is ours now: the master may close its copy. If the master
+                // is gone the next read says so.
+                if let Err(e) = channel.accepted(id).await {
+                    tracing::debug!(id, error = %e, "could not confirm a handed-off connection");
+                }
+            }
+            Some(Event::Listener(_)) => {
+                tracing::debug!("closing a listener the master sent in handoff mode")
+            }
+        }
+    }
+}
+
+fn serve_connection(stream: TcpStream, graceful: &GracefulShutdown) {
+    let _ = stream.set_nodelay(true);
+    let conn = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -154,7 +345,212 @@ pub fn sum(n: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::task::JoinHandle;
+
     use super::*;
+    use crate::channel::tests::FakeMaster;
+    use crate::protocol::{MasterMessage, WorkerMessage};
+
+    /// Generous bound for steps that take milliseconds, so a broken test fails instead of
+    /// hanging.
+    const STEP: Duration = Duration::from_secs(10);
+
+    fn settings(mode: Mode, listen: Option<SocketAddr>) -> Settings {
+        Settings { mode, listen }
+    }
+
+    /// Starts the worker in this test's runtime, against a fake master.
+    fn start(
+        settings: Settings,
+    ) -> (
+        FakeMaster,
+        CancellationToken,
+        JoinHandle<Result<StopReason, BuiltinError>>,
+    ) {
+        let (master, channel) = FakeMaster::pair();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move { serve(channel, &settings, token).await });
+        (master, stop, task)
+    }
+
+    async fn finished(task: JoinHandle<Result<StopReason, BuiltinError>>) -> StopReason {
+        tokio::time::timeout(STEP, task)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker ok")
+    }
+
+    async fn ready_port(master: &mut FakeMaster) -> Option<u16> {
+        loop {
+            match master.recv().await {
+                WorkerMessage::Ready { port, .. } => return port,
+                // Shared mode: the listener is acknowledged the Node way first.
+                WorkerMessage::HandleAck => {}
+                other => panic!("expected ready, got {other:?}"),
+            }
+        }
+    }
+
+    /// One HTTP/1.1 request over `stream`, returning the whole response.
+    async fn get(mut stream: TcpStream, path: &str) -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut response))
+            .await
+            .expect("response in time")
+            .expect("read");
+        response
+    }
+
+    async fn get_port(port: u16, path: &str) -> String {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        get(stream, path).await
+    }
+
+    #[tokio::test]
+    async fn proxy_mode_listens_on_its_own_port() {
+        let (mut master, _stop, task) = start(settings(Mode::Proxy, None));
+        let port = ready_port(&mut master).await.expect("a port");
+        let response = get_port(port, "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("ok"), "{response}");
+        master.send(&MasterMessage::Shutdown, &[]).await;
+        assert_eq!(finished(task).await, StopReason::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn shared_mode_accepts_on_the_masters_listener() {
+        let (mut master, stop, task) = start(settings(Mode::Shared, None));
+        let shared = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = shared.local_addr().expect("addr").port();
+        master.send(&MasterMessage::Ping { seq: 1 }, &[]).await;
+        assert_eq!(master.recv().await, WorkerMessage::Pong { seq: 1 });
+        master
+            .send(&MasterMessage::Listener, &[shared.as_fd()])
+            .await;
+        assert_eq!(ready_port(&mut master).await, Some(port));
+        // The master keeps its copy open (as the real one does) and never accepts on it.
+        let response = get_port(port, "/").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("child worker run, at pid"), "{response}");
+        stop.cancel();
+        assert_eq!(finished(task).await, StopReason::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn shared_mode_stops_cleanly_before_any_listener() {
+        let (master, _stop, task) = start(settings(Mode::Shared, None));
+        master.send(&MasterMessage::Shutdown, &[]).await;
+        assert_eq!(finished(task).await, StopReason::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn shared_mode_fails_on_a_listener_without_a_socket() {
+        let (master, _stop, task) = start(settings(Mode::Shared, None));
+        master.send_raw("{\"type\":\"listener\"}\n").await;
+        let result = tokio::time::timeout(STEP, task)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(matches!(
+            result,
+            Err(BuiltinError::Channel(ChannelError::BadListener(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn reuseport_mode_binds_the_shared_address() {
+        // Another socket already holds the address with SO_REUSEPORT, as a sibling worker
+        // would; the worker must be able to bind it too.
+        let sibling = bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = sibling.local_addr().expect("addr");
+        let (mut master, _stop, task) = start(settings(Mode::ReusePort, Some(addr)));
+        assert_eq!(ready_port(&mut master).await, Some(addr.port()));
+        drop(sibling); // so the test's connection surely reaches the worker
+        let response = get_port(addr.port(), "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        drop(master);
+        assert_eq!(finished(task).await, StopReason::Disconnected);
+    }
+
+    #[tokio::test]
+    async fn handoff_mode_serves_handed_connections() {
+        let (mut master, _stop, task) = start(settings(Mode::Handoff, None));
+        assert_eq!(ready_port(&mut master).await, None);
+
+        let public = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(public.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (conn, _) = public.accept().expect("accept");
+
+        master.send_raw("{\"type\":\"conn\",\"id\":1}\n").await;
+        assert_eq!(master.recv().await, WorkerMessage::Rejected { id: 1 });
+        master
+            .send(&MasterMessage::Conn { id: 2 }, &[conn.as_fd()])
+            .await;
+        assert_eq!(master.recv().await, WorkerMessage::Accepted { id: 2 });
+        drop(conn); // the master lets go once the worker has accepted
+
+        let response = get(client, "/sum?n=4").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("14\n"), "{response}");
+        master.send(&MasterMessage::Shutdown, &[]).await;
+        assert_eq!(finished(task).await, StopReason::Shutdown);
+    }
+
+    #[test]
+    fn settings_from_raw_values() {
+        assert_eq!(
+            Settings::parse(None, None).ok(),
+            Some(settings(Mode::Proxy, None))
+        );
+        assert_eq!(
+            Settings::parse(Some("handoff"), Some("")).ok(),
+            Some(settings(Mode::Handoff, None))
+        );
+        // Inherited from the master's own --listen: ignored outside reuseport.
+        assert_eq!(
+            Settings::parse(Some("proxy"), Some("not an address")).ok(),
+            Some(settings(Mode::Proxy, None))
+        );
+        assert_eq!(
+            Settings::parse(Some("reuseport"), Some(":8080")).ok(),
+            Some(settings(
+                Mode::ReusePort,
+                Some("0.0.0.0:8080".parse().expect("addr"))
+            ))
+        );
+        assert!(matches!(
+            Settings::parse(Some("reuseport"), Some(":http")),
+            Err(BuiltinError::BadListen(_))
+        ));
+        let addr: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
+        assert_eq!(
+            Settings::parse(Some("reuseport"), Some(" 0.0.0.0:8080 ")).ok(),
+            Some(settings(Mode::ReusePort, Some(addr)))
+        );
+        assert!(matches!(
+            Settings::parse(Some("reuseport"), None),
+            Err(BuiltinError::MissingListen)
+        ));
+        assert!(matches!(
+            Settings::parse(Some("reuseport"), Some("localhost:80")),
+            Err(BuiltinError::BadListen(_))
+        ));
+        assert!(matches!(
+            Settings::parse(Some("fork"), None),
+            Err(BuiltinError::Mode(_))
+        ));
+    }
 
     #[test]
     fn sum_is_sum_of_squares() {

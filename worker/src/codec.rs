@@ -30,6 +30,8 @@ pub struct LineDecoder {
     discarding: bool,
     /// How far `buf` has been searched for a newline, so a slow writer costs O(n), not O(n²).
     searched: usize,
+    /// Wire length of the last line returned, newline (and `\r`) included.
+    last_len: usize,
 }
 
 impl LineDecoder {
@@ -39,7 +41,15 @@ impl LineDecoder {
             max,
             discarding: false,
             searched: 0,
+            last_len: 0,
         }
+    }
+
+    /// How many bytes the last line returned as `Ok` took on the wire, its `\r\n` or `\n`
+    /// included. A reader that knows how many bytes it has consumed can tell from this where
+    /// that line started, which [`crate::fdpass`] needs to match descriptors to lines.
+    pub fn last_line_len(&self) -> usize {
+        self.last_len
     }
 }
 
@@ -68,6 +78,7 @@ impl Decoder for LineDecoder {
                         buf.advance(end + 1);
                         return Ok(Some(Err(LineError::TooLong { max: self.max })));
                     }
+                    self.last_len = end + 1;
                     let line = buf.split_to(end + 1);
                     let mut line = &line[..end];
                     if let [rest @ .., b'\r'] = line {
@@ -137,6 +148,16 @@ mod tests {
             vec![Err(LineError::TooLong { max: 4 }), Ok("ab".into())]
         );
         assert_eq!(feed(&mut dec, &mut buf, b"abcd\n"), vec![Ok("abcd".into())]);
+    }
+
+    #[test]
+    fn last_line_len_counts_the_line_ending() {
+        let mut dec = LineDecoder::new(16);
+        let mut buf = BytesMut::from(&b"ab\r\ncde\n"[..]);
+        assert_eq!(dec.decode(&mut buf).ok().flatten(), Some(Ok("ab".into())));
+        assert_eq!(dec.last_line_len(), 4);
+        assert_eq!(dec.decode(&mut buf).ok().flatten(), Some(Ok("cde".into())));
+        assert_eq!(dec.last_line_len(), 4);
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! The worker side of balancer.
 //!
 //! Everything a worker process needs and nothing else: the IPC message types and their line
-//! framing ([`protocol`], [`codec`]), the client for the channel ([`Channel`]), and the
-//! built-in demo worker ([`builtin`]). The master uses the same types from the other side.
+//! framing ([`protocol`], [`codec`]), descriptor passing over the channel ([`fdpass`]), the
+//! client for the channel ([`Channel`]), systemd socket activation ([`activation`]), and the
+//! built-in demo worker ([`builtin`]). The master uses the same types, and [`fdpass`] to send
+//! sockets, from the other side.
 
+pub mod activation;
 pub mod builtin;
 pub mod channel;
 pub mod codec;
+pub mod fdpass;
 pub mod protocol;
 
-pub use channel::{Channel, ChannelError, StopReason};
-pub use protocol::{MasterMessage, ParseError, WorkerMessage};
+pub use activation::listen_fds;
+pub use channel::{Channel, ChannelError, Event, StopReason};
+pub use protocol::{MasterMessage, Mode, ParseError, WorkerMessage};

@@ -9,6 +9,12 @@
 //! `process.send("41234 ready")`) and strict everywhere else: anything that is not a known
 //! message becomes [`WorkerMessage::Unknown`] rather than an error, so a new message type in a
 //! newer worker never breaks an older master.
+//!
+//! Two master messages carry a file descriptor ([`MasterMessage::handles`]): the fd rides in
+//! an `SCM_RIGHTS` control message with the first byte of the line (see [`crate::fdpass`]).
+
+use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,15 +26,88 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const ENV_IPC_FD: &str = "BALANCER_IPC_FD";
 /// Environment variable carrying the worker's slot number, `0..N`, stable across replacement.
 pub const ENV_WORKER_ID: &str = "BALANCER_WORKER_ID";
+/// Environment variable naming how the worker gets its connections: one of the [`Mode`]
+/// names. Absent or empty means [`Mode::Proxy`].
+pub const ENV_MODE: &str = "BALANCER_MODE";
+/// Environment variable carrying the address to bind in [`Mode::ReusePort`]: `IP:PORT`,
+/// `[v6]:PORT` or `:PORT` (all IPv4 addresses); every worker binds the same address with
+/// `SO_REUSEPORT`. The master's own `--listen` reads the same variable, with the same forms and
+/// meaning, so workers ignore it in every other mode (they may inherit it).
+pub const ENV_LISTEN: &str = "BALANCER_LISTEN";
+
+/// Most file descriptors one message may carry. Every message that carries handles today
+/// carries exactly one; the receiver sizes its control buffer for this many and closes the
+/// rest, so a peer cannot make it install an unbounded number of descriptors per read.
+pub const MAX_FDS_PER_MESSAGE: usize = 4;
+
+/// How a worker gets its connections, chosen by the master and passed in [`ENV_MODE`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The worker binds a loopback port of its own and announces it with `ready`; the master
+    /// accepts every client and copies bytes to a worker.
+    #[default]
+    Proxy,
+    /// The master sends its listening socket (`listener` message); every worker accepts on
+    /// the same socket and the kernel spreads the connections.
+    Shared,
+    /// Every worker binds [`ENV_LISTEN`] itself with `SO_REUSEPORT`; the kernel balances
+    /// between the sockets by hashing.
+    ReusePort,
+    /// The master accepts and hands each connection to a worker (`conn` message); the worker
+    /// answers `accepted` or `rejected`.
+    Handoff,
+}
+
+impl Mode {
+    /// The name used in [`ENV_MODE`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxy => "proxy",
+            Self::Shared => "shared",
+            Self::ReusePort => "reuseport",
+            Self::Handoff => "handoff",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A [`ENV_MODE`] value that names no [`Mode`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?}: expected proxy, shared, reuseport or handoff")]
+pub struct UnknownMode(pub String);
+
+impl FromStr for Mode {
+    type Err = UnknownMode;
+
+    /// Case-insensitive; surrounding whitespace is ignored and an empty string is
+    /// [`Mode::Proxy`], so `BALANCER_MODE=` behaves like an absent variable.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "proxy" => Ok(Self::Proxy),
+            "shared" => Ok(Self::Shared),
+            "reuseport" => Ok(Self::ReusePort),
+            "handoff" => Ok(Self::Handoff),
+            _ => Err(UnknownMode(s.to_owned())),
+        }
+    }
+}
 
 /// A message from a worker to the master.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
-    /// The worker listens on `127.0.0.1:port` and is ready for connections.
+    /// The worker is ready for connections.
     Ready {
-        /// The loopback TCP port the worker accepts on.
-        port: u16,
+        /// The TCP port the worker accepts on: its own loopback port in [`Mode::Proxy`], the
+        /// shared or reuseport port in [`Mode::Shared`] and [`Mode::ReusePort`]. Absent in
+        /// [`Mode::Handoff`], where the worker listens on nothing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
         /// Optional capabilities the worker announces (for example `"ping"`), so the master
         /// only uses features the worker understands.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -39,9 +118,40 @@ pub enum WorkerMessage {
         /// Sequence number copied from the ping.
         seq: u64,
     },
+    /// The worker owns the connection handed over in [`MasterMessage::Conn`] with this `id`;
+    /// the master may close its own copy of the descriptor.
+    Accepted {
+        /// The id from the `conn` message.
+        id: u64,
+    },
+    /// The worker will not serve the connection with this `id` (it arrived without a usable
+    /// descriptor, or the worker is draining); the master still holds the client and may
+    /// hand it to another worker.
+    Rejected {
+        /// The id from the `conn` message.
+        id: u64,
+    },
+    /// Node's `{"cmd":"NODE_HANDLE_ACK"}`: the worker took the handle sent with the last
+    /// `listener` message (a Node worker sends this and never `ready` in shared mode).
+    #[serde(skip)]
+    HandleAck,
+    /// Node's `{"cmd":"NODE_HANDLE_NACK"}`: the handle did not arrive; send it again.
+    #[serde(skip)]
+    HandleNack,
     /// A message this version does not know. Kept (not an error) so protocols can grow.
     #[serde(skip)]
     Unknown,
+}
+
+/// Node's internal handle messages, which balancer speaks so Node workers run unchanged.
+pub mod node {
+    /// The line that carries the listening socket in shared mode: exactly what a Node
+    /// primary sends for `worker.send('server', server)`, so a Node worker receives it as
+    /// `process.on('message', (msg, server) => ...)` with `msg === 'server'`.
+    pub const LISTENER_LINE: &str =
+        "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Server\",\"msg\":\"server\"}\n";
+    /// The acknowledgement a receiver of a handle sends.
+    pub const ACK_LINE: &str = "{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
 }
 
 /// A message from the master to a worker.
@@ -55,6 +165,16 @@ pub enum MasterMessage {
     Ping {
         /// Sequence number to echo back.
         seq: u64,
+    },
+    /// The master's listening TCP socket is attached ([`Mode::Shared`]): accept on it.
+    Listener,
+    /// One accepted TCP connection is attached ([`Mode::Handoff`]): serve it and answer
+    /// [`WorkerMessage::Accepted`] (or [`WorkerMessage::Rejected`]) with the same `id`. The
+    /// master keeps its own copy of the descriptor until then, so a worker that dies before
+    /// answering does not lose the client.
+    Conn {
+        /// Chosen by the master, unique among its outstanding handoffs.
+        id: u64,
     },
     /// A message this version does not know.
     #[serde(skip)]
@@ -89,11 +209,16 @@ impl WorkerMessage {
         match value {
             serde_json::Value::String(s) => Ok(parse_ready_string(&s).unwrap_or(Self::Unknown)),
             serde_json::Value::Object(ref map) => {
+                match map.get("cmd").and_then(|c| c.as_str()) {
+                    Some("NODE_HANDLE_ACK") => return Ok(Self::HandleAck),
+                    Some("NODE_HANDLE_NACK") => return Ok(Self::HandleNack),
+                    _ => {}
+                }
                 let kind = match map.get("type").and_then(|t| t.as_str()) {
                     Some(k) => k,
                     None => return Ok(Self::Unknown),
                 };
-                if !matches!(kind, "ready" | "pong") {
+                if !matches!(kind, "ready" | "pong" | "accepted" | "rejected") {
                     return Ok(Self::Unknown);
                 }
                 serde_json::from_value(value.clone()).map_err(|e| ParseError::Fields {
@@ -117,8 +242,13 @@ impl MasterMessage {
     pub fn parse(line: &str) -> Result<Self, ParseError> {
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| ParseError::Json(e.to_string()))?;
+        if value.get("cmd").and_then(|c| c.as_str()) == Some("NODE_HANDLE")
+            && value.get("type").and_then(|t| t.as_str()) == Some("net.Server")
+        {
+            return Ok(Self::Listener);
+        }
         let kind = match value.get("type").and_then(|t| t.as_str()) {
-            Some(k @ ("shutdown" | "ping")) => k.to_owned(),
+            Some(k @ ("shutdown" | "ping" | "listener" | "conn")) => k.to_owned(),
             _ => return Ok(Self::Unknown),
         };
         serde_json::from_value(value).map_err(|e| ParseError::Fields {
@@ -127,9 +257,22 @@ impl MasterMessage {
         })
     }
 
-    /// The canonical line for this message, newline included.
+    /// The line for this message, newline included. `Listener` goes out in Node's handle
+    /// form (see [`node::LISTENER_LINE`]), which the `worker` crate understands too.
     pub fn to_line(&self) -> String {
-        to_line(self)
+        match self {
+            Self::Listener => node::LISTENER_LINE.to_owned(),
+            other => to_line(other),
+        }
+    }
+
+    /// How many file descriptors travel with this message: the sender attaches exactly this
+    /// many, the receiver takes this many from its queue.
+    pub fn handles(&self) -> usize {
+        match self {
+            Self::Listener | Self::Conn { .. } => 1,
+            Self::Shutdown | Self::Ping { .. } | Self::Unknown => 0,
+        }
     }
 }
 
@@ -156,7 +299,7 @@ fn parse_ready_string(s: &str) -> Option<WorkerMessage> {
     };
     let port: u16 = port.parse().ok()?;
     Some(WorkerMessage::Ready {
-        port,
+        port: Some(port),
         features: Vec::new(),
     })
 }
@@ -167,7 +310,7 @@ mod tests {
 
     fn ready(port: u16) -> WorkerMessage {
         WorkerMessage::Ready {
-            port,
+            port: Some(port),
             features: vec![],
         }
     }
@@ -185,7 +328,7 @@ mod tests {
         assert_eq!(
             msg,
             Ok(WorkerMessage::Ready {
-                port: 1,
+                port: Some(1),
                 features: vec!["ping".into()]
             })
         );
@@ -217,7 +360,7 @@ mod tests {
             Ok(WorkerMessage::Unknown)
         );
         assert_eq!(
-            WorkerMessage::parse(r#"{"cmd":"NODE_HANDLE_ACK"}"#),
+            WorkerMessage::parse(r#"{"cmd":"NODE_SOMETHING_ELSE"}"#),
             Ok(WorkerMessage::Unknown)
         );
         assert_eq!(WorkerMessage::parse("42"), Ok(WorkerMessage::Unknown));
@@ -239,9 +382,106 @@ mod tests {
             Err(ParseError::Fields { .. })
         ));
         assert!(matches!(
-            WorkerMessage::parse(r#"{"type":"ready"}"#),
+            WorkerMessage::parse(r#"{"type":"ready","port":"80"}"#),
             Err(ParseError::Fields { .. })
         ));
+        assert!(matches!(
+            WorkerMessage::parse(r#"{"type":"accepted"}"#),
+            Err(ParseError::Fields { .. })
+        ));
+        assert!(matches!(
+            WorkerMessage::parse(r#"{"type":"rejected","id":-3}"#),
+            Err(ParseError::Fields { .. })
+        ));
+    }
+
+    #[test]
+    fn ready_without_port() {
+        let bare = WorkerMessage::Ready {
+            port: None,
+            features: vec![],
+        };
+        assert_eq!(
+            WorkerMessage::parse(r#"{"type":"ready"}"#),
+            Ok(bare.clone())
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#"{"type":"ready","port":null}"#),
+            Ok(bare.clone())
+        );
+        assert_eq!(bare.to_line(), "{\"type\":\"ready\"}\n");
+    }
+
+    #[test]
+    fn handoff_answers() {
+        for msg in [
+            WorkerMessage::Accepted { id: 7 },
+            WorkerMessage::Rejected { id: u64::MAX },
+        ] {
+            assert_eq!(WorkerMessage::parse(msg.to_line().trim_end()), Ok(msg));
+        }
+        assert_eq!(
+            WorkerMessage::Accepted { id: 3 }.to_line(),
+            "{\"type\":\"accepted\",\"id\":3}\n"
+        );
+    }
+
+    #[test]
+    fn handle_messages() {
+        assert_eq!(
+            MasterMessage::Listener.to_line(),
+            "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Server\",\"msg\":\"server\"}\n"
+        );
+        assert_eq!(
+            MasterMessage::parse(node::LISTENER_LINE.trim_end()),
+            Ok(MasterMessage::Listener)
+        );
+        assert_eq!(
+            MasterMessage::parse(r#"{"type":"listener"}"#),
+            Ok(MasterMessage::Listener)
+        );
+        assert_eq!(
+            WorkerMessage::parse(node::ACK_LINE.trim_end()),
+            Ok(WorkerMessage::HandleAck)
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#"{"cmd":"NODE_HANDLE_NACK"}"#),
+            Ok(WorkerMessage::HandleNack)
+        );
+        assert_eq!(
+            MasterMessage::Conn { id: 12 }.to_line(),
+            "{\"type\":\"conn\",\"id\":12}\n"
+        );
+        assert_eq!(
+            MasterMessage::parse(r#"{"type":"conn","id":12}"#),
+            Ok(MasterMessage::Conn { id: 12 })
+        );
+        assert_eq!(
+            MasterMessage::parse(r#"{"type":"listener"}"#),
+            Ok(MasterMessage::Listener)
+        );
+        assert!(matches!(
+            MasterMessage::parse(r#"{"type":"conn"}"#),
+            Err(ParseError::Fields { .. })
+        ));
+        assert_eq!(MasterMessage::Listener.handles(), 1);
+        assert_eq!(MasterMessage::Conn { id: 1 }.handles(), 1);
+        assert_eq!(MasterMessage::Shutdown.handles(), 0);
+        assert_eq!(MasterMessage::Ping { seq: 1 }.handles(), 0);
+    }
+
+    #[test]
+    fn modes() {
+        for mode in [Mode::Proxy, Mode::Shared, Mode::ReusePort, Mode::Handoff] {
+            assert_eq!(mode.as_str().parse(), Ok(mode));
+        }
+        assert_eq!("".parse(), Ok(Mode::Proxy));
+        assert_eq!(" ReusePort ".parse(), Ok(Mode::ReusePort));
+        assert_eq!(
+            "cluster".parse::<Mode>(),
+            Err(UnknownMode("cluster".into()))
+        );
+        assert_eq!(Mode::default(), Mode::Proxy);
     }
 
     #[test]
