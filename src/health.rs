@@ -201,16 +201,20 @@ mod tests {
 
     #[test]
     fn auto_resolution() {
+        let http = |p: &str| Check::Http(p.into());
+        assert_eq!(CheckKind::Auto.resolve(true, true, true), http("/healthz"));
+        assert_eq!(CheckKind::Auto.resolve(false, true, true), Check::Ipc);
+        assert_eq!(CheckKind::Auto.resolve(false, false, true), Check::Tcp);
+        assert_eq!(CheckKind::Ipc.resolve(false, false, true), Check::Tcp);
         assert_eq!(
-            CheckKind::Auto.resolve(true, true),
-            Check::Http("/healthz".into())
+            CheckKind::Http("/h".into()).resolve(false, false, true),
+            http("/h")
         );
-        assert_eq!(CheckKind::Auto.resolve(false, true), Check::Ipc);
-        assert_eq!(CheckKind::Auto.resolve(false, false), Check::Tcp);
-        assert_eq!(CheckKind::Ipc.resolve(false, false), Check::Tcp);
+        // A shared address: only IPC or liveness make sense.
         assert_eq!(
-            CheckKind::Http("/h".into()).resolve(false, false),
-            Check::Http("/h".into())
+            CheckKind::Http("/h".into()).resolve(true, true, false),
+            Check::Ipc
         );
+        assert_eq!(CheckKind::Tcp.resolve(false, false, false), Check::Liveness);
     }
 }

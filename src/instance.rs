@@ -809,10 +809,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_that_cannot_be_admitted() {
-        assert!(reject_port(0, 80).is_some());
-        assert!(reject_port(80, 80).is_some());
-        assert!(reject_port(8080, 80).is_none());
+    fn ready_messages_by_mode() {
+        let gate = |mode, port| gate_for_ready(mode, port, 80, &CheckKind::Auto, true, true);
+        assert!(gate(Mode::Proxy, None).is_err());
+        assert!(gate(Mode::Proxy, Some(0)).is_err());
+        assert!(
+            gate(Mode::Proxy, Some(80)).is_err(),
+            "the master's own port"
+        );
+        assert!(matches!(
+            gate(Mode::Proxy, Some(8080)),
+            Ok(Gate::Probe(8080, Some(_)))
+        ));
+        assert!(matches!(gate(Mode::ReusePort, Some(80)), Ok(Gate::Listens)));
+        assert!(matches!(gate(Mode::ReusePort, None), Ok(Gate::Listens)));
+        assert!(gate(Mode::ReusePort, Some(8080)).is_err());
+        assert!(matches!(gate(Mode::Shared, Some(1)), Ok(Gate::Trust)));
     }
 
     #[test]
