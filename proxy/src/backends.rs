@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 /// How the next backend is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,8 +33,12 @@ pub struct Backend {
     pub key: u64,
     /// The supervisor's slot number, for logs.
     pub slot: usize,
-    /// Where the worker accepts connections.
+    /// Where the worker accepts connections (for a hand-off backend: the client address,
+    /// for logs).
     pub addr: SocketAddr,
+    /// Set for a worker that takes accepted connections themselves (hand-off): the proxy
+    /// passes the client socket here instead of connecting and copying.
+    pub handoff: Option<mpsc::Sender<TcpStream>>,
     /// Connections currently forwarded to this backend.
     active: AtomicUsize,
     /// Connect failures in a row (reset by a successful connect). Read by the supervisor to
@@ -99,10 +105,32 @@ impl Backends {
 
     /// Puts a worker instance into rotation (replacing any entry with the same key).
     pub fn insert(&self, key: u64, slot: usize, addr: SocketAddr) -> Arc<Backend> {
+        self.insert_backend(key, slot, addr, None)
+    }
+
+    /// Puts a hand-off worker into rotation: new client sockets for it go to `conns`.
+    pub fn insert_handoff(
+        &self,
+        key: u64,
+        slot: usize,
+        addr: SocketAddr,
+        conns: mpsc::Sender<TcpStream>,
+    ) -> Arc<Backend> {
+        self.insert_backend(key, slot, addr, Some(conns))
+    }
+
+    fn insert_backend(
+        &self,
+        key: u64,
+        slot: usize,
+        addr: SocketAddr,
+        handoff: Option<mpsc::Sender<TcpStream>>,
+    ) -> Arc<Backend> {
         let backend = Arc::new(Backend {
             key,
             slot,
             addr,
+            handoff,
             active: AtomicUsize::new(0),
             connect_failures: AtomicU32::new(0),
         });

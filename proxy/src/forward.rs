@@ -7,6 +7,7 @@ use std::time::Duration;
 use std::sync::atomic::AtomicBool;
 
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::backends::Backends;
 use crate::idle::idle;
@@ -67,13 +68,26 @@ pub struct Transfer {
     pub to_client: u64,
 }
 
-/// Forwards `client` to a backend from `backends`. Returns when both directions are closed.
-/// A half-close from either side is passed on to the other (`shutdown(SHUT_WR)`).
+/// What became of a forwarded connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Proxied until both sides closed.
+    Copied(Transfer),
+    /// Handed to a hand-off worker, which now owns it.
+    HandedOff {
+        /// The worker's slot.
+        slot: usize,
+    },
+}
+
+/// Forwards `client` to a backend from `backends`: hands the socket over to a hand-off
+/// worker, or connects to the worker and copies until both directions are closed (a
+/// half-close from either side is passed on to the other, `shutdown(SHUT_WR)`).
 pub async fn forward(
-    client: TcpStream,
+    mut client: TcpStream,
     backends: &Backends,
     config: &ForwardConfig,
-) -> Result<Transfer, ForwardError> {
+) -> Result<Forwarded, ForwardError> {
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
     let (backend, upstream) = loop {
@@ -92,6 +106,22 @@ pub async fn forward(
                 None => ForwardError::NoBackend,
             });
         };
+        if let Some(conns) = &backend.handoff {
+            // A full queue (the worker is not keeping up) or a closed one (it is going away)
+            // sends the client to the next worker.
+            match conns.try_send(client) {
+                Ok(()) => return Ok(Forwarded::HandedOff { slot: backend.slot }),
+                Err(mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c)) => {
+                    client = c
+                }
+            }
+            last_error = Some(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "hand-off queue full or closed",
+            ));
+            tried.push(backend.key);
+            continue;
+        }
         let connect =
             tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr));
         match connect.await {
@@ -117,10 +147,10 @@ pub async fn forward(
             return Err(ForwardError::Idle(config.idle_timeout.unwrap_or_default()));
         }
     };
-    Ok(Transfer {
+    Ok(Forwarded::Copied(Transfer {
         to_backend,
         to_client,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -157,7 +187,7 @@ mod tests {
         backends: std::sync::Arc<Backends>,
     ) -> (
         TcpStream,
-        tokio::task::JoinHandle<Result<Transfer, ForwardError>>,
+        tokio::task::JoinHandle<Result<Forwarded, ForwardError>>,
     ) {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
@@ -180,7 +210,9 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"hello");
-        let t = task.await.unwrap().unwrap();
+        let Forwarded::Copied(t) = task.await.unwrap().unwrap() else {
+            panic!("not copied")
+        };
         assert_eq!((t.to_backend, t.to_client), (5, 5));
     }
 
@@ -207,6 +239,33 @@ mod tests {
             .cloned()
             .unwrap();
         assert!(bad_backend.connect_failures() >= 2);
+    }
+
+    #[tokio::test]
+    async fn handoff_backends_get_the_socket_and_full_queues_are_skipped() {
+        let (good, _echo) = echo_backend().await;
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        let (tx, mut rx) = mpsc::channel(1);
+        backends.insert_handoff(1, 0, good, tx.clone());
+        backends.insert(2, 1, good);
+        // Fill the hand-off queue: the next client for slot 0 must go to slot 1 instead.
+        let (_first, t1) = proxied(std::sync::Arc::clone(&backends)).await;
+        assert!(matches!(
+            t1.await.unwrap(),
+            Ok(Forwarded::HandedOff { slot: 0 })
+        ));
+        let mut slots = Vec::new();
+        for _ in 0..2 {
+            let (mut client, task) = proxied(std::sync::Arc::clone(&backends)).await;
+            client.shutdown().await.unwrap();
+            slots.push(match task.await.unwrap() {
+                Ok(Forwarded::Copied(_)) => 1,
+                Ok(Forwarded::HandedOff { slot }) => slot,
+                Err(e) => panic!("{e}"),
+            });
+        }
+        assert_eq!(slots, vec![1, 1]);
+        assert!(rx.recv().await.is_some());
     }
 
     #[tokio::test]

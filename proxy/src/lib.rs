@@ -13,5 +13,5 @@ pub mod idle;
 pub mod server;
 
 pub use backends::{Backend, Backends, Policy};
-pub use forward::{forward, ForwardConfig, ForwardError, Transfer};
+pub use forward::{forward, ForwardConfig, ForwardError, Forwarded, Transfer};
 pub use server::{serve, Connections, Proxy, Stats};

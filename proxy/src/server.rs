@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backends::Backends;
-use crate::forward::{forward, ForwardConfig, ForwardError};
+use crate::forward::{forward, ForwardConfig, ForwardError, Forwarded};
 
 /// First pause after an accept error that means "out of resources" (EMFILE, ENFILE, ENOBUFS,
 /// ENOMEM). Retrying at once would spin the CPU while nothing can change.
@@ -36,6 +36,8 @@ pub struct Stats {
     pub copy_failed: AtomicU64,
     /// Connections closed by the idle timeout.
     pub idle_closed: AtomicU64,
+    /// Connections handed over to hand-off workers.
+    pub handed_off: AtomicU64,
     /// `accept()` errors.
     pub accept_errors: AtomicU64,
 }
@@ -136,13 +138,10 @@ pub async fn serve(
     drop(listener);
 }
 
-fn record(
-    stats: &Stats,
-    peer: std::net::SocketAddr,
-    result: Result<crate::forward::Transfer, ForwardError>,
-) {
+fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, ForwardError>) {
     let counter = match &result {
-        Ok(_) => &stats.completed,
+        Ok(Forwarded::Copied(_)) => &stats.completed,
+        Ok(Forwarded::HandedOff { .. }) => &stats.handed_off,
         Err(ForwardError::NoBackend) => &stats.no_backend,
         Err(ForwardError::AllFailed { .. }) => &stats.connect_failed,
         Err(ForwardError::Copy(_)) => &stats.copy_failed,
@@ -150,9 +149,10 @@ fn record(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     match result {
-        Ok(t) => {
+        Ok(Forwarded::Copied(t)) => {
             tracing::debug!(%peer, to_backend = t.to_backend, to_client = t.to_client, "connection done")
         }
+        Ok(Forwarded::HandedOff { slot }) => tracing::debug!(%peer, slot, "connection handed off"),
         Err(e @ (ForwardError::Copy(_) | ForwardError::Idle(_))) => {
             tracing::debug!(%peer, error = %e, "connection closed")
         }
