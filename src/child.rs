@@ -49,6 +49,8 @@ pub struct SpawnSpec<'a> {
     pub mode: Mode,
     /// The client address (`BALANCER_LISTEN`; what a reuseport worker binds).
     pub listen: SocketAddr,
+    /// Node cluster worker number (`NODE_UNIQUE_ID`), when balancer is its primary.
+    pub node_unique_id: Option<usize>,
     /// Shared mode: the listening socket, also given as fd 3 with systemd's `LISTEN_FDS`
     /// convention for programs that do not read the IPC channel.
     pub listen_fd: Option<RawFd>,
@@ -70,6 +72,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         port,
         mode,
         listen,
+        node_unique_id,
         listen_fd,
     } = *spec;
     // Both ends are close-on-exec; only the child's copy of its end loses that flag, after
@@ -125,6 +128,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     }
     cmd.env(ENV_MODE, mode.as_str())
         .env(ENV_LISTEN, listen.to_string());
+    if let Some(id) = node_unique_id {
+        cmd.env(crate::node_cluster::ENV_NODE_UNIQUE_ID, id.to_string());
+    }
+    if port.is_none() && mode != Mode::Proxy {
+        // Workers that listen themselves (or through balancer as their cluster primary) are
+        // told the client port, so `listen(process.env.PORT)` agrees with balancer's.
+        cmd.env("PORT", listen.port().to_string());
+    }
     if listen_fd.is_some() {
         cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "balancer");
     }

@@ -33,9 +33,17 @@ pub struct Cli {
     /// How workers serve clients: `proxy` (the master accepts and forwards each connection to
     /// a worker's own loopback port), `shared` (the master hands its listening socket to every
     /// worker, which accept on it directly), `reuseport` (each worker binds --listen itself
-    /// with SO_REUSEPORT).
+    /// with SO_REUSEPORT), `handoff` (the master accepts and passes each connection's socket
+    /// to a worker, then is out of the data path).
     #[arg(long, value_enum, default_value_t = ModeArg::Proxy)]
     pub mode: ModeArg,
+
+    /// Be the primary of Node's `cluster` module: start workers with NODE_UNIQUE_ID, so an
+    /// unchanged cluster program's `server.listen()` is served by balancer. `auto`: for Node
+    /// programs (the command is `node`), except in shared mode, where a Node worker more
+    /// likely waits for the listening socket as `process.on('message', (m, server) => …)`.
+    #[arg(long, value_enum, default_value_t = NodeClusterArg::Auto)]
+    pub node_cluster: NodeClusterArg,
 
     /// How a worker announces it is ready: `ipc` (it sends `ready` over the channel, or in
     /// shared mode acknowledges the listener), `port` (for programs that know nothing of IPC:
@@ -150,6 +158,19 @@ pub enum ModeArg {
     Shared,
     /// Workers bind the address themselves with SO_REUSEPORT.
     Reuseport,
+    /// The master accepts and hands each connection's socket to a worker.
+    Handoff,
+}
+
+/// See [`Cli::node_cluster`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeClusterArg {
+    /// On for Node programs, except in shared mode.
+    Auto,
+    /// Always set NODE_UNIQUE_ID.
+    On,
+    /// Never.
+    Off,
 }
 
 /// See [`Cli::balance`].

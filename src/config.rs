@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{BalanceArg, CheckArg, Cli, ModeArg, ReadyArg, WorkerOutput};
+use crate::cli::{BalanceArg, CheckArg, Cli, ModeArg, NodeClusterArg, ReadyArg, WorkerOutput};
 use crate::health::{CheckKind, HealthConfig};
 use worker::protocol::Mode;
 
@@ -46,6 +46,8 @@ pub struct Config {
     pub mode: Mode,
     /// How workers announce readiness.
     pub ready: ReadyArg,
+    /// Whether workers are started as Node cluster workers (`NODE_UNIQUE_ID`).
+    pub node_cluster: bool,
     /// How the next backend is chosen.
     pub policy: proxy::Policy,
     /// Cap on open client connections (`None`: derived from the open-file limit).
@@ -74,6 +76,12 @@ impl TryFrom<&Cli> for Config {
                 ModeArg::Proxy => Mode::Proxy,
                 ModeArg::Shared => Mode::Shared,
                 ModeArg::Reuseport => Mode::ReusePort,
+                ModeArg::Handoff => Mode::Handoff,
+            },
+            node_cluster: match cli.node_cluster {
+                NodeClusterArg::On => true,
+                NodeClusterArg::Off => false,
+                NodeClusterArg::Auto => cli.mode != ModeArg::Shared && cli.command.first().is_some_and(|p| is_node(p)),
             },
             ready: match (cli.ready, cli.mode, &cli.command) {
                 (ReadyArg::Port | ReadyArg::Spawn, _, c) if c.is_empty() => {
@@ -170,6 +178,18 @@ fn parse_nonzero_duration(flag: &str, raw: &str) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
+/// Whether `program` is Node.js (`node`, `nodejs`, `node20`, a path to one of them).
+fn is_node(program: &str) -> bool {
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let rest = name
+        .strip_prefix("nodejs")
+        .or_else(|| name.strip_prefix("node"));
+    rest.is_some_and(|r| r.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
 /// Resolves the worker command now, so a typo fails at start-up with one clear line instead
 /// of a crash loop of workers that cannot exec.
 fn parse_program(command: &[String]) -> anyhow::Result<WorkerProgram> {
@@ -248,6 +268,12 @@ mod tests {
         );
         assert!(parse_duration("--grace", "soon").is_err());
         assert!(parse_nonzero_duration("--ready-timeout", "0s").is_err());
+    }
+
+    #[test]
+    fn node_programs() {
+        assert!(is_node("node") && is_node("/usr/bin/nodejs") && is_node("node20"));
+        assert!(!is_node("nodemon") && !is_node("python3") && !is_node("./my-node-app"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
@@ -27,7 +28,9 @@ use crate::child::{self, Spawned};
 use crate::cli::ReadyArg;
 use crate::cli::WorkerOutput;
 use crate::config::WorkerProgram;
+use crate::handoff::{self, Delivery};
 use crate::health::{Check, CheckKind, Flip, Tally};
+use crate::node_cluster::{self, Act, Primary};
 use crate::output::{self, LastLine};
 use crate::ownership;
 use crate::supervisor::{Shared, StopTokens};
@@ -165,6 +168,8 @@ struct Rotation<'a> {
     /// connections while draining).
     backend: Option<Arc<Backend>>,
     in_rotation: bool,
+    /// Set for a hand-off worker: the queue the proxy puts its clients in.
+    handoff: Option<mpsc::Sender<TcpStream>>,
 }
 
 impl Rotation<'_> {
@@ -172,7 +177,14 @@ impl Rotation<'_> {
         if self.in_rotation {
             return;
         }
-        self.backend = Some(self.shared.backends.insert(self.key, self.slot, addr));
+        self.backend = Some(match &self.handoff {
+            Some(conns) => {
+                self.shared
+                    .backends
+                    .insert_handoff(self.key, self.slot, addr, conns.clone())
+            }
+            None => self.shared.backends.insert(self.key, self.slot, addr),
+        });
         self.in_rotation = true;
         let now = self.shared.in_rotation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(slot = self.slot, pid = self.pid, %addr, in_rotation = now, reason = why, "worker ready");
@@ -276,6 +288,7 @@ async fn run(
         key,
         backend: None,
         in_rotation: false,
+        handoff: None,
     };
     let health = &config.health;
     let mut probe: Option<AbortOnDrop> = None;
@@ -296,6 +309,15 @@ async fn run(
     // `shutdown`.
     let mut spoke_ipc = false;
     let mut listener_sends = 0u32;
+    // Node cluster: the primary's message numbering, the key of the server balancer serves
+    // for this worker, and handles sent outside hand-off that Node will acknowledge.
+    let mut primary = Primary::default();
+    let mut cluster_online = false;
+    let mut balanced_key: Option<String> = None;
+    let mut other_handles_unacked = 0u32;
+    // Hand-off: the proxy queues clients here; `delivery` passes them to the worker.
+    let (handoff_tx, mut handoff_rx) = mpsc::channel::<TcpStream>(handoff::QUEUE);
+    let mut delivery: Option<Delivery> = None;
     let admit_now = |gate: Gate, patience: Duration| {
         let (tx, timeout, listen) = (events_tx.clone(), health.timeout, shared.listen);
         AbortOnDrop(tokio::spawn(async move {
@@ -303,7 +325,7 @@ async fn run(
             let _ = tx.send(Event::Admitted(r)).await;
         }))
     };
-    if config.mode == Mode::Shared {
+    if config.mode == Mode::Shared && !config.node_cluster {
         listener_sends += 1;
         send_listener(&write, shared).await;
     }
@@ -331,6 +353,56 @@ async fn run(
             line = lines.next() => match line {
                 Some(Ok(Ok(text))) => {
                     strikes.message();
+                    if let Some(act) = node_cluster::parse_line(&text) {
+                        match act {
+                            Act::Online => {
+                                cluster_online = true;
+                                spoke_ipc = true;
+                                tracing::info!(slot, pid, "node cluster worker online");
+                            }
+                            Act::QueryServer { seq, port, address, address_type, index } => {
+                                let server = node_cluster::server_key(address.as_deref(), port, address_type, index);
+                                let balanced = port > 0 && balanced_key.as_ref().is_none_or(|k| *k == server);
+                                match answer_query(shared, port, address.as_deref(), address_type, balanced) {
+                                    Answer::Key => {
+                                        balanced_key = Some(server.clone());
+                                        send_line(&mut write, &primary.reply_key(seq, &server)).await;
+                                    }
+                                    Answer::Handle(listener) => {
+                                        if balanced {
+                                            balanced_key = Some(server.clone());
+                                        }
+                                        other_handles_unacked += 1;
+                                        send_handle(&write, &primary.reply_handle(seq, &server), &listener).await;
+                                    }
+                                    Answer::Refuse(why) => {
+                                        tracing::warn!(slot, pid, port, "node cluster worker's listen refused: {why}");
+                                        send_line(&mut write, &primary.reply_error(seq, node_cluster::UV_EADDRINUSE)).await;
+                                    }
+                                }
+                            }
+                            Act::Listening { key: server } => {
+                                if balanced_key.as_ref() == Some(&server) && addr.is_none() && admission.is_none() && drain_deadline.is_none() {
+                                    if matches!(config.mode, Mode::Proxy | Mode::Handoff) {
+                                        delivery = Some(Delivery::new(handoff::Format::NodeCluster { key: server }));
+                                    }
+                                    admission = Some(admit_now(Gate::Trust, ADMIT_TIMEOUT));
+                                }
+                            }
+                            Act::Accepted { ack, accepted } => {
+                                if let Some(refused) = delivery.as_mut().and_then(|d| d.answered(ack, accepted)) {
+                                    handoff::redispatch(&shared.backends, [refused]);
+                                }
+                            }
+                            Act::Close { key: server } => {
+                                if balanced_key.as_ref() == Some(&server) {
+                                    rotation.leave("closed its server", stop.graceful.is_cancelled());
+                                }
+                            }
+                            Act::ExitedAfterDisconnect { seq } => send_line(&mut write, &primary.ack(seq)).await,
+                            Act::Other(act) => tracing::debug!(slot, pid, act, "node cluster message ignored"),
+                        }
+                    } else {
                     match WorkerMessage::parse(&text) {
                         Ok(WorkerMessage::Ready { port, features }) => {
                             spoke_ipc = true;
@@ -339,28 +411,46 @@ async fn run(
                                 tracing::debug!(slot, pid, ?port, "duplicate ready ignored");
                             } else {
                                 match gate_for_ready(config.mode, port, shared.listen.port(), &health.kind, builtin, supports_ping) {
-                                    Ok(gate) => admission = Some(admit_now(gate, ADMIT_TIMEOUT)),
+                                    Ok(gate) => {
+                                        if config.mode == Mode::Handoff {
+                                            delivery = Some(Delivery::new(handoff::Format::Balancer));
+                                        }
+                                        admission = Some(admit_now(gate, ADMIT_TIMEOUT));
+                                    }
                                     Err(why) => strikes.add(slot, pid, &format!("ready: {why}")),
                                 }
                             }
                         }
                         Ok(WorkerMessage::HandleAck) => {
-                            // Shared mode: a Node worker takes the listener and never says
-                            // `ready`; the acknowledgement is its readiness.
-                            if config.mode == Mode::Shared && addr.is_none() && admission.is_none() && drain_deadline.is_none() {
+                            if other_handles_unacked > 0 {
+                                other_handles_unacked -= 1;
+                            } else if let Some(d) = delivery.as_mut() {
+                                d.handle_acked();
+                            } else if config.mode == Mode::Shared && addr.is_none() && admission.is_none() && drain_deadline.is_none() {
+                                // Shared mode: a Node worker takes the listener and never says
+                                // `ready`; the acknowledgement is its readiness.
                                 admission = Some(admit_now(Gate::Trust, ADMIT_TIMEOUT));
                             }
                         }
                         Ok(WorkerMessage::HandleNack) => {
-                            if config.mode == Mode::Shared && listener_sends <= MAX_HANDLE_RESENDS {
+                            if let Some(d) = delivery.as_mut() {
+                                if let Some(lost) = d.handle_nacked(&write).await {
+                                    handoff::redispatch(&shared.backends, [lost]);
+                                }
+                            } else if config.mode == Mode::Shared && listener_sends <= MAX_HANDLE_RESENDS {
                                 listener_sends += 1;
                                 send_listener(&write, shared).await;
                             } else {
                                 strikes.add(slot, pid, "unexpected NODE_HANDLE_NACK");
                             }
                         }
-                        Ok(WorkerMessage::Accepted { id } | WorkerMessage::Rejected { id }) => {
-                            tracing::debug!(slot, pid, id, "handoff answer ignored: not in handoff mode");
+                        Ok(WorkerMessage::Accepted { id }) => {
+                            delivery.as_mut().map(|d| d.answered(id, true));
+                        }
+                        Ok(WorkerMessage::Rejected { id }) => {
+                            if let Some(refused) = delivery.as_mut().and_then(|d| d.answered(id, false)) {
+                                handoff::redispatch(&shared.backends, [refused]);
+                            }
                         }
                         Ok(WorkerMessage::Pong { seq }) => {
                             if let (expected, Some(sent)) = ping {
@@ -372,6 +462,7 @@ async fn run(
                         }
                         Ok(WorkerMessage::Unknown) => tracing::debug!(slot, pid, line = %truncate(&text), "unknown ipc message ignored"),
                         Err(e) => strikes.add(slot, pid, &format!("malformed message: {e}")),
+                    }
                     }
                 }
                 Some(Ok(Err(e))) => strikes.add(slot, pid, &e.to_string()),
@@ -392,6 +483,9 @@ async fn run(
                 Event::Admitted(Ok(at)) => {
                     admission = None;
                     addr = Some(at);
+                    if delivery.is_some() {
+                        rotation.handoff = Some(handoff_tx.clone());
+                    }
                     check = Some(health.kind.resolve(builtin, supports_ping, own_address));
                     rotation.enter(at, "admitted");
                     phase.send_replace(Phase::Ready);
@@ -444,6 +538,13 @@ async fn run(
                     _ => {}
                 }
             }
+            Some(client) = handoff_rx.recv(), if delivery.is_some() => {
+                if let Some(d) = delivery.as_mut() {
+                    if let Err(client) = d.deliver(&write, &mut primary, client).await {
+                        handoff::redispatch(&shared.backends, [client]);
+                    }
+                }
+            }
             _ = &mut ready_deadline, if addr.is_none() && drain_deadline.is_none() => {
                 tracing::warn!(slot, pid, timeout = ?config.ready_timeout, "worker did not become ready within --ready-timeout; replacing it");
                 break (format!("no ready within {:?}", config.ready_timeout), None);
@@ -459,14 +560,14 @@ async fn run(
                     if open > 0 {
                         tracing::warn!(slot, pid, open_connections = open, "drain deadline reached; stopping worker anyway");
                     }
-                    send(&mut write, &MasterMessage::Shutdown).await;
+                    ask_to_stop(&mut write, cluster_online, &mut primary).await;
                     break ("retired".to_owned(), None);
                 }
             }
             _ = stop.graceful.cancelled() => {
                 rotation.leave("master stopping", true);
                 // Best effort: a worker that reads its channel drains and exits by itself.
-                send(&mut write, &MasterMessage::Shutdown).await;
+                ask_to_stop(&mut write, cluster_online, &mut primary).await;
                 break ("master stopping".to_owned(), None);
             }
         }
@@ -511,15 +612,32 @@ async fn run(
         }
     };
     drop((admission, probe));
+    // Connections queued for or sent to this worker and not taken go to the others.
+    rotation.leave("ended", stop.graceful.is_cancelled());
+    handoff_rx.close();
+    let mut untaken: Vec<TcpStream> = std::iter::from_fn(|| handoff_rx.try_recv().ok()).collect();
+    if let Some(d) = delivery.take() {
+        untaken.extend(d.into_unanswered());
+    }
+    if !untaken.is_empty() {
+        tracing::info!(
+            slot,
+            pid,
+            connections = untaken.len(),
+            "giving connections the worker did not take to other workers"
+        );
+        handoff::redispatch(&shared.backends, untaken);
+    }
+    let owns_connections = config.mode != Mode::Proxy || rotation.handoff.is_some();
     let expected = stop.graceful.is_cancelled() || reason == "retired";
     // A worker being stopped was sent `shutdown`. One that speaks IPC may take a moment to
     // exit by itself: in proxy mode its connections are already drained, so briefly; in the
     // other modes it holds its own connections, so up to --grace.
     let stopping = reason == "retired" || reason == "master stopping";
-    let patience = match (stopping && addr.is_some(), spoke_ipc, config.mode) {
-        (false, _, _) => None,
-        (true, true, Mode::Shared | Mode::ReusePort) => Some(config.grace),
-        (true, _, _) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
+    let patience = match (stopping && addr.is_some(), spoke_ipc && owns_connections) {
+        (false, _) => None,
+        (true, true) => Some(config.grace),
+        (true, false) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
     };
     let status = match status {
         Some(Ok(status)) => status,
@@ -552,6 +670,7 @@ fn spawn(slot: usize, shared: &Shared) -> std::io::Result<(Spawned, Option<u16>)
         port,
         mode: config.mode,
         listen: shared.listen,
+        node_unique_id: config.node_cluster.then_some(slot + 1),
         listen_fd,
     })?;
     Ok((spawned, port))
@@ -783,6 +902,97 @@ pub fn describe(status: ExitStatus) -> String {
             Err(_) => format!("signal {sig}"),
         },
         (None, None) => status.to_string(),
+    }
+}
+
+/// How a Node cluster worker's `listen()` is answered.
+enum Answer {
+    /// The primary accepts and hands connections over (`newconn`).
+    Key,
+    /// The worker accepts on this listening socket itself.
+    Handle(Arc<std::net::TcpListener>),
+    /// It cannot be served.
+    Refuse(String),
+}
+
+/// Decides how to serve a cluster worker's `listen()` on `port`. The server balancer balances
+/// (the first on a real port) is served by hand-off in proxy and handoff modes, by the shared
+/// socket in shared mode and by a socket of its own on the client address in reuseport mode
+/// (these two need the ports to agree: Node refuses a handle on another port). Any other
+/// server (port 0, or a second port) gets a socket bound as asked, as Node's own primary
+/// would do; balancer does not balance it.
+fn answer_query(
+    shared: &Shared,
+    port: i64,
+    address: Option<&str>,
+    address_type: i64,
+    balanced: bool,
+) -> Answer {
+    let Ok(port) = u16::try_from(port) else {
+        return Answer::Refuse("pipes and inherited handles are not supported".into());
+    };
+    let listen = shared.listen;
+    if balanced {
+        match shared.config.mode {
+            Mode::Proxy | Mode::Handoff => return Answer::Key,
+            _ if port != listen.port() => {
+                return Answer::Refuse(format!(
+                    "it asked for port {port}, but balancer serves port {} in {} mode (use --listen :{port} or --mode handoff)",
+                    listen.port(),
+                    shared.config.mode
+                ))
+            }
+            Mode::Shared => {
+                if let Some(l) = &shared.shared_listener {
+                    return Answer::Handle(Arc::clone(l));
+                }
+            }
+            Mode::ReusePort => {
+                return match crate::bind_one(listen, true) {
+                    Ok(l) => Answer::Handle(Arc::new(l)),
+                    Err(e) => Answer::Refuse(format!("binding {listen}: {e}")),
+                }
+            }
+        }
+    }
+    let ip: std::net::IpAddr = match address.and_then(|a| a.parse().ok()) {
+        Some(ip) => ip,
+        None if address_type == 6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+    };
+    match crate::bind_one(SocketAddr::new(ip, port), port != 0) {
+        Ok(l) => Answer::Handle(Arc::new(l)),
+        Err(e) => Answer::Refuse(format!("binding {ip}:{port}: {e}")),
+    }
+}
+
+/// Asks a worker to stop: Node's cluster `disconnect` for a cluster worker, else balancer's
+/// `shutdown`.
+async fn ask_to_stop(write: &mut OwnedWriteHalf, cluster: bool, primary: &mut Primary) {
+    if cluster {
+        send_line(write, &primary.disconnect()).await;
+    } else {
+        send(write, &MasterMessage::Shutdown).await;
+    }
+}
+
+/// Sends a line with a listening socket attached (Node cluster replies).
+async fn send_handle(write: &OwnedWriteHalf, line: &str, listener: &std::net::TcpListener) {
+    let fds = [listener.as_fd()];
+    let sent = worker::fdpass::send_with_fds(write.as_ref(), line.as_bytes(), &fds);
+    match tokio::time::timeout(IPC_WRITE_TIMEOUT, sent).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not send a listening socket to a worker"),
+        Err(_) => tracing::warn!("sending a listening socket to a worker timed out"),
+    }
+}
+
+/// Writes one prepared line to a worker (see [`send`]).
+async fn send_line(write: &mut OwnedWriteHalf, line: &str) {
+    match tokio::time::timeout(IPC_WRITE_TIMEOUT, write.write_all(line.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "ipc send failed"),
+        Err(_) => tracing::debug!("ipc send timed out"),
     }
 }
 

@@ -9,8 +9,10 @@
 mod child;
 mod cli;
 mod config;
+mod handoff;
 mod health;
 mod instance;
+mod node_cluster;
 mod output;
 mod ownership;
 mod signals;
@@ -194,7 +196,7 @@ impl Bound {
     fn new(config: &Config, threads: usize) -> std::io::Result<Self> {
         let addr = config.listen;
         Ok(match config.mode {
-            Mode::Proxy => {
+            Mode::Proxy | Mode::Handoff => {
                 let listeners = bind_all(addr, threads)?;
                 Self {
                     local: listeners[0].local_addr()?,
@@ -202,7 +204,7 @@ impl Bound {
                     shared_listener: None,
                 }
             }
-            Mode::Shared | Mode::Handoff => {
+            Mode::Shared => {
                 // One socket and no SO_REUSEPORT: nothing else may bind beside it.
                 let listener = bind_one(addr, false)?;
                 Self {
@@ -240,7 +242,10 @@ fn bind_all(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(all)
 }
 
-fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn bind_one(
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
