@@ -309,6 +309,8 @@ async fn run(
     // `shutdown`.
     let mut spoke_ipc = false;
     let mut listener_sends = 0u32;
+    // The port of the `ready` whose admission is under way.
+    let mut probing: Option<u16> = None;
     // Node cluster: the primary's message numbering, the key of the server balancer serves
     // for this worker, and handles sent outside hand-off that Node will acknowledge.
     let mut primary = Primary::default();
@@ -407,9 +409,13 @@ async fn run(
                         Ok(WorkerMessage::Ready { port, features }) => {
                             spoke_ipc = true;
                             supports_ping |= features.iter().any(|f| f == "ping");
-                            if addr.is_some() || admission.is_some() || drain_deadline.is_some() {
+                            // A second `ready` while the first is being probed replaces it
+                            // if it names another port (a worker correcting itself); the
+                            // same port again, or any `ready` once admitted, is a duplicate.
+                            if addr.is_some() || drain_deadline.is_some() || (admission.is_some() && probing == port) {
                                 tracing::debug!(slot, pid, ?port, "duplicate ready ignored");
                             } else {
+                                probing = port;
                                 match gate_for_ready(config.mode, port, shared.listen.port(), &health.kind, builtin, supports_ping) {
                                     Ok(gate) => {
                                         if config.mode == Mode::Handoff {
