@@ -90,7 +90,7 @@ pub async fn forward(
 ) -> Result<Forwarded, ForwardError> {
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
-    let (backend, upstream) = loop {
+    let (_active, upstream) = loop {
         if tried.len() >= config.max_tries {
             return Err(ForwardError::AllFailed {
                 tries: tried.len(),
@@ -122,12 +122,15 @@ pub async fn forward(
             tried.push(backend.key);
             continue;
         }
+        // Counted as open from the pick, not from the connect: least-conn must see it at
+        // once, or concurrent picks all land on the same idle-looking worker.
+        let active = backend.open();
         let connect =
             tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr));
         match connect.await {
             Ok(Ok(stream)) => {
                 backend.record_connect(true);
-                break (backend, stream);
+                break (active, stream);
             }
             Ok(Err(e)) => last_error = Some(e),
             Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),
@@ -136,7 +139,6 @@ pub async fn forward(
         tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
         tried.push(backend.key);
     };
-    let _active = backend.open();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let moved = AtomicBool::new(false);
