@@ -105,6 +105,11 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = WorkerOutput::Prefix)]
     pub worker_output: WorkerOutput,
 
+    /// Serve `/status` (JSON), `/metrics` (Prometheus) and `/healthz` on this address (e.g.
+    /// 127.0.0.1:9000). Off by default; it has no authentication.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,

@@ -58,6 +58,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Idle timeout of proxied connections (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// Where the admin endpoint listens, if anywhere.
+    pub admin: Option<SocketAddr>,
     /// Where worker output goes.
     pub worker_output: WorkerOutput,
 }
@@ -101,6 +103,10 @@ impl TryFrom<&Cli> for Config {
             },
             worker_output: cli.worker_output,
             health: parse_health(cli)?,
+            admin: match &cli.admin {
+                Some(a) => Some(parse_listen(a).map_err(|e| anyhow::anyhow!("--admin: {e:#}"))?),
+                None => None,
+            },
             connect_timeout: parse_nonzero_duration("--connect-timeout", &cli.connect_timeout)?,
             idle_timeout: Some(parse_duration("--idle-timeout", &cli.idle_timeout)?)
                 .filter(|d| !d.is_zero()),

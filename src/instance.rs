@@ -186,6 +186,7 @@ impl Rotation<'_> {
             None => self.shared.backends.insert(self.key, self.slot, addr),
         });
         self.in_rotation = true;
+        self.shared.registry.set(self.key, "ready", why, Some(addr));
         let now = self.shared.in_rotation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(slot = self.slot, pid = self.pid, %addr, in_rotation = now, reason = why, "worker ready");
         if now == self.shared.config.workers {
@@ -207,6 +208,12 @@ impl Rotation<'_> {
         }
         self.in_rotation = false;
         self.shared.backends.remove(self.key);
+        let state = match why {
+            "health checks failing" | "connects failing" => "down",
+            "retired" => "draining",
+            _ => "stopping",
+        };
+        self.shared.registry.set(self.key, state, why, None);
         let left = self.shared.in_rotation.fetch_sub(1, Ordering::Relaxed) - 1;
         tracing::info!(
             slot = self.slot,
@@ -261,6 +268,7 @@ async fn run(
     };
     let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
     tracing::info!(slot, pid, "worker spawned");
+    shared.registry.spawned(key, slot, pid);
 
     let last_stderr = LastLine::default();
     if config.worker_output == WorkerOutput::Prefix {
@@ -650,6 +658,7 @@ async fn run(
         Some(Err(_)) | None => terminate(&mut child, pid, stop, patience).await,
     };
     log_exit(slot, pid, status, expected, &last_stderr);
+    shared.registry.gone(key);
     Ending {
         was_ready: addr.is_some(),
         reason: format!("{reason} ({})", describe(status)),

@@ -6,6 +6,7 @@
 //! runtime: every worker is forked from the main thread, which lives as long as the master,
 //! so `PR_SET_PDEATHSIG` stays armed for the workers' whole lives.
 
+mod admin;
 mod child;
 mod cli;
 mod config;
@@ -16,6 +17,7 @@ mod node_cluster;
 mod output;
 mod ownership;
 mod signals;
+mod status;
 mod supervisor;
 
 use std::net::SocketAddr;
@@ -111,12 +113,26 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         tracing::info!(addr = %local, workers = config.workers, mode = %config.mode, max_conns, "listening");
 
         let stop = StopTokens::default();
+        let registry = Arc::new(status::Registry::new(config.workers));
+        if let Some(addr) = config.admin {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding --admin {addr}"))?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "admin endpoint listening");
+            let view = admin::View {
+                config: Arc::clone(&config),
+                listen: local,
+                proxy: Arc::clone(&proxy),
+                conns: conns.clone(),
+                registry: Arc::clone(&registry),
+            };
+            tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
+        }
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let mut supervisor = tokio::spawn(supervisor::run(
             Arc::clone(&config),
             Arc::clone(&backends),
             local,
             bound.shared_listener,
+            registry,
             stop.clone(),
             reloads,
         ));

@@ -52,6 +52,8 @@ pub struct Shared {
     pub in_rotation: AtomicUsize,
     /// Whether "all workers ready" has been logged at info level already.
     pub announced_all_ready: AtomicBool,
+    /// Worker states, for the admin endpoint.
+    pub registry: Arc<crate::status::Registry>,
 }
 
 /// A request to a slot to replace its worker; answered with why it could not.
@@ -66,10 +68,12 @@ pub async fn run(
     backends: Arc<Backends>,
     listen: std::net::SocketAddr,
     shared_listener: Option<Arc<std::net::TcpListener>>,
+    registry: Arc<crate::status::Registry>,
     stop: StopTokens,
     mut reloads: mpsc::Receiver<()>,
 ) {
     let shared = Arc::new(Shared {
+        registry,
         listen,
         shared_listener,
         backends,
