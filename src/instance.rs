@@ -35,9 +35,9 @@ use crate::output::{self, LastLine};
 use crate::ownership;
 use crate::supervisor::{Shared, StopTokens};
 
-/// How long after `ready` the announced port may take to accept the master's probe: a
-/// worker may announce just before its `listen()` completes.
-const ADMIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The least time an admission gets, even late in the ready timeout: a worker may announce
+/// just before its `listen()` completes.
+const ADMIT_MIN: Duration = Duration::from_secs(2);
 /// Pause between admission probes.
 const ADMIT_RETRY: Duration = Duration::from_millis(20);
 /// Timeout of one admission connect on loopback.
@@ -307,7 +307,15 @@ async fn run(
     let mut ping: (u64, Option<Instant>) = (0, None);
     let mut strikes = Strikes::default();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
-    let ready_deadline = tokio::time::sleep(config.ready_timeout);
+    let ready_by = tokio::time::Instant::now() + config.ready_timeout;
+    // Admission keeps trying until the ready deadline: one passing glitch must not leave a
+    // worker that announces only once idle until its ready timeout.
+    let admit_patience = || {
+        ready_by
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(ADMIT_MIN)
+    };
+    let ready_deadline = tokio::time::sleep_until(ready_by);
     tokio::pin!(ready_deadline);
     let builtin = config.program == WorkerProgram::Builtin;
     // Whether the worker has an address of its own (proxy mode) that checks can reach.
@@ -396,7 +404,7 @@ async fn run(
                                     if matches!(config.mode, Mode::Proxy | Mode::Handoff) {
                                         delivery = Some(Delivery::new(handoff::Format::NodeCluster { key: server }));
                                     }
-                                    admission = Some(admit_now(Gate::Trust, ADMIT_TIMEOUT));
+                                    admission = Some(admit_now(Gate::Trust, admit_patience()));
                                 }
                             }
                             Act::Accepted { ack, accepted } => {
@@ -429,7 +437,7 @@ async fn run(
                                         if config.mode == Mode::Handoff {
                                             delivery = Some(Delivery::new(handoff::Format::Balancer));
                                         }
-                                        admission = Some(admit_now(gate, ADMIT_TIMEOUT));
+                                        admission = Some(admit_now(gate, admit_patience()));
                                     }
                                     Err(why) => strikes.add(slot, pid, &format!("ready: {why}")),
                                 }
@@ -443,7 +451,7 @@ async fn run(
                             } else if config.mode == Mode::Shared && addr.is_none() && admission.is_none() && drain_deadline.is_none() {
                                 // Shared mode: a Node worker takes the listener and never says
                                 // `ready`; the acknowledgement is its readiness.
-                                admission = Some(admit_now(Gate::Trust, ADMIT_TIMEOUT));
+                                admission = Some(admit_now(Gate::Trust, admit_patience()));
                             }
                         }
                         Ok(WorkerMessage::HandleNack) => {
@@ -792,20 +800,24 @@ async fn admit(
     timeout: Duration,
     patience: Duration,
 ) -> Result<SocketAddr, String> {
-    let deadline = Instant::now() + patience;
+    let started = Instant::now();
+    // A port the worker does not even hold is given up on soon (and logged); one it holds
+    // but that fails the probe gets the whole patience, since that may be a passing glitch.
+    let mut held = false;
     let mut last;
     loop {
         match &gate {
             Gate::Trust => return Ok(listen),
             Gate::Listens => {
-                if ownership::owns_listening_port(pid, listen.port()) {
+                if owns(pid, listen.port()).await {
                     return Ok(listen);
                 }
                 last = format!("not listening on port {}", listen.port());
             }
             Gate::Probe(port, http) => {
                 let port = *port;
-                if ownership::owns_listening_port(pid, port) {
+                if owns(pid, port).await {
+                    held = true;
                     last = String::new();
                     for addr in [
                         SocketAddr::from(([127, 0, 0, 1], port)),
@@ -820,7 +832,12 @@ async fn admit(
                         };
                         match probed {
                             Ok(()) => return Ok(addr),
-                            Err(e) => last = format!("{addr}: {e}"),
+                            Err(e) => {
+                                if !last.is_empty() {
+                                    last.push_str("; ");
+                                }
+                                last.push_str(&format!("{addr}: {e}"));
+                            }
                         }
                     }
                 } else {
@@ -828,11 +845,24 @@ async fn admit(
                 }
             }
         }
-        if Instant::now() >= deadline {
-            return Err(format!("{last} (gave up after {patience:?})"));
+        let limit = if held || matches!(gate, Gate::Listens) {
+            patience
+        } else {
+            patience.min(ADMIT_MIN)
+        };
+        if started.elapsed() >= limit {
+            return Err(format!("{last} (gave up after {limit:?})"));
         }
         tokio::time::sleep(ADMIT_RETRY).await;
     }
+}
+
+/// [`ownership::owns_listening_port`] off the supervisor's thread: it reads `/proc`, which
+/// can be slow on a loaded machine, and the supervisor must keep noticing exits meanwhile.
+async fn owns(pid: u32, port: u16) -> bool {
+    tokio::task::spawn_blocking(move || ownership::owns_listening_port(pid, port))
+        .await
+        .unwrap_or(false)
 }
 
 /// Hands the shared listening socket to a worker, in Node's handle form (see
