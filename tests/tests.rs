@@ -4,6 +4,10 @@
 
 mod helper;
 
+mod cluster;
+mod compat;
+mod faults;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
