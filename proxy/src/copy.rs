@@ -10,6 +10,7 @@
 //! saves the extra `read()` returning `EAGAIN` after every message.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -40,13 +41,17 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicBool) -> io::Re
         // The stack buffer lives only inside this block, which has no `.await`, so it is not
         // part of the future: an idle connection does not carry it.
         let outcome = {
-            let mut buf = [0u8; CHUNK];
+            // Not zeroed: clearing 16 KiB per read showed up in profiles, and only the bytes
+            // `read()` wrote are ever looked at.
+            let mut buf = [MaybeUninit::<u8>::uninit(); CHUNK];
             match read_clearing(src, &mut buf) {
                 Ok(0) => None,
                 Ok(n) => {
+                    // SAFETY: read(2) initialised the first `n` bytes of `buf`.
+                    let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
                     moved.store(true, Ordering::Relaxed);
-                    let written = write_now(dst, &buf[..n])?;
-                    backlog.extend_from_slice(&buf[written..n]);
+                    let written = write_now(dst, data)?;
+                    backlog.extend_from_slice(&data[written..]);
                     Some(n)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(0),
@@ -99,12 +104,12 @@ fn write_now(dst: &TcpStream, mut data: &[u8]) -> io::Result<usize> {
 }
 
 /// One `read()`; a short read also clears read readiness (the queue is very likely empty).
-fn read_clearing(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_clearing(src: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     let mut got = 0;
     let fd = src.as_raw_fd();
     let r = src.try_io(Interest::READABLE, || {
-        // SAFETY: `fd` is the open socket of `src`, borrowed for this call; `buf` is a valid
-        // writable slice of `buf.len()` bytes.
+        // SAFETY: `fd` is the open socket of `src`, borrowed for this call; `buf` is valid
+        // for writes of `buf.len()` bytes (read(2) does not need them initialised).
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
