@@ -121,8 +121,12 @@ class Quiet:
     idle: float
     #: Seconds spent waiting for quiet.
     waited: float
-    #: The busiest processes that are not ours in the last sample: "comm(pid) 35%" (of one CPU).
-    foreign: list[str]
+    #: The busiest processes that are not ours in the last sample as ("comm(pid)", CPUs used),
+    #: and ("unattributed", CPUs) for busy time that no live process explains.
+    foreign: list[tuple[str, float]]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {cpus:.0%}" for name, cpus in self.foreign) or "none visible"
 
 
 def wait_quiet(
@@ -145,24 +149,21 @@ def wait_quiet(
         procs1 = _cpu_table()
         idle = 1.0 - (busy1 - busy0) / max(1, total1 - total0)
         mine = ours() | {me}
-        hogs = sorted(
-            (
-                (procs1[p] - procs0[p], p)
-                for p in procs1
-                if p in procs0 and p not in mine and procs1[p] > procs0[p]
-            ),
-            reverse=True,
-        )[:4]
-        foreign = [f"{_comm(p)}({p}) {100 * t / CLK_TCK / sample:.0f}%" for t, p in hogs]
+        deltas = {p: procs1[p] - procs0[p] for p in procs1 if p in procs0 and procs1[p] > procs0[p]}
+        hogs = sorted(((t, p) for p, t in deltas.items() if p not in mine), reverse=True)[:4]
+        foreign = [(f"{_comm(p)}({p})", t / CLK_TCK / sample) for t, p in hogs]
+        # Busy time no live process explains: processes that came and went (compiler jobs)
+        # or live in another pid namespace.
+        unexplained = max(0, (busy1 - busy0) - sum(deltas.values())) / CLK_TCK / sample
+        if unexplained >= 0.1:
+            foreign.append(("unattributed", unexplained))
         waited = time.monotonic() - began
+        quiet = Quiet(idle, waited, foreign)
         if idle >= min_idle:
-            return Quiet(idle, waited, foreign)
+            return quiet
         if waited >= max_wait:
-            log(
-                f"box still busy after {waited:.0f}s (idle {idle:.0%} < {min_idle:.0%}); "
-                f"running anyway. foreign CPU: {', '.join(foreign) or 'none visible (kernel?)'}"
-            )
-            return Quiet(idle, waited, foreign)
+            log(f"box still busy after {waited:.0f}s (idle {idle:.0%} < {min_idle:.0%}); running anyway. foreign CPU: {quiet.describe()}")
+            return quiet
         if waited - last_log >= 5:
             last_log = waited
-            log(f"waiting for quiet: idle {idle:.0%}; foreign CPU: {', '.join(foreign) or 'none visible'}")
+            log(f"waiting for quiet: idle {idle:.0%}; foreign CPU: {quiet.describe()}")

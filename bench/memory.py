@@ -101,15 +101,15 @@ def measure(bal: Balancer, wanted: int, log: Callable[[str], None]) -> MemoryRes
         for s in socks:
             s.close()
     if proxied < wanted and not note:
-        lines = [parse_log_line(t) for _, t in bal.proc.lines[first_line:]]
-        accept_errors = [w for w in lines if w is not None and w.level in ("WARN", "ERROR")]
+        warned = [t for _, t in bal.proc.lines[first_line:] if (l := parse_log_line(t)) and l.level in ("WARN", "ERROR")]
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         note = (
             f"{proxied} of {wanted} proxied: the hard open-file limit is {hard} per process "
             f"and the master holds two fds per proxied connection"
         )
-        if accept_errors:
-            note += f"; master logged {len(accept_errors)} warnings, first: {accept_errors[0].message} {accept_errors[0].fields}"
+        if warned:
+            first = warned[0].split(None, 1)[1]  # without the timestamp
+            note += f"; the master logged {len(warned)} warnings meanwhile, the first: `{first}`"
     # Let the master and workers close their ends before anything else is measured.
     _settle(master, workers, lambda m, w: m <= fd0 and w <= wfd0)
     return MemoryResult(

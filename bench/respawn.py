@@ -24,6 +24,8 @@ class Respawn:
     new_pid: int
     #: Kill → balancer logs `worker exited` (it noticed).
     noticed_ms: float
+    #: Kill → balancer logs `worker spawned` for the replacement.
+    spawned_ms: float
     #: Kill → balancer logs `worker ready` for the replacement (back in rotation).
     ready_ms: float
 
@@ -57,12 +59,17 @@ def measure(bal: Balancer, kills: int, log: Callable[[str], None]) -> list[Respa
         at, exited = bal.proc.wait_for(
             _line(lambda l: l.message == "worker exited" and l.fields.get("pid") == str(pid)), REPLACE_TIMEOUT, start
         )
+        at, spawned = bal.proc.wait_for(
+            _line(lambda l: l.message == "worker spawned" and l.fields.get("slot") == str(slot)), REPLACE_TIMEOUT, at
+        )
         _, ready = bal.proc.wait_for(
-            _line(lambda l: l.message == "worker ready" and l.fields.get("slot") == str(slot)), REPLACE_TIMEOUT, at
+            _line(lambda l: l.message == "worker ready" and l.fields.get("pid") == spawned.fields["pid"]), REPLACE_TIMEOUT, at
         )
-        r = Respawn(
-            slot, pid, int(ready.fields["pid"]), (exited.ts - t_kill) * 1000, (ready.ts - t_kill) * 1000
+        ms = lambda line: (line.ts - t_kill) * 1000
+        r = Respawn(slot, pid, int(spawned.fields["pid"]), ms(exited), ms(spawned), ms(ready))
+        log(
+            f"respawn {i + 1}/{kills}: slot {slot} pid {pid} -> {r.new_pid}: noticed {r.noticed_ms:.1f} ms, "
+            f"spawned {r.spawned_ms:.1f} ms, ready {r.ready_ms:.1f} ms"
         )
-        log(f"respawn {i + 1}/{kills}: slot {slot} pid {pid} -> {r.new_pid}: noticed {r.noticed_ms:.1f} ms, ready {r.ready_ms:.1f} ms")
         out.append(r)
     return out

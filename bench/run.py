@@ -50,6 +50,8 @@ WORKERS = 2
 WRK_THREADS = 2
 #: Length of the unrecorded warm-up run per target.
 WARMUP_SECONDS = 1.0
+#: A foreign process using at least this share of one CPU before a run is listed in the results.
+FOREIGN_NOTABLE = 0.1
 #: Timeouts of the setup commands.
 APT_TIMEOUT = 900
 BUILD_TIMEOUT = 1800
@@ -159,10 +161,10 @@ def _first_line(argv: list[str]) -> str:
 def versions() -> dict[str, str]:
     git = _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=10"])
     return {
-        "balancer": f"{_first_line([str(binary()), '--version'])} (commit {git})",
-        "nginx": _first_line(["nginx", "-v"]).replace("nginx version: ", ""),
-        "haproxy": _first_line(["haproxy", "-v"]).split(" - ")[0],
-        "wrk": _first_line(["wrk", "--version"]).split(" Copyright")[0],
+        "balancer": f"{_first_line([str(binary()), '--version']).replace('balancer ', '')} (commit {git})",
+        "nginx": _first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
+        "haproxy": _first_line(["haproxy", "-v"]).replace("HAProxy version ", "").split(" ")[0],
+        "wrk": _first_line(["wrk", "--version"]).replace("wrk ", "").split(" ")[0],
         "python": platform.python_version(),
     }
 
@@ -241,9 +243,10 @@ def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str
 def one_run(t: Target, load: str, rnd: int, a: argparse.Namespace, procs: ProcessSet, out: Outcome) -> None:
     label, conns, close = LOADS[load]
     quiet = machine.wait_quiet(a.quiet_idle, a.quiet_wait, procs.pids, log)
-    for f in quiet.foreign:
-        name = f.split("(")[0]
-        out.foreign_seen[name] = out.foreign_seen.get(name, 0) + 1
+    for name, cpus in quiet.foreign:
+        if cpus >= FOREIGN_NOTABLE:
+            name = name.split("(")[0]
+            out.foreign_seen[name] = out.foreign_seen.get(name, 0) + 1
     pids, ours = t.proxy_pids(), procs.pids()
     cpu0, ours0 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(ours)
     busy0, _ = machine.system_cpu()
@@ -346,7 +349,7 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         f"(all targets in turn for one load, then the next load; then the next round).",
         "",
         f"- Machine: {meta['machine']}. It is shared and noisy: compare the ratios within this run, not absolute numbers across runs.",
-        f"- Versions: {meta['balancer']}; nginx {meta['nginx']}; {meta['haproxy']}; {meta['wrk']}.",
+        f"- Versions: balancer {meta['balancer']}; nginx {meta['nginx']}; HAProxy {meta['haproxy']}; wrk {meta['wrk']}; Python {meta['python']}.",
         f"- Setup: {WORKERS} built-in balancer workers (single-threaded hyper servers) on loopback. `direct` is wrk against "
         f"one worker (the ceiling); `balancer` (its proxy mode), nginx (`stream`, round-robin, `worker_processes auto`) and "
         f"HAProxy (`mode tcp`, `balance roundrobin`, `nbthread {WORKERS}`) all proxy to the same two workers.",
@@ -399,17 +402,18 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         s += ["Not measured in this run.", ""]
     else:
         ready = [r.ready_ms for r in out.respawns]
-        noticed = [r.noticed_ms for r in out.respawns]
         s += [
             f"{len(ready)} kills of a worker (alternating slots, each after both workers were ready again). Time from the "
             "kill (this script's clock) to balancer's log line (its own timestamp):",
             "",
             "| | median | min | max |",
             "|---|---:|---:|---:|",
-            f"| `worker exited` (noticed) | {statistics.median(noticed):.1f} ms | {min(noticed):.1f} ms | {max(noticed):.1f} ms |",
-            f"| `worker ready` (replacement in rotation) | **{statistics.median(ready):.1f} ms** | {min(ready):.1f} ms | {max(ready):.1f} ms |",
-            "",
         ]
+        for attr, what in (("noticed_ms", "`worker exited` (noticed)"), ("spawned_ms", "`worker spawned` (replacement started)"),
+                           ("ready_ms", "**`worker ready` (replacement in rotation)**")):
+            xs = [getattr(r, attr) for r in out.respawns]
+            s.append(f"| {what} | {statistics.median(xs):.1f} ms | {min(xs):.1f} ms | {max(xs):.1f} ms |")
+        s.append("")
 
     s += ["## Noise", ""]
     if out.runs:
@@ -426,7 +430,8 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         ]
         if out.foreign_seen:
             top = sorted(out.foreign_seen.items(), key=lambda kv: -kv[1])[:8]
-            s += ["Other processes seen using CPU before runs: " + ", ".join(f"{k} ({n}×)" for k, n in top) + ".", ""]
+            s += [f"Using at least {FOREIGN_NOTABLE:.0%} of a CPU just before a run (number of runs): "
+                  + ", ".join(f"{k} ({n})" for k, n in top) + ".", ""]
     if out.skipped or out.failures:
         s += ["## Skipped and failed", ""]
         s += [f"- skipped: {x}" for x in out.skipped] + [f"- failed: {x}" for x in out.failures] + [""]
