@@ -447,8 +447,9 @@ def _interrupt(signum: int, _frame) -> None:
 
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then keeps it so.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _interrupt)
     procs = ProcessSet(log)
     tmp = Path(tempfile.mkdtemp(prefix="balancer-bench-"))
     ok = False
