@@ -166,6 +166,7 @@ def chart(runs: list[Run], rows: list[Row], loads: dict[str, str], targets: list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = {"direct": "#9e9e9e", "balancer": "#d62728", "nginx": "#2ca02c", "haproxy": "#1f77b4"}
     fig, axes = plt.subplots(2, len(loads), figsize=(4.2 * len(loads), 7.5), squeeze=False)
@@ -190,10 +191,14 @@ def chart(runs: list[Run], rows: list[Row], loads: dict[str, str], targets: list
             ax.grid(axis="y", alpha=0.3)
             if row == 0:
                 ax.set_title(label, fontsize=10)
+            if metric == "rps":
+                ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
             for i, v in enumerate(meds):
-                ax.annotate(f"{v:,.0f}" if metric == "rps" else f"{v:.1f}", (i, v), ha="center",
+                # Above the whisker, so the label never sits on it.
+                ax.annotate(f"{v:,.0f}" if metric == "rps" else f"{v:.1f}", (i, v + hi[i]), ha="center",
                             va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    fig.suptitle(title, fontsize=11)
+            ax.margins(y=0.12)
+    fig.suptitle(f"{title}\nbars: median over rounds; whiskers: lowest and highest round", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

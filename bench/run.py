@@ -243,10 +243,8 @@ def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str
 def one_run(t: Target, load: str, rnd: int, a: argparse.Namespace, procs: ProcessSet, out: Outcome) -> None:
     label, conns, close = LOADS[load]
     quiet = machine.wait_quiet(a.quiet_idle, a.quiet_wait, procs.pids, log)
-    for name, cpus in quiet.foreign:
-        if cpus >= FOREIGN_NOTABLE:
-            name = name.split("(")[0]
-            out.foreign_seen[name] = out.foreign_seen.get(name, 0) + 1
+    for name in {n.split("(")[0] for n, cpus in quiet.foreign if cpus >= FOREIGN_NOTABLE}:
+        out.foreign_seen[name] = out.foreign_seen.get(name, 0) + 1
     pids, ours = t.proxy_pids(), procs.pids()
     cpu0, ours0 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(ours)
     busy0, _ = machine.system_cpu()
@@ -425,7 +423,8 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
             f"were idle over 0.5 s. Idle before runs: median {statistics.median(idle):.0%}, lowest {min(idle):.0%}; "
             f"{len(busy)} of {len(out.runs)} runs started without reaching the threshold. "
             f"Foreign CPU during runs (busy time not from wrk or our processes, in CPUs): median "
-            f"{statistics.median(foreign):.2f}, highest {max(foreign):.2f}.",
+            f"{statistics.median(foreign):.2f}, highest {max(foreign):.2f}. Busy time that no live process explains is "
+            "listed as `unattributed`: processes of other sessions that this one cannot see, or that came and went.",
             "",
         ]
         if out.foreign_seen:
