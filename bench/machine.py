@@ -117,6 +117,19 @@ def time_wait_sockets() -> int | None:
     return None
 
 
+def wait_time_wait(limit: int, max_wait: float, log: Callable[[str], None]) -> int | None:
+    """Waits (at most `max_wait` s; TIME_WAIT lasts 60 s on Linux) until fewer than `limit`
+    TCP sockets are in TIME_WAIT; returns the count then."""
+    deadline = time.monotonic() + max_wait
+    count = time_wait_sockets()
+    if count is not None and count >= limit:
+        log(f"waiting for TIME_WAIT sockets to expire: {count} (want < {limit})")
+    while count is not None and count >= limit and time.monotonic() < deadline:
+        time.sleep(1)
+        count = time_wait_sockets()
+    return count
+
+
 def _cpu_table() -> dict[int, int]:
     """pid -> utime+stime ticks, for every process readable now."""
     table = {}
