@@ -1,0 +1,502 @@
+#!/usr/bin/env python3
+"""The benchmark harness, in one command: builds balancer (release), installs wrk, nginx
+(+ stream module) and HAProxy from apt if missing, points wrk at one worker directly,
+balancer, nginx and HAProxy (the proxies in front of the same two workers) in interleaved
+rounds, measures balancer's memory per idle connection and how fast a killed worker is
+replaced, and writes docs/bench-results.md, docs/bench-results.csv, docs/bench-runs.csv and
+docs/bench.png.
+
+    python3 bench/run.py             # full run: 3 rounds x 8 s per target and load
+    python3 bench/run.py --quick     # smoke run: 1 round x 2 s, written to target/bench-quick/
+
+Every process it starts is stopped by PID at the end, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import machine
+import memory
+import report
+import respawn
+import wrk
+from processes import ProcessSet
+from targets import Balancer, Target, balancer_modes, start_balancer, start_haproxy, start_nginx
+
+#: name -> (label, connections, new connection per request)
+LOADS: dict[str, tuple[str, int, bool]] = {
+    "ka50": ("keep-alive, 50 conns", 50, False),
+    "ka200": ("keep-alive, 200 conns", 200, False),
+    "close50": ("new connection per request, 50 conns", 50, True),
+}
+#: Built-in workers behind every proxy: one per CPU of the reference machine.
+WORKERS = 2
+#: wrk threads: the machine has two CPUs.
+WRK_THREADS = 2
+#: Length of the unrecorded warm-up run per target.
+WARMUP_SECONDS = 1.0
+#: Before the respawn test, wait until fewer TCP sockets than this are in TIME_WAIT: the
+#: master's admission check reads /proc/net/tcp, and with 50,000 TIME_WAIT sockets a worker's
+#: replacement took 10x longer (~125 ms instead of ~13 ms) on the reference machine.
+TIME_WAIT_QUIET = 5_000
+#: Longest wait for that: TIME_WAIT lasts 60 s on Linux.
+TIME_WAIT_MAX_WAIT = 70.0
+#: A foreign process using at least this share of one CPU before a run is listed in the results.
+FOREIGN_NOTABLE = 0.1
+#: Timeouts of the setup commands.
+APT_TIMEOUT = 900
+BUILD_TIMEOUT = 1800
+PIP_TIMEOUT = 600
+#: Timeout of the one-request check of each target.
+CHECK_TIMEOUT = 5.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 s, 5 respawns, output in target/bench-quick/")
+    p.add_argument("--rounds", type=int, help="rounds of all targets and loads (default 3; quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 2)")
+    p.add_argument("--targets", help=f"comma-separated subset of direct,balancer,nginx,haproxy,balancer-MODE")
+    p.add_argument("--loads", help=f"comma-separated subset of {','.join(LOADS)}")
+    p.add_argument("--out", type=Path, help="output directory (default docs/; quick: target/bench-quick/)")
+    p.add_argument("--memory-conns", type=int, default=10_000, help="idle connections for the memory test (0 skips it)")
+    p.add_argument("--respawn-kills", type=int, help="workers to kill for the respawn test (default 20; quick 5; 0 skips it)")
+    p.add_argument("--quiet-idle", type=float, default=0.85, help="share of all CPUs that must be idle before a run (default 0.85)")
+    p.add_argument("--quiet-wait", type=float, help="longest wait for that, in seconds (default 30; quick 5)")
+    p.add_argument("--no-build", action="store_true", help="use target/release/balancer as it is")
+    p.add_argument("--no-install", action="store_true", help="fail instead of installing missing tools")
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.rounds = a.rounds or (1 if quick else 3)
+    a.duration = a.duration or (2.0 if quick else 8.0)
+    a.respawn_kills = a.respawn_kills if a.respawn_kills is not None else (5 if quick else 20)
+    a.quiet_wait = a.quiet_wait if a.quiet_wait is not None else (5.0 if quick else 30.0)
+    a.out = a.out or (REPO / "target" / "bench-quick" if quick else REPO / "docs")
+    a.loads = a.loads.split(",") if a.loads else list(LOADS)
+    unknown = [l for l in a.loads if l not in LOADS]
+    if unknown:
+        p.error(f"unknown load(s) {unknown}; choose from {list(LOADS)}")
+    a.targets = a.targets.split(",") if a.targets else None
+    return a
+
+
+# ---------------------------------------------------------------------------------------
+# Setup
+
+
+def ensure_tools(no_install: bool) -> None:
+    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy")) if not shutil.which(tool)]
+    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        missing.append("libnginx-mod-stream")
+    if not missing:
+        return
+    if no_install:
+        sys.exit(f"missing: {' '.join(missing)} (and --no-install was given)")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    log(f"installing {' '.join(missing)} from apt")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=APT_TIMEOUT, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, timeout=APT_TIMEOUT, env=env)
+
+
+def ensure_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+    log("installing matplotlib with pip (for the chart)")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"], timeout=PIP_TIMEOUT)
+    if done.returncode != 0:
+        log("pip could not install matplotlib: no chart this time")
+        return False
+    return True
+
+
+def build() -> Path:
+    log("cargo build --release")
+    subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True, timeout=BUILD_TIMEOUT)
+    return binary()
+
+
+def binary() -> Path:
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    path = target_dir / "release" / "balancer"
+    if not path.exists():
+        sys.exit(f"{path} does not exist; build it or drop --no-build")
+    return path
+
+
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one, for us and every process we start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"? ({e})"
+    text = (done.stdout + done.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def versions() -> dict[str, str]:
+    git = _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=10"])
+    return {
+        "balancer": f"{_first_line([str(binary()), '--version']).replace('balancer ', '')} (commit {git})",
+        "nginx": _first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
+        "haproxy": _first_line(["haproxy", "-v"]).replace("HAProxy version ", "").split(" ")[0],
+        "wrk": _first_line(["wrk", "--version"]).replace("wrk ", "").split(" ")[0],
+        "python": platform.python_version(),
+    }
+
+
+def machine_summary() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({model}), {mem_gib:.0f} GiB, Linux {platform.release()}"
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Outcome:
+    runs: list[report.Run] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    memory: memory.MemoryResult | None = None
+    respawns: list[respawn.Respawn] = field(default_factory=list)
+    #: TCP sockets in TIME_WAIT on the machine when the respawn test began.
+    respawn_time_wait: int | None = None
+    foreign_seen: dict[str, int] = field(default_factory=dict)
+
+
+def check_target(t: Target) -> None:
+    """One GET: the target must answer like a built-in worker before it is measured."""
+    with urllib.request.urlopen(t.url, timeout=CHECK_TIMEOUT) as res:
+        body = res.read().decode(errors="replace")
+    if res.status != 200 or "child worker run" not in body:
+        raise RuntimeError(f"{t.name} answered {res.status} {body[:80]!r}")
+
+
+def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str] | None, out: Outcome) -> list[Target]:
+    bal = start_balancer(procs, bin_path, tmp, "balancer", WORKERS)
+    backends = [addr for _, (_, addr) in sorted(bal.ready_workers().items())]
+    log(f"balancer {bal.listen} (pid {bal.pid}), workers {backends}")
+    targets = [
+        Target("direct", f"http://{backends[0]}/", lambda: []),
+        Target("balancer", f"http://{bal.listen}/", lambda: [bal.pid] if bal.proc.alive() else []),
+    ]
+    if wanted is None or "nginx" in wanted:
+        targets.append(start_nginx(procs, tmp, backends))
+    if wanted is None or "haproxy" in wanted:
+        targets.append(start_haproxy(procs, tmp, backends, WORKERS))
+    modes = balancer_modes(bin_path)
+    if not modes:
+        out.skipped.append("balancer --mode shared|reuseport|handoff: this balancer has no `--mode` flag")
+    for mode in modes:
+        name = f"balancer-{mode}"
+        if mode == "proxy" or (wanted is not None and name not in wanted):
+            continue
+        try:
+            b = start_balancer(procs, bin_path, tmp, name, WORKERS, ["--mode", mode])
+            targets.append(Target(name, f"http://{b.listen}/", lambda b=b: [b.pid] if b.proc.alive() else []))
+        except Exception as e:  # a mode that does not start is skipped, not fatal
+            out.skipped.append(f"{name}: did not start ({e})")
+            log(f"skipping {name}: {e}")
+    targets = [t for t in targets if wanted is None or t.name in wanted]
+    for t in list(targets):
+        try:
+            check_target(t)
+        except Exception as e:
+            if not t.name.startswith("balancer-"):
+                raise RuntimeError(f"{t.name} does not answer GET /: {e}") from e
+            out.skipped.append(f"{t.name}: does not answer GET / ({e})")
+            targets.remove(t)
+    return targets
+
+
+def one_run(t: Target, load: str, rnd: int, a: argparse.Namespace, procs: ProcessSet, out: Outcome) -> None:
+    label, conns, close = LOADS[load]
+    quiet = machine.wait_quiet(a.quiet_idle, a.quiet_wait, procs.pids, log)
+    for name in {n.split("(")[0] for n, cpus in quiet.foreign if cpus >= FOREIGN_NOTABLE}:
+        out.foreign_seen[name] = out.foreign_seen.get(name, 0) + 1
+    pids, ours = t.proxy_pids(), procs.pids()
+    cpu0, ours0 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(ours)
+    busy0, _ = machine.system_cpu()
+    started, m0 = time.time(), time.monotonic()
+    try:
+        res, _ = wrk.run(t.url, conns, WRK_THREADS, a.duration, close)
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+        out.failures.append(f"round {rnd}, {load}, {t.name}: {e}")
+        log(f"run failed: round {rnd} {load} {t.name}: {e}")
+        return
+    cpu1, ours1 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(ours)
+    busy1, _ = machine.system_cpu()
+    wall = time.monotonic() - m0
+    foreign = max(0.0, ((busy1 - busy0) / machine.CLK_TCK - res.wrk_cpu - (ours1 - ours0)) / wall)
+    run = report.Run(
+        round=rnd,
+        load=load,
+        target=t.name,
+        started=started,
+        rps=res.rps,
+        p50_ms=res.p50_ms,
+        p99_ms=res.p99_ms,
+        requests=res.requests,
+        socket_errors=res.socket_errors,
+        non_2xx=res.non_2xx,
+        proxy_cpu_s=(cpu1 - cpu0) if pids else None,
+        wrk_cpu_s=res.wrk_cpu,
+        idle_before=quiet.idle,
+        waited_s=quiet.waited,
+        foreign_cpus=foreign,
+    )
+    out.runs.append(run)
+    cpu = "NA" if run.cpu_us_per_req is None else f"{run.cpu_us_per_req:6.1f}"
+    log(
+        f"round {rnd} {load:7} {t.name:10} {res.rps:9,.0f} req/s  p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms  "
+        f"errors {res.errors:<4} proxy CPU {cpu} µs/req  (idle before {quiet.idle:.0%}, foreign {foreign:.2f} CPUs)"
+    )
+
+
+def throughput(procs: ProcessSet, bin_path: Path, tmp: Path, a: argparse.Namespace, out: Outcome) -> None:
+    targets = start_targets(procs, bin_path, tmp, a.targets, out)
+    out.targets = [t.name for t in targets]
+    log(f"targets: {', '.join(out.targets)}; loads: {', '.join(a.loads)}; {a.rounds} round(s) of {a.duration:g} s")
+    for t in targets:
+        try:
+            wrk.run(t.url, 50, WRK_THREADS, WARMUP_SECONDS, False)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+            log(f"warm-up of {t.name} failed: {e}")
+    for rnd in range(1, a.rounds + 1):
+        for load in a.loads:
+            for t in targets:
+                one_run(t, load, rnd, a, procs, out)
+    # The throughput setup is done: stop it so the next tests run on a quieter box.
+    for p in list(reversed(procs.started)):
+        procs.stop(p)
+
+
+def footprint(procs: ProcessSet, bin_path: Path, tmp: Path, a: argparse.Namespace, out: Outcome) -> None:
+    """Memory per idle connection and worker replacement time, on a fresh balancer."""
+    if a.memory_conns <= 0 and a.respawn_kills <= 0:
+        return
+    bal = start_balancer(procs, bin_path, tmp, "balancer-footprint", WORKERS, ["--max-conns", str(max(10_000, a.memory_conns))])
+    try:
+        # Respawn first: the memory test's 10,000 closes leave TIME_WAIT sockets behind, and
+        # they slow down reading /proc/net/tcp, which the master's admission check does
+        # (see TIME_WAIT_QUIET).
+        if a.respawn_kills > 0:
+            machine.wait_time_wait(TIME_WAIT_QUIET, TIME_WAIT_MAX_WAIT, log)
+            machine.wait_quiet(a.quiet_idle, a.quiet_wait, procs.pids, log)
+            out.respawn_time_wait = machine.time_wait_sockets()
+            out.respawns = respawn.measure(bal, a.respawn_kills, log)
+        if a.memory_conns > 0:
+            machine.wait_quiet(a.quiet_idle, a.quiet_wait, procs.pids, log)
+            out.memory = memory.measure(bal, a.memory_conns, log)
+    finally:
+        procs.stop(bal.proc)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def write_outputs(a: argparse.Namespace, out: Outcome, meta: dict[str, str], chart_ok: bool) -> None:
+    a.out.mkdir(parents=True, exist_ok=True)
+    loads = {l: LOADS[l][0] for l in a.loads}
+    rows = report.summarize(out.runs, a.loads, out.targets)
+    report.write_runs_csv(out.runs, a.out / "bench-runs.csv")
+    report.write_rows_csv(rows, a.out / "bench-results.csv")
+    chart = a.out / "bench.png"
+    if chart_ok and out.runs:
+        kind = "quick smoke run" if a.quick else f"{a.rounds} rounds × {a.duration:g} s"
+        report.chart(out.runs, rows, loads, out.targets, chart,
+                     f"balancer vs nginx vs HAProxy on loopback, 2 built-in workers ({kind}, {meta['date']})")
+    (a.out / "bench-results.md").write_text(markdown(a, out, rows, loads, meta, chart_ok and chart.exists()))
+    log(f"wrote {a.out}/bench-results.md, bench-results.csv, bench-runs.csv" + (", bench.png" if chart_ok else ""))
+
+
+def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
+    s = ["# balancer benchmark results", ""]
+    if a.quick:
+        s += ["**Quick smoke run** (one short round): it shows the harness works, not how fast anything is.", ""]
+    s += [
+        f"Made by `python3 bench/run.py{' --quick' if a.quick else ''}` on {meta['date']}: "
+        f"{a.rounds} round(s), each target and load for {a.duration:g} s, interleaved "
+        f"(all targets in turn for one load, then the next load; then the next round).",
+        "",
+        f"- Machine: {meta['machine']}. It is shared and noisy: compare the ratios within this run, not absolute numbers across runs.",
+        f"- Versions: balancer {meta['balancer']}; nginx {meta['nginx']}; HAProxy {meta['haproxy']}; wrk {meta['wrk']}; Python {meta['python']}.",
+        f"- Setup: {WORKERS} built-in balancer workers (single-threaded hyper servers) on loopback. `direct` is wrk against "
+        f"one worker (the ceiling); `balancer` (its proxy mode), nginx (`stream`, round-robin, `worker_processes auto`) and "
+        f"HAProxy (`mode tcp`, `balance roundrobin`, `nbthread {WORKERS}`) all proxy to the same two workers.",
+        f"- Load: wrk, {WRK_THREADS} threads, `--latency`, per load: "
+        + "; ".join(f"`{k}` = {v[0]}" + (" (`-H 'Connection: close'`)" if v[2] else "") for k, v in LOADS.items() if k in loads)
+        + ".",
+        "",
+        "## Throughput, latency, proxy CPU",
+        "",
+        report.markdown_table(rows, {k: f"`{k}`" for k in loads}) if rows else "_no runs completed_",
+        "",
+        "- req/s, p50, p99, CPU: medians over rounds. errors: wrk socket errors + non-2xx responses, summed over rounds.",
+        "- ×nginx, ×HAProxy, ×direct: median over rounds of this target's value divided by the reference's in the same "
+        "round (paired, so slow drift of the shared box cancels out). For req/s higher is better; for CPU lower is better.",
+        "- CPU µs/req: utime+stime from `/proc/<pid>/stat` of the proxy's processes over the run, divided by the "
+        "requests wrk completed. balancer: the master only (not its workers); nginx: master + workers; HAProxy: its "
+        "process (all threads). `direct` has no proxy: NA. 10 ms tick resolution.",
+        "",
+    ]
+    if has_chart:
+        s += ["![requests/s and proxy CPU per request, per target and load](bench.png)", ""]
+    s += ["Raw runs: [bench-runs.csv](bench-runs.csv); this table as CSV: [bench-results.csv](bench-results.csv).", ""]
+
+    s += ["## Memory per connection (balancer master)", ""]
+    m = out.memory
+    if m is None:
+        s += ["Not measured in this run.", ""]
+    else:
+        per = m.master_bytes_per_conn
+        wper = m.workers_bytes_per_conn
+        s += [
+            f"A fresh balancer (2 workers); this script opens {m.wanted:,} TCP connections to it and leaves them idle.",
+            "",
+            "| | value |",
+            "|---|---:|",
+            f"| client connections opened | {m.opened:,} |",
+            f"| proxied (master holds both legs, a worker accepted) | {m.proxied:,} |",
+            f"| master VmRSS idle | {m.master_rss_idle_kib / 1024:.1f} MiB |",
+            f"| master VmRSS with the connections open | {m.master_rss_loaded_kib / 1024:.1f} MiB |",
+            f"| **master memory per proxied connection** | **{per / 1024:.1f} KiB** |" if per is not None else "| master memory per proxied connection | NA |",
+            f"| workers' VmRSS (both) idle → loaded | {m.workers_rss_idle_kib / 1024:.1f} → {m.workers_rss_loaded_kib / 1024:.1f} MiB |",
+            f"| workers' memory per connection | {wper / 1024:.1f} KiB |" if wper is not None else "| workers' memory per connection | NA |",
+            "",
+        ]
+        if m.note:
+            s += [f"Note: {m.note}.", ""]
+
+    s += ["## Worker replacement after `kill -9`", ""]
+    if not out.respawns:
+        s += ["Not measured in this run.", ""]
+    else:
+        ready = [r.ready_ms for r in out.respawns]
+        s += [
+            f"{len(ready)} kills of a worker (alternating slots, each after both workers were ready again). Time from the "
+            "kill (this script's clock) to balancer's log line (its own timestamp). TCP sockets in TIME_WAIT on the "
+            f"machine when the test began: {out.respawn_time_wait if out.respawn_time_wait is not None else '?'} "
+            "(the master's admission check reads `/proc/net/tcp`, so `worker ready` comes later the more sockets "
+            "the machine has; see `bench/NOTES.md`).",
+            "",
+            "| | median | min | max |",
+            "|---|---:|---:|---:|",
+        ]
+        for attr, what in (("noticed_ms", "`worker exited` (noticed)"), ("spawned_ms", "`worker spawned` (replacement started)"),
+                           ("ready_ms", "**`worker ready` (replacement in rotation)**")):
+            xs = [getattr(r, attr) for r in out.respawns]
+            s.append(f"| {what} | {statistics.median(xs):.1f} ms | {min(xs):.1f} ms | {max(xs):.1f} ms |")
+        s.append("")
+
+    s += ["## Noise", ""]
+    if out.runs:
+        idle = [r.idle_before for r in out.runs]
+        busy = [r for r in out.runs if r.idle_before < a.quiet_idle]
+        foreign = [r.foreign_cpus for r in out.runs]
+        s += [
+            f"Before each run the script waited (at most {a.quiet_wait:g} s) until at least {a.quiet_idle:.0%} of all CPUs "
+            f"were idle over 0.5 s. Idle before runs: median {statistics.median(idle):.0%}, lowest {min(idle):.0%}; "
+            f"{len(busy)} of {len(out.runs)} runs started without reaching the threshold. "
+            f"Foreign CPU during runs (busy time not from wrk or our processes, in CPUs): median "
+            f"{statistics.median(foreign):.2f}, highest {max(foreign):.2f}. Busy time that no live process explains is "
+            "listed as `unattributed`: processes of other sessions that this one cannot see, or that came and went.",
+            "",
+        ]
+        if out.foreign_seen:
+            top = sorted(out.foreign_seen.items(), key=lambda kv: -kv[1])[:8]
+            s += [f"Using at least {FOREIGN_NOTABLE:.0%} of a CPU just before a run (number of runs): "
+                  + ", ".join(f"{k} ({n})" for k, n in top) + ".", ""]
+    if out.skipped or out.failures:
+        s += ["## Skipped and failed", ""]
+        s += [f"- skipped: {x}" for x in out.skipped] + [f"- failed: {x}" for x in out.failures] + [""]
+    return "\n".join(s)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then keeps it so.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _interrupt)
+    procs = ProcessSet(log)
+    tmp = Path(tempfile.mkdtemp(prefix="balancer-bench-"))
+    ok = False
+    try:
+        ensure_tools(a.no_install)
+        bin_path = binary() if a.no_build else build()
+        chart_ok = ensure_matplotlib()
+        hard = raise_fd_limit()
+        log(f"open-file limit {hard}; logs in {tmp}")
+        meta = versions() | {
+            "machine": machine_summary(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        }
+        out = Outcome()
+        # Footprint first, on a box this script has not yet filled with TIME_WAIT sockets.
+        footprint(procs, bin_path, tmp, a, out)
+        throughput(procs, bin_path, tmp, a, out)
+        write_outputs(a, out, meta, chart_ok)
+        ok = not out.failures
+        return 0 if ok else 1
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e or 'Ctrl-C'}); stopping everything")
+        return 130
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        procs.stop_all()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"process logs kept in {tmp}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

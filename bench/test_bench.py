@@ -1,0 +1,128 @@
+"""Unit tests of the parts that read other programs' output (wrk's report, balancer's log,
+`balancer --help`) and of the ratio arithmetic. No processes, no sockets:
+
+    python3 -m unittest discover -s bench
+"""
+
+import unittest
+from unittest import mock
+
+import report
+import targets
+import wrk
+
+WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:40087/
+  2 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    19.29ms   27.73ms 208.14ms   88.37%
+    Req/Sec     2.27k     1.51k    4.48k    52.63%
+  Latency Distribution
+     50%  712.00us
+     75%   19.56ms
+     90%   52.46ms
+     99%    1.37s
+  4412 requests in 1.08s, 654.91KB read
+  Socket errors: connect 0, read 3, write 1, timeout 2
+  Non-2xx or 3xx responses: 5
+Requests/sec:   4103.34
+Transfer/sec:    609.09KB
+"""
+
+
+class WrkTests(unittest.TestCase):
+    def test_parses_report(self):
+        r = wrk.parse(WRK_OUTPUT)
+        self.assertEqual(r.requests, 4412)
+        self.assertAlmostEqual(r.seconds, 1.08)
+        self.assertAlmostEqual(r.rps, 4103.34)
+        self.assertAlmostEqual(r.p50_ms, 0.712)
+        self.assertAlmostEqual(r.p99_ms, 1370.0)
+        self.assertEqual((r.socket_errors, r.non_2xx, r.errors), (6, 5, 11))
+
+    def test_clean_report_has_no_errors(self):
+        clean = "\n".join(l for l in WRK_OUTPUT.splitlines() if "errors" not in l and "Non-2xx" not in l)
+        self.assertEqual(wrk.parse(clean).errors, 0)
+
+    def test_without_latency_distribution_is_an_error(self):
+        with self.assertRaises(ValueError):
+            wrk.parse(WRK_OUTPUT.replace("     99%    1.37s\n", ""))
+
+
+class LogTests(unittest.TestCase):
+    def test_worker_ready(self):
+        line = targets.parse_log_line(
+            "2026-11-27T10:13:58.076635Z  INFO worker ready slot=0 pid=15772 addr=127.0.0.1:38369 in_rotation=1"
+        )
+        self.assertEqual(line.message, "worker ready")
+        self.assertEqual(line.fields, {"slot": "0", "pid": "15772", "addr": "127.0.0.1:38369", "in_rotation": "1"})
+        self.assertAlmostEqual(line.ts % 60, 58.076635, places=5)
+
+    def test_quoted_field_and_warning(self):
+        line = targets.parse_log_line(
+            '2026-11-27T10:14:03.048307Z  WARN worker out of rotation slot=0 pid=1 reason="master stopping" in_rotation=1'
+        )
+        self.assertEqual((line.level, line.message, line.fields["reason"]), ("WARN", "worker out of rotation", "master stopping"))
+
+    def test_relayed_worker_output_is_not_a_log_line(self):
+        self.assertIsNone(targets.parse_log_line("[worker 0 pid 12 stderr] worker ready slot=9"))
+
+    def test_ready_workers_follows_exits(self):
+        proc = mock.Mock()
+        proc.lines = [
+            (0, "2026-11-27T10:00:00.000001Z  INFO worker ready slot=0 pid=10 addr=127.0.0.1:1000 in_rotation=1"),
+            (0, "2026-11-27T10:00:00.000002Z  INFO worker ready slot=1 pid=11 addr=127.0.0.1:1001 in_rotation=2"),
+            (0, "2026-11-27T10:00:00.000003Z  WARN worker exited slot=0 pid=10 status=signal 9 (SIGKILL)"),
+        ]
+        bal = targets.Balancer(proc, "127.0.0.1:9")
+        self.assertEqual(bal.ready_workers(), {1: (11, "127.0.0.1:1001")})
+
+
+class ModeTests(unittest.TestCase):
+    def modes(self, help_text):
+        with mock.patch("subprocess.run") as run:
+            run.return_value.stdout = help_text
+            return targets.balancer_modes("balancer")
+
+    def test_no_mode_flag(self):
+        self.assertEqual(self.modes("Options:\n  -c, --cpus <CPUS>\n          How many\n"), [])
+
+    def test_short_possible_values(self):
+        text = "  -m, --mode <MODE>  how [default: proxy] [possible values: proxy, shared, reuseport, handoff]\n  -h, --help\n"
+        self.assertEqual(self.modes(text), ["proxy", "shared", "reuseport", "handoff"])
+
+    def test_long_possible_values(self):
+        text = (
+            "      --mode <MODE>\n          How\n\n          Possible values:\n"
+            "          - proxy:     the master proxies\n          - reuseport: SO_REUSEPORT\n\n"
+            "  -v, --verbose...\n          Possible values:\n          - nope: not mode\n"
+        )
+        self.assertEqual(self.modes(text), ["proxy", "reuseport"])
+
+
+class RatioTests(unittest.TestCase):
+    def run_(self, rnd, target, rps, cpu):
+        return report.Run(rnd, "ka50", target, 0.0, rps, 1.0, 2.0, 1000, 0, 0, cpu, 0.0, 1.0, 0.0, 0.0)
+
+    def test_ratios_are_paired_per_round(self):
+        runs = [
+            self.run_(1, "nginx", 100.0, 0.010),
+            self.run_(1, "balancer", 90.0, 0.020),
+            self.run_(2, "nginx", 50.0, 0.010),
+            self.run_(2, "balancer", 60.0, 0.010),
+            self.run_(3, "nginx", 200.0, 0.010),
+            self.run_(3, "balancer", 200.0, 0.030),
+            self.run_(1, "direct", 300.0, None),
+        ]
+        rows = {r.target: r for r in report.summarize(runs, ["ka50"], ["direct", "balancer", "nginx"])}
+        b = rows["balancer"]
+        self.assertEqual(b.rps, 90.0)
+        self.assertAlmostEqual(b.rps_ratio["nginx"], 1.0)  # median of 0.9, 1.2, 1.0
+        self.assertAlmostEqual(b.cpu_us_per_req, 20.0)
+        self.assertAlmostEqual(b.cpu_ratio["nginx"], 2.0)  # median of 2, 1, 3
+        self.assertAlmostEqual(b.rps_ratio["direct"], 0.3)  # only round 1 has both
+        self.assertIsNone(b.rps_ratio["haproxy"])
+        self.assertIsNone(rows["direct"].cpu_us_per_req)
+
+
+if __name__ == "__main__":
+    unittest.main()
