@@ -111,6 +111,11 @@ impl Delivery {
         self.pending.remove(&id)
     }
 
+    /// Whether some sent connection is still unanswered.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Every connection the worker has not taken, for other workers.
     pub fn into_unanswered(self) -> impl Iterator<Item = TcpStream> {
         self.pending.into_values()

@@ -508,7 +508,9 @@ async fn run(
                     if delivery.is_some() {
                         rotation.handoff = Some(handoff_tx.clone());
                     }
-                    check = Some(health.kind.resolve(builtin, supports_ping, own_address));
+                    // A hand-off worker is admitted with the client address, which is the
+                    // master's own: only IPC or liveness checks reach the worker itself.
+                    check = Some(health.kind.resolve(builtin, supports_ping, own_address && delivery.is_none()));
                     rotation.enter(at, "admitted");
                     phase.send_replace(Phase::Ready);
                     let mut t = interval_at(tokio::time::Instant::now() + health.interval, health.interval);
@@ -634,22 +636,11 @@ async fn run(
         }
     };
     drop((admission, probe));
-    // Connections queued for or sent to this worker and not taken go to the others.
+    // Connections queued for this worker and never sent go to the others now.
     rotation.leave("ended", stop.graceful.is_cancelled());
     handoff_rx.close();
-    let mut untaken: Vec<TcpStream> = std::iter::from_fn(|| handoff_rx.try_recv().ok()).collect();
-    if let Some(d) = delivery.take() {
-        untaken.extend(d.into_unanswered());
-    }
-    if !untaken.is_empty() {
-        tracing::info!(
-            slot,
-            pid,
-            connections = untaken.len(),
-            "giving connections the worker did not take to other workers"
-        );
-        handoff::redispatch(&shared.backends, untaken);
-    }
+    let queued: Vec<TcpStream> = std::iter::from_fn(|| handoff_rx.try_recv().ok()).collect();
+    give_to_others(shared, slot, pid, queued);
     let owns_connections = config.mode != Mode::Proxy || rotation.handoff.is_some();
     let expected = stop.graceful.is_cancelled() || reason == "retired";
     // A worker being stopped was sent `shutdown`. One that speaks IPC may take a moment to
@@ -661,16 +652,80 @@ async fn run(
         (true, true) => Some(config.grace),
         (true, false) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
     };
-    let status = match status {
-        Some(Ok(status)) => status,
-        Some(Err(_)) | None => terminate(&mut child, pid, stop, patience).await,
+    // Connections already sent stay the worker's until it answers or is gone: a worker that is
+    // draining still answers `accepted` or `rejected` for what was in its channel.
+    let status = match (status, delivery.as_mut()) {
+        (Some(Ok(status)), _) => status,
+        (_, Some(d)) if d.has_pending() => {
+            let deadline =
+                tokio::time::Instant::now() + patience.unwrap_or(SHUTDOWN_MESSAGE_TIMEOUT);
+            let exited = loop {
+                if !d.has_pending() {
+                    break None;
+                }
+                tokio::select! {
+                    status = child.wait() => break status.ok(),
+                    line = lines.next() => match line {
+                        Some(Ok(Ok(text))) => apply_answer(shared, d, &text),
+                        Some(Ok(Err(_))) => {}
+                        Some(Err(_)) | None => break None,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break None,
+                    _ = stop.force.cancelled() => break None,
+                }
+            };
+            match exited {
+                Some(status) => status,
+                None => terminate(&mut child, pid, stop, patience).await,
+            }
+        }
+        _ => terminate(&mut child, pid, stop, patience).await,
     };
+    // Reaped: its last answers are still in the channel; whatever it never answered, it did
+    // not take, and goes to the others.
+    if let Some(mut d) = delivery.take() {
+        while let Ok(Some(Ok(Ok(text)))) = tokio::time::timeout(EXIT_AFTER_EOF, lines.next()).await
+        {
+            apply_answer(shared, &mut d, &text);
+        }
+        give_to_others(shared, slot, pid, d.into_unanswered().collect());
+    }
     log_exit(slot, pid, status, expected, &last_stderr);
     shared.registry.gone(key);
     Ending {
         was_ready: addr.is_some(),
         reason: format!("{reason} ({})", describe(status)),
         last_stderr: last_stderr.lock().ok().and_then(|l| l.clone()),
+    }
+}
+
+/// Applies a worker's answer to a hand-off (balancer's `accepted`/`rejected` or Node's
+/// `newconn` acknowledgement); a refused connection goes to another worker.
+fn apply_answer(shared: &Arc<Shared>, delivery: &mut Delivery, text: &str) {
+    let answer = match node_cluster::parse_line(text) {
+        Some(Act::Accepted { ack, accepted }) => Some((ack, accepted)),
+        Some(_) => None,
+        None => match WorkerMessage::parse(text) {
+            Ok(WorkerMessage::Accepted { id }) => Some((id, true)),
+            Ok(WorkerMessage::Rejected { id }) => Some((id, false)),
+            _ => None,
+        },
+    };
+    if let Some(refused) = answer.and_then(|(id, accepted)| delivery.answered(id, accepted)) {
+        handoff::redispatch(&shared.backends, [refused]);
+    }
+}
+
+/// Re-dispatches connections a worker will never take, with one log line.
+fn give_to_others(shared: &Arc<Shared>, slot: usize, pid: u32, streams: Vec<TcpStream>) {
+    if !streams.is_empty() {
+        tracing::info!(
+            slot,
+            pid,
+            connections = streams.len(),
+            "giving connections the worker did not take to other workers"
+        );
+        handoff::redispatch(&shared.backends, streams);
     }
 }
 
