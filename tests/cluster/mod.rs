@@ -90,6 +90,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts balancer in `mode` with `--cpus N` and `extra` flags, running the fixture `app`
+/// under Node as a cluster worker. In shared and reuseport modes the workers accept on
+/// balancer's client port themselves, so it must be the port the app asks for: there,
+/// balancer listens on a free port (which the `PORT`-reading fixtures then ask for) and
+/// `--node-cluster on` is given (`auto` is off in shared mode).
+fn start_node(mode: &str, cpus: usize, extra: &[&str], app: &str) -> Balancer {
+    let app = fixture(app);
+    let cpus = cpus.to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--cpus", cpus.as_str(), "--mode", mode];
+    if matches!(mode, "shared" | "reuseport") {
+        args.extend(["--listen", listen.as_str(), "--node-cluster", "on"]);
+    } else {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    args.extend(["--", node(), app.as_str()]);
+    Balancer::start_exact(&args)
+}
+
 /// Waits for `all workers ready workers=N`.
 fn wait_all_ready(b: &Balancer, n: usize) {
     b.expect_line(0, "`all workers ready`", READY, |l| {
@@ -244,12 +264,12 @@ fn metric(body: &str, name: &str) -> u64 {
 /// Runs `app.js` with 2 workers in `mode` and checks that the two Node processes balancer
 /// spawned (and only they) serve the clients on balancer's port.
 fn textbook_program_is_served_by_balancers_workers(mode: &str) -> (Balancer, Vec<u32>) {
-    let app = fixture("app.js");
-    let b = Balancer::start(&["--cpus", "2", "--mode", mode, "--", node(), &app]);
+    let b = start_node(mode, 2, &[], "app.js");
     let addr = b.addr();
     wait_all_ready(&b, 2);
     let serving = ready_pids(&b);
     assert_eq!(serving.len(), 2, "{serving:?}\n{}", b.dump());
+    let spawned: HashSet<u32> = b.worker_pids().into_iter().collect();
     for &pid in &serving {
         b.expect_line(
             0,
@@ -297,6 +317,10 @@ fn textbook_program_is_served_by_balancers_workers(mode: &str) -> (Balancer, Vec
         serving.iter().copied().collect::<HashSet<_>>(),
         "who answered, vs the workers in rotation\n{}",
         b.dump()
+    );
+    assert!(
+        seen.is_subset(&spawned),
+        "answers from {seen:?}, `worker spawned` {spawned:?}"
     );
     assert!(
         !b.lines()
@@ -366,25 +390,11 @@ fn cluster_workers_in_proxy_mode_get_only_client_connections() {
 // ---------------------------------------------------------------------------------------------
 // 2. Shared mode: the workers accept on the master's socket, so the ports must agree.
 
-#[test]
-fn cluster_program_in_shared_mode_serves_on_the_port_it_asks_for() {
-    let app = fixture("app_port_env.js");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let b = Balancer::start_exact(&[
-        "--listen",
-        &listen,
-        "--cpus",
-        "2",
-        "--mode",
-        "shared",
-        "--node-cluster",
-        "on",
-        "--",
-        node(),
-        &app,
-    ]);
+/// Shared and reuseport modes: a cluster program that listens on `PORT` (balancer's own
+/// port) is served, by workers that accept themselves.
+fn cluster_program_serves_on_the_port_it_asks_for(mode: &str) {
+    let b = start_node(mode, 2, &[], "app_port_env.js");
     let addr = b.addr();
-    assert_eq!(addr.to_string(), listen);
     wait_all_ready(&b, 2);
     let serving: HashSet<u32> = ready_pids(&b).into_iter().collect();
     assert_eq!(serving.len(), 2, "{serving:?}\n{}", b.dump());
@@ -405,6 +415,16 @@ fn cluster_program_in_shared_mode_serves_on_the_port_it_asks_for() {
         b.dump()
     );
     assert_no_panic(&b);
+}
+
+#[test]
+fn cluster_program_in_shared_mode_serves_on_the_port_it_asks_for() {
+    cluster_program_serves_on_the_port_it_asks_for("shared");
+}
+
+#[test]
+fn cluster_program_in_reuseport_mode_serves_on_the_port_it_asks_for() {
+    cluster_program_serves_on_the_port_it_asks_for("reuseport");
 }
 
 #[test]
@@ -579,18 +599,7 @@ fn two_sighups_replace_every_cluster_worker_without_failing_a_request() {
 /// SIGTERM while a 1.5 s request is in a Node worker's hands: the request completes, the
 /// worker exits by itself (cluster `disconnect`), the master exits 0.
 fn sigterm_lets_a_slow_cluster_request_finish(mode: &str) {
-    let app = fixture("app_slow.js");
-    let mut b = Balancer::start(&[
-        "--cpus",
-        "1",
-        "--mode",
-        mode,
-        "--grace",
-        "20s",
-        "--",
-        node(),
-        &app,
-    ]);
+    let mut b = start_node(mode, 1, &["--grace", "20s"], "app_slow.js");
     let addr = b.addr();
     wait_all_ready(&b, 1);
     let worker = ready_pids(&b)[0];
@@ -632,6 +641,11 @@ fn sigterm_lets_a_slow_cluster_request_finish_in_proxy_mode() {
 #[test]
 fn sigterm_lets_a_slow_cluster_request_finish_in_handoff_mode() {
     sigterm_lets_a_slow_cluster_request_finish("handoff");
+}
+
+#[test]
+fn sigterm_lets_a_slow_cluster_request_finish_in_shared_mode() {
+    sigterm_lets_a_slow_cluster_request_finish("shared");
 }
 
 // ---------------------------------------------------------------------------------------------
