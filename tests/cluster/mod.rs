@@ -280,24 +280,18 @@ fn textbook_program_is_served_by_balancers_workers(mode: &str) -> (Balancer, Vec
     }
 
     // The program did not fork children of its own: the master's process tree holds exactly
-    // the two Node workers, as its direct children.
+    // the two Node workers, as its direct children, and nothing else.
     let master = b.pid();
-    let tree = descendants(master);
-    let mut nodes: Vec<u32> = tree
-        .iter()
-        .copied()
-        .filter(|&p| comm(p) == "node")
-        .collect();
-    nodes.sort_unstable();
+    let mut tree = descendants(master);
+    tree.sort_unstable();
     let mut want = serving.clone();
     want.sort_unstable();
-    assert_eq!(
-        nodes, want,
-        "node processes under the master (tree {tree:?})"
-    );
-    for &pid in &nodes {
+    let named: Vec<(u32, String)> = tree.iter().map(|&p| (p, comm(p))).collect();
+    assert_eq!(tree, want, "the master's process tree: {named:?}");
+    for (pid, name) in &named {
+        assert_eq!(name, "node", "{pid} in the master's tree: {named:?}");
         assert_eq!(
-            proc_stat(pid).map(|s| s.ppid),
+            proc_stat(*pid).map(|s| s.ppid),
             Some(master),
             "{pid}'s parent"
         );
