@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::sync::{mpsc, OnceLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::helper::*;
 use json::Json;
@@ -787,6 +787,61 @@ fn handoff_connection_survives_its_worker_dying_before_accepting() {
     );
     assert!(pid_alive(server));
     assert_no_panic(&b);
+}
+
+/// A hand-off worker that is busy (reading nothing, not even its channel) when a reload
+/// retires it still takes the connection it was handed before: the master must not hand the
+/// same socket to the replacement too. Two workers holding one client means one serves it
+/// and the other keeps it open, waiting for a request that never comes, so the client does
+/// not see the end of its response until that second worker gives up.
+#[test]
+#[ignore = "product bug: a retiring hand-off worker's unanswered connections are re-dispatched \
+            while it still runs (src/instance.rs, after the loop: `delivery.into_unanswered()`)"]
+fn handoff_connection_pending_at_a_busy_retiring_worker_is_served_once() {
+    let python = python3().to_str().expect("UTF-8 python path");
+    let worker = fixture("handoff_worker.py");
+    let b = Balancer::start(&[
+        "--cpus", "1", "--mode", "handoff", "--", python, &worker, "slow",
+    ]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let old = ready_pids(&b)[0];
+
+    let client = thread::spawn(move || {
+        let started = Instant::now();
+        let response = get_with_timeout(addr, "/", Duration::from_secs(20));
+        (response, started.elapsed())
+    });
+    let busy = format!("[worker 0 pid {old} stdout] busy with conn 0");
+    b.expect_line(0, "the worker's `busy with conn 0`", RELAY, |l| l == busy);
+    // The replacement starts, enters rotation, and the busy worker is retired, all while
+    // it has not answered for the connection yet.
+    send_signal(b.pid(), libc::SIGHUP);
+    b.expect_line(0, "`rolling reload done`", READY, |l| {
+        is_event(l, "rolling reload done")
+    });
+
+    let (response, elapsed) = client.join().expect("client thread");
+    assert_eq!(
+        response.expect("the client's response"),
+        (200, format!("handoff worker slot 0 pid {old}\n")),
+        "{}",
+        b.dump()
+    );
+    // The busy worker answers after 1 s; anything near its 10 s read timeout means another
+    // worker held the client open.
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "the response took {elapsed:?}\n{}",
+        b.dump()
+    );
+    assert!(
+        !b.lines()
+            .iter()
+            .any(|l| l.contains("busy with conn") && !l.contains(&format!("pid {old} "))),
+        "the client was handed to a second worker:\n{}",
+        b.dump()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
