@@ -1,1 +1,327 @@
 //! Compatibility (issue 4): Node workers, programs that know nothing of IPC, socket-sharing modes, balance policies.
+//!
+//! Every test runs the real binary with real worker programs: the built-in worker, Node.js
+//! programs written for `child_process.fork` (fixtures in `fixtures/`), `python3 -m
+//! http.server`, and a python server that takes its socket the systemd way. Node tests fail
+//! (never skip) when `node` is missing: CI installs it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::helper::*;
+
+/// How long workers may take from spawn to rotation: a debug build or a Node start-up, a few
+/// tests at once on a 2-core machine, and on a starved host one failed admission costing a
+/// `--ready-timeout` (10 s).
+const READY: Duration = Duration::from_secs(30);
+/// How long a graceful stop with nothing left to drain may take (a worker that ignores
+/// `shutdown` costs 2 s of patience, then SIGTERM).
+const EXIT: Duration = Duration::from_secs(15);
+/// How long the workers may outlive a master killed with SIGKILL.
+const ORPHAN_LIFETIME: Duration = Duration::from_secs(2);
+/// How long a replacement may take to be the one answering once it is in rotation.
+const ANSWER: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Shared steps.
+
+/// The path of a fixture in `tests/compat/fixtures/`.
+fn fixture(name: &str) -> String {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "compat", "fixtures", name]
+        .iter()
+        .collect();
+    assert!(path.is_file(), "fixture {path:?} is missing");
+    path.to_str().expect("UTF-8 fixture path").to_owned()
+}
+
+/// The `node` executable. Panics when there is none: CI installs `nodejs`, so a missing Node
+/// is a broken environment, not a reason to pass.
+fn node() -> &'static str {
+    static NODE: OnceLock<Option<String>> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("node"))
+            .find(|p| p.is_file())
+            .and_then(|p| p.to_str().map(str::to_owned))
+    })
+    .as_deref()
+    .expect("Node.js is needed for this test and `node` was not found in PATH (CI installs the `nodejs` package)")
+}
+
+/// Waits for `all workers ready workers=N`.
+fn wait_all_ready(b: &Balancer, n: usize) {
+    b.expect_line(0, "`all workers ready`", READY, |l| {
+        is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
+    });
+}
+
+/// Pids of the workers logged as `worker ready` that are still alive: the ones serving now.
+fn ready_pids(b: &Balancer) -> Vec<u32> {
+    let mut pids: Vec<u32> = Vec::new();
+    for pid in b
+        .lines()
+        .iter()
+        .filter(|l| is_event(l, "worker ready"))
+        .filter_map(|l| field_u32(l, "pid"))
+    {
+        if !pids.contains(&pid) && pid_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn assert_no_panic(b: &Balancer) {
+    assert!(
+        !b.lines().iter().any(|l| looks_like_panic(l)),
+        "panic text in the log:\n{}",
+        b.dump()
+    );
+}
+
+/// The pid at the end of a fixture's body (`... pid 123` or `... pid=123`).
+fn pid_in(body: &str) -> u32 {
+    body.trim_end()
+        .rsplit([' ', '='])
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid at the end of {body:?}"))
+}
+
+/// SIGTERM to the master: it must exit 0 and leave no worker behind. Returns the log.
+fn stop_gracefully(b: &mut Balancer) -> Vec<String> {
+    b.signal(libc::SIGTERM);
+    let exit = b.expect_exit(EXIT);
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "exit status {exit:?}; log:\n{}",
+        b.dump()
+    );
+    for pid in b.worker_pids() {
+        assert!(!pid_alive(pid), "worker {pid} outlived the master");
+    }
+    assert_no_panic(b);
+    b.lines()
+}
+
+/// The `status=` of the `worker stopped` line of `pid`.
+fn stopped_status(lines: &[String], pid: u32) -> Option<String> {
+    let line = lines
+        .iter()
+        .find(|l| is_event(l, "worker stopped") && field_u32(l, "pid") == Some(pid))?;
+    let (_, rest) = line.split_once(" status=")?;
+    // `exit code 0` or `signal 15 (SIGTERM)`: up to the end of the line.
+    Some(rest.trim_end().to_owned())
+}
+
+/// SIGKILLs `victim` and waits until the master has seen it die and replaced it in its
+/// slot, and the replacement is ready. Returns the index of the exit line and the
+/// replacement's pid.
+fn kill_and_wait_for_replacement(b: &Balancer, victim: u32) -> (usize, u32) {
+    let (_, spawned) = b.expect_line(0, "the victim's `worker spawned`", READY, |l| {
+        is_event(l, "worker spawned") && field_u32(l, "pid") == Some(victim)
+    });
+    let slot = field(&spawned, "slot").expect("slot").to_owned();
+    send_signal(victim, libc::SIGKILL);
+    let (exit_at, exited) = b.expect_line(0, "`worker exited` for the victim", READY, |l| {
+        is_event(l, "worker exited") && field_u32(l, "pid") == Some(victim)
+    });
+    assert!(exited.contains("status=signal 9 (SIGKILL)"), "{exited}");
+    let (_, respawned) = b.expect_line(exit_at, "a new `worker spawned` in the slot", READY, |l| {
+        is_event(l, "worker spawned") && field(l, "slot") == Some(slot.as_str())
+    });
+    let replacement = field_u32(&respawned, "pid").expect("pid");
+    assert_ne!(replacement, victim);
+    b.expect_line(exit_at, "`worker ready` for the replacement", READY, |l| {
+        is_event(l, "worker ready") && field_u32(l, "pid") == Some(replacement)
+    });
+    (exit_at, replacement)
+}
+
+/// `n` requests after a worker's exit was logged: each must succeed, none may reach `victim`.
+fn requests_avoid(b: &Balancer, addr: SocketAddr, victim: u32, n: usize) {
+    for i in 0..n {
+        let pid = match get(addr, "/") {
+            Ok((200, body)) => pid_in(&body),
+            other => panic!("request {i} after the exit: {other:?}\nlog:\n{}", b.dump()),
+        };
+        assert_ne!(pid, victim, "request {i} reached the killed worker");
+    }
+}
+
+/// Polls `GET /` until `pid` answers.
+fn wait_for_answer_from(b: &Balancer, addr: SocketAddr, pid: u32) {
+    let mut seen = Vec::new();
+    let answered = wait_until(ANSWER, || {
+        let got = pid_in(&get_ok(addr, "/"));
+        seen.push(got);
+        got == pid
+    });
+    assert!(
+        answered,
+        "{pid} never answered; answers: {seen:?}\nlog:\n{}",
+        b.dump()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node workers, unchanged: written for `child_process.fork`, run under balancer.
+
+/// Starts `--cpus N [EXTRA...] -- node node_http.js FORM`.
+fn start_node(workers: usize, extra: &[&str], form: &str) -> Balancer {
+    let cpus = workers.to_string();
+    let script = fixture("node_http.js");
+    let mut args = vec!["--cpus", cpus.as_str()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", node(), script.as_str(), form]);
+    Balancer::start(&args)
+}
+
+/// `n` requests, round-robin over the workers: the set of Node pids that answered.
+fn node_answers(addr: SocketAddr, n: usize) -> HashSet<u32> {
+    (0..n)
+        .map(|_| {
+            let body = get_ok(addr, "/");
+            assert!(body.starts_with("node worker pid "), "{body:?}");
+            pid_in(&body)
+        })
+        .collect()
+}
+
+/// A plain Node server on `listen(0)` that says `process.send(`${port} ready`)` serves
+/// through balancer, which is Node's cluster primary for it (the default `auto`).
+#[test]
+fn node_worker_sending_port_ready_serves_through_balancer() {
+    let mut b = start_node(2, &[], "port-ready");
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(ready.len(), 2, "{}", b.dump());
+    // The cluster path was taken: `listen(0)` was a `queryServer` that balancer answered.
+    for pid in &ready {
+        assert!(
+            b.lines().iter().any(|l| is_event(l, "node cluster worker online")
+                && field_u32(l, "pid") == Some(*pid)),
+            "worker {pid} never came online as a cluster worker:\n{}",
+            b.dump()
+        );
+    }
+    assert_eq!(node_answers(addr, 4), ready, "{}", b.dump());
+    stop_gracefully(&mut b);
+}
+
+#[test]
+fn node_worker_sending_ready_port_string_serves() {
+    let mut b = start_node(1, &[], "ready-port");
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(node_answers(addr, 2), ready, "{}", b.dump());
+    stop_gracefully(&mut b);
+}
+
+#[test]
+fn node_worker_sending_ready_object_serves() {
+    let mut b = start_node(1, &[], "object");
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(node_answers(addr, 2), ready, "{}", b.dump());
+    stop_gracefully(&mut b);
+}
+
+#[test]
+fn killed_node_worker_is_replaced() {
+    let b = start_node(2, &[], "port-ready");
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let victim = pid_in(&get_ok(addr, "/"));
+    let (_, replacement) = kill_and_wait_for_replacement(&b, victim);
+    requests_avoid(&b, addr, victim, 10);
+    wait_for_answer_from(&b, addr, replacement);
+    assert!(!pid_alive(victim));
+    assert_no_panic(&b);
+}
+
+/// SIGTERM to the master ends the Node workers with exit code 0, not with a signal. As their
+/// cluster primary, balancer asks them with Node's cluster `disconnect`; the fixture exits on
+/// the closed channel.
+#[test]
+fn node_workers_exit_0_when_the_master_stops() {
+    let mut b = start_node(2, &[], "port-ready");
+    b.addr();
+    wait_all_ready(&b, 2);
+    let ready = ready_pids(&b);
+    let lines = stop_gracefully(&mut b);
+    for pid in ready {
+        assert_eq!(
+            stopped_status(&lines, pid).as_deref(),
+            Some("exit code 0"),
+            "worker {pid}:\n{}",
+            b.dump()
+        );
+    }
+}
+
+/// Without the cluster protocol, the stop reaches the fixture as balancer's own
+/// `{"type":"shutdown"}` message, on which it exits 0.
+#[test]
+fn node_workers_exit_0_on_the_shutdown_message() {
+    let mut b = start_node(2, &["--node-cluster", "off"], "port-ready");
+    b.addr();
+    wait_all_ready(&b, 2);
+    let ready = ready_pids(&b);
+    assert!(
+        !b.lines()
+            .iter()
+            .any(|l| is_event(l, "node cluster worker online")),
+        "--node-cluster off, yet a cluster worker:\n{}",
+        b.dump()
+    );
+    let lines = stop_gracefully(&mut b);
+    for pid in ready {
+        let said = lines
+            .iter()
+            .position(|l| l.contains(&format!(" pid {pid} stdout] shutdown received")));
+        let stopped = lines
+            .iter()
+            .position(|l| is_event(l, "worker stopped") && field_u32(l, "pid") == Some(pid));
+        assert!(
+            matches!((said, stopped), (Some(s), Some(t)) if s < t),
+            "worker {pid} did not get `shutdown` before it stopped:\n{}",
+            b.dump()
+        );
+        assert_eq!(
+            stopped_status(&lines, pid).as_deref(),
+            Some("exit code 0"),
+            "worker {pid}:\n{}",
+            b.dump()
+        );
+    }
+}
+
+/// The Node workers go when the master does. The fixture exits on `disconnect` (its channel
+/// closing); note that balancer's `PR_SET_PDEATHSIG=SIGKILL` also kills its direct children
+/// when it dies, so this test alone does not tell the two apart.
+#[test]
+fn node_workers_go_when_the_master_is_killed() {
+    let mut b = start_node(2, &[], "port-ready");
+    b.addr();
+    wait_all_ready(&b, 2);
+    let workers = b.worker_pids();
+    assert!(workers.iter().filter(|&&p| pid_alive(p)).count() >= 2);
+    b.signal(libc::SIGKILL);
+    assert!(
+        wait_until(ORPHAN_LIFETIME, || !workers.iter().any(|&p| pid_alive(p))),
+        "Node workers {:?} still alive {ORPHAN_LIFETIME:?} after the master was killed",
+        workers
+            .iter()
+            .filter(|&&p| pid_alive(p))
+            .collect::<Vec<_>>()
+    );
+}
