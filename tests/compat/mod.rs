@@ -454,3 +454,146 @@ fn log_time(line: &str) -> Option<Duration> {
     let s: f64 = parts.next()?.parse().ok()?;
     Some(Duration::from_secs(h * 3600 + m * 60) + Duration::from_secs_f64(s))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Socket-sharing and hand-off modes, with supervision.
+
+/// The built-in worker in `mode`: it serves, a killed worker is replaced while traffic keeps
+/// flowing, and SIGTERM stops everything with exit code 0.
+fn builtin_worker_in_mode(mode: &str) {
+    let mut b = Balancer::start(&["--cpus", "2", "--mode", mode]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(ready.len(), 2, "{}", b.dump());
+
+    let answers: Vec<u32> = (0..6).map(|_| body_pid(&get_ok(addr, "/"))).collect();
+    assert!(
+        answers.iter().all(|p| ready.contains(p)),
+        "answers {answers:?} from workers {ready:?}"
+    );
+    let (status, body) = get(addr, "/sum?n=4").expect("GET /sum");
+    assert_eq!((status, body.as_str()), (200, "14\n"));
+
+    let victim = answers[0];
+    let (_, replacement) = kill_and_wait_for_replacement(&b, victim);
+    // The exit is logged after the worker left rotation (and, sharing the socket, after the
+    // kernel closed its copy): from now on nothing may fail.
+    for i in 0..10 {
+        let pid = match get(addr, "/") {
+            Ok((200, body)) => body_pid(&body),
+            other => panic!("request {i} after the exit: {other:?}\nlog:\n{}", b.dump()),
+        };
+        assert_ne!(pid, victim, "request {i} reached the killed worker");
+    }
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(ANSWER, || {
+            let pid = body_pid(&get_ok(addr, "/"));
+            seen.push(pid);
+            pid == replacement
+        }),
+        "the replacement {replacement} never answered: {seen:?}\nlog:\n{}",
+        b.dump()
+    );
+    assert!(!pid_alive(victim));
+
+    let serving = ready_pids(&b);
+    let lines = stop_gracefully(&mut b);
+    for pid in serving {
+        assert_eq!(
+            stopped_status(&lines, pid).as_deref(),
+            Some("exit code 0"),
+            "worker {pid}:\n{}",
+            b.dump()
+        );
+    }
+}
+
+#[test]
+fn builtin_worker_in_shared_mode() {
+    builtin_worker_in_mode("shared");
+}
+
+#[test]
+fn builtin_worker_in_reuseport_mode() {
+    builtin_worker_in_mode("reuseport");
+}
+
+#[test]
+fn builtin_worker_in_handoff_mode() {
+    builtin_worker_in_mode("handoff");
+}
+
+/// A Node worker written for `worker.send('server', server)` serves on the listening socket
+/// balancer hands it (`auto` keeps the cluster protocol off in shared mode).
+#[test]
+fn node_worker_takes_the_server_handle_in_shared_mode() {
+    let script = fixture("node_shared.js");
+    let mut b = Balancer::start(&["--cpus", "2", "--mode", "shared", "--", node(), &script]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(ready.len(), 2, "{}", b.dump());
+    for _ in 0..6 {
+        let body = get_ok(addr, "/");
+        assert!(body.starts_with("node shared worker pid "), "{body:?}");
+        let pid = pid_in(&body);
+        assert!(ready.contains(&pid), "{pid} is not one of {ready:?}");
+    }
+    let lines = stop_gracefully(&mut b);
+    for pid in ready {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!(" pid {pid} stdout] shutdown received"))),
+            "worker {pid} did not get `shutdown`:\n{}",
+            b.dump()
+        );
+        assert_eq!(
+            stopped_status(&lines, pid).as_deref(),
+            Some("exit code 0"),
+            "worker {pid}:\n{}",
+            b.dump()
+        );
+    }
+}
+
+/// A program that takes its socket the systemd way (fd 3, `LISTEN_FDS=1`, `LISTEN_PID` its
+/// own pid; the fixture exits otherwise) serves in shared mode with `--ready spawn`.
+#[test]
+fn systemd_style_program_serves_in_shared_mode() {
+    let script = fixture("systemd_socket.py");
+    let mut b = Balancer::start(&[
+        "--cpus",
+        "2",
+        "--mode",
+        "shared",
+        "--ready",
+        "spawn",
+        "--",
+        python(),
+        &script,
+    ]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(ready.len(), 2, "{}", b.dump());
+    for pid in &ready {
+        b.expect_line(0, &format!("worker {pid} serving on fd 3"), READY, |l| {
+            l.contains(&format!(" pid {pid} stdout] serving on fd 3, port {}", addr.port()))
+        });
+    }
+    for _ in 0..6 {
+        let body = get_ok(addr, "/");
+        assert!(body.starts_with("systemd worker pid "), "{body:?}");
+        let pid = pid_in(&body);
+        assert!(ready.contains(&pid), "{pid} is not one of {ready:?}");
+    }
+    assert!(
+        !b.lines().iter().any(|l| is_event(l, "worker exited")),
+        "a worker exited:\n{}",
+        b.dump()
+    );
+    stop_gracefully(&mut b);
+}
