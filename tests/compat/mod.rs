@@ -6,10 +6,12 @@
 //! (never skip) when `node` is missing: CI installs it.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::helper::*;
 
@@ -596,4 +598,178 @@ fn systemd_style_program_serves_in_shared_mode() {
         b.dump()
     );
     stop_gracefully(&mut b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The blocking demo: one worker busy in `/sum`, the other free.
+
+/// `n` of the calibration `/sum`: long enough to time (about 0.2 s in a debug build), short
+/// enough not to matter.
+const CALIBRATION_N: u64 = 20_000_000;
+/// How long the blocking `/sum` should keep its worker busy, at the machine's load when
+/// calibrated. Ten quick requests fit well inside it even on a loaded machine (load only
+/// makes `/sum` slower), and the round-robin test waits for all of it once.
+const BLOCKING_SUM: Duration = Duration::from_secs(2);
+/// Workers are checked by TCP connect in these tests: the kernel completes a connect to a
+/// worker whose only thread is computing, so the busy worker stays in rotation however slow
+/// the machine (HTTP checks would take it down after 3 s and replace it, /sum and all, after
+/// about 6 s) and what the tests see is the balance policy alone.
+const HEALTH_CHECK: [&str; 2] = ["--health-check", "tcp"];
+/// `/sum` accepts no larger `n` (worker/src/builtin.rs).
+const MAX_SUM_N: u64 = 20_000_000_000;
+/// Timeout of a request that may wait behind the blocking `/sum`.
+const BEHIND_SUM: Duration = Duration::from_secs(60);
+/// CPU time (clock ticks, 10 ms each) that marks a worker as computing: the idle worker
+/// spends far less on its health checks.
+const BUSY_TICKS: u64 = 5;
+
+/// The `n` for which `/sum` takes about [`BLOCKING_SUM`] on this machine now, measured
+/// through `addr`.
+fn calibrate_sum(addr: SocketAddr) -> u64 {
+    let start = Instant::now();
+    let (status, body) = get_with_timeout(addr, &format!("/sum?n={CALIBRATION_N}"), BEHIND_SUM)
+        .expect("the calibration /sum");
+    assert_eq!(status, 200, "{body}");
+    let took = start.elapsed().max(Duration::from_millis(1));
+    let scale = BLOCKING_SUM.as_secs_f64() / took.as_secs_f64();
+    ((CALIBRATION_N as f64 * scale) as u64).clamp(CALIBRATION_N, MAX_SUM_N)
+}
+
+/// A `/sum` in flight on one of `workers`: the request's thread, and the busy worker.
+struct BlockingSum {
+    request: thread::JoinHandle<io::Result<(u16, String)>>,
+    busy: u32,
+}
+
+impl BlockingSum {
+    /// Sends `/sum?n=N` and waits until one of `workers` is visibly computing it.
+    fn start(b: &Balancer, addr: SocketAddr, n: u64, workers: &[u32]) -> BlockingSum {
+        let ticks = |pid: u32| proc_stat(pid).map_or(0, |s| s.cpu_ticks);
+        let before: Vec<u64> = workers.iter().map(|&p| ticks(p)).collect();
+        let request =
+            thread::spawn(move || get_with_timeout(addr, &format!("/sum?n={n}"), BEHIND_SUM));
+        let mut busy = None;
+        let computing = wait_until(Duration::from_secs(10), || {
+            busy = workers
+                .iter()
+                .zip(&before)
+                .find(|(&p, &t)| ticks(p) >= t + BUSY_TICKS)
+                .map(|(&p, _)| p);
+            busy.is_some()
+        });
+        assert!(computing, "no worker started computing /sum:\n{}", b.dump());
+        BlockingSum {
+            request,
+            busy: busy.expect("found above"),
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        !self.request.is_finished()
+    }
+}
+
+/// `GET path` like [`get`], also returning the client's own address (the `peer` in the
+/// master's log).
+fn get_from(addr: SocketAddr, path: &str) -> io::Result<(SocketAddr, u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let me = stream.local_addr()?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad response {raw:?}"));
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((me, status, body.to_owned()))
+}
+
+/// With `least-conn`, while one worker is busy in `/sum`, every new client goes to the other.
+#[test]
+fn least_conn_keeps_clients_off_the_busy_worker() {
+    // `-v` for the `connection done` debug lines.
+    let mut args = vec!["--cpus", "2", "--balance", "least-conn", "-v"];
+    args.extend_from_slice(&HEALTH_CHECK);
+    let b = Balancer::start(&args);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let workers = ready_pids(&b);
+    assert_eq!(workers.len(), 2, "{}", b.dump());
+    let n = calibrate_sum(addr);
+    let sum = BlockingSum::start(&b, addr, n, &workers);
+    let free = *workers.iter().find(|&&p| p != sum.busy).expect("two workers");
+
+    for i in 0..10 {
+        assert!(
+            sum.in_flight(),
+            "/sum?n={n} ended before request {i}: the calibration was too short"
+        );
+        let (me, status, body) =
+            get_from(addr, "/").unwrap_or_else(|e| panic!("request {i}: {e}\n{}", b.dump()));
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert_eq!(
+            body_pid(&body),
+            free,
+            "request {i} went to the busy worker {}",
+            sum.busy
+        );
+        // A client has its whole response before the master sees it close; until then the
+        // connection still counts for the free worker, and the next pick would be a tie.
+        let me = me.to_string();
+        b.expect_line(0, "the request's `connection done`", HTTP_TIMEOUT, |l| {
+            is_event(l, "connection done") && field(l, "peer") == Some(me.as_str())
+        });
+    }
+    assert_no_panic(&b);
+    // The master's death ends the /sum too.
+    drop(b);
+    let _ = sum.request.join();
+}
+
+/// With `round-robin`, a client is sent to the busy worker in its turn, and waits behind the
+/// `/sum`: the blocking the issue starts from.
+#[test]
+fn round_robin_sends_clients_to_the_busy_worker() {
+    let mut args = vec!["--cpus", "2", "--balance", "round-robin"];
+    args.extend_from_slice(&HEALTH_CHECK);
+    let b = Balancer::start(&args);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let workers = ready_pids(&b);
+    assert_eq!(workers.len(), 2, "{}", b.dump());
+    let n = calibrate_sum(addr);
+    let sum = BlockingSum::start(&b, addr, n, &workers);
+
+    let mut queued_behind_sum = 0;
+    for i in 0..10 {
+        let sent_while_busy = sum.in_flight();
+        let (status, body) = get_with_timeout(addr, "/", BEHIND_SUM)
+            .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", b.dump()));
+        assert_eq!(status, 200, "request {i}: {body}");
+        let pid = body_pid(&body);
+        assert!(workers.contains(&pid), "{pid} is not one of {workers:?}");
+        if pid == sum.busy && sent_while_busy {
+            queued_behind_sum += 1;
+        }
+    }
+    assert!(
+        queued_behind_sum >= 1,
+        "no request went to the busy worker {} while /sum ran:\n{}",
+        sum.busy,
+        b.dump()
+    );
+    let (status, body) = sum
+        .request
+        .join()
+        .expect("the /sum thread")
+        .expect("the /sum completes");
+    assert_eq!(status, 200, "{body}");
+    assert_no_panic(&b);
 }
