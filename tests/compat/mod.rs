@@ -32,9 +32,15 @@ const ANSWER: Duration = Duration::from_secs(10);
 
 /// The path of a fixture in `tests/compat/fixtures/`.
 fn fixture(name: &str) -> String {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "compat", "fixtures", name]
-        .iter()
-        .collect();
+    let path: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "compat",
+        "fixtures",
+        name,
+    ]
+    .iter()
+    .collect();
     assert!(path.is_file(), "fixture {path:?} is missing");
     path.to_str().expect("UTF-8 fixture path").to_owned()
 }
@@ -224,8 +230,10 @@ fn node_worker_sending_port_ready_serves_through_balancer() {
     // The cluster path was taken: `listen(0)` was a `queryServer` that balancer answered.
     for pid in &ready {
         assert!(
-            b.lines().iter().any(|l| is_event(l, "node cluster worker online")
-                && field_u32(l, "pid") == Some(*pid)),
+            b.lines()
+                .iter()
+                .any(|l| is_event(l, "node cluster worker online")
+                    && field_u32(l, "pid") == Some(*pid)),
             "worker {pid} never came online as a cluster worker:\n{}",
             b.dump()
         );
@@ -380,10 +388,15 @@ fn ready_port_serves_python_http_server() {
     // http.server logs each request on stderr, which balancer relays tagged with the pid:
     // round-robin sent requests to both.
     for pid in &ready {
-        b.expect_line(0, &format!("a request logged by worker {pid}"), READY, |l| {
-            l.contains(&format!(" pid {pid} stderr] "))
-                && l.contains("\"GET /hello.txt HTTP/1.1\" 200")
-        });
+        b.expect_line(
+            0,
+            &format!("a request logged by worker {pid}"),
+            READY,
+            |l| {
+                l.contains(&format!(" pid {pid} stderr] "))
+                    && l.contains("\"GET /hello.txt HTTP/1.1\" 200")
+            },
+        );
     }
     stop_gracefully(&mut b);
 }
@@ -433,7 +446,9 @@ fn worker_that_never_spoke_ipc_gets_sigterm_at_once() {
             .and_then(|l| log_time(l))
             .unwrap_or_else(|| panic!("no {what} line:\n{}", b.dump()))
     };
-    let stopping = at("`stopping`", &|l| is_event(l, "stopping: draining connections"));
+    let stopping = at("`stopping`", &|l| {
+        is_event(l, "stopping: draining connections")
+    });
     let stopped = at("`worker stopped`", &|l| {
         is_event(l, "worker stopped") && field_u32(l, "pid") == Some(worker)
     });
@@ -583,7 +598,10 @@ fn systemd_style_program_serves_in_shared_mode() {
     assert_eq!(ready.len(), 2, "{}", b.dump());
     for pid in &ready {
         b.expect_line(0, &format!("worker {pid} serving on fd 3"), READY, |l| {
-            l.contains(&format!(" pid {pid} stdout] serving on fd 3, port {}", addr.port()))
+            l.contains(&format!(
+                " pid {pid} stdout] serving on fd 3, port {}",
+                addr.port()
+            ))
         });
     }
     for _ in 0..6 {
@@ -704,7 +722,10 @@ fn least_conn_keeps_clients_off_the_busy_worker() {
     assert_eq!(workers.len(), 2, "{}", b.dump());
     let n = calibrate_sum(addr);
     let sum = BlockingSum::start(&b, addr, n, &workers);
-    let free = *workers.iter().find(|&&p| p != sum.busy).expect("two workers");
+    let free = *workers
+        .iter()
+        .find(|&&p| p != sum.busy)
+        .expect("two workers");
 
     for i in 0..10 {
         assert!(
@@ -772,4 +793,113 @@ fn round_robin_sends_clients_to_the_busy_worker() {
         .expect("the /sum completes");
     assert_eq!(status, 200, "{body}");
     assert_no_panic(&b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combinations that cannot work: one line of error, exit code 1, no worker.
+
+/// Runs `balancer --listen 127.0.0.1:0 ARGS`, which must refuse to start with its own
+/// one-line error; returns that line.
+fn refused(args: &[&str]) -> String {
+    let mut b = Balancer::start(args);
+    let exit = b.expect_exit(EXIT);
+    let lines: Vec<String> = b
+        .lines()
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        exit.code(),
+        Some(1),
+        "{args:?}: {exit:?}; stderr:\n{}",
+        b.dump()
+    );
+    assert_eq!(lines.len(), 1, "{args:?}: one line wanted:\n{}", b.dump());
+    assert!(
+        lines[0].starts_with("balancer: error: "),
+        "{args:?}: {:?}",
+        lines[0]
+    );
+    assert!(!looks_like_panic(&lines[0]), "{args:?}: {:?}", lines[0]);
+    assert!(b.worker_pids().is_empty(), "{args:?}:\n{}", b.dump());
+    assert!(
+        b.stdout_lines().is_empty(),
+        "{args:?}: {:?}",
+        b.stdout_lines()
+    );
+    lines[0].clone()
+}
+
+#[test]
+fn ready_spawn_in_proxy_mode_is_refused() {
+    let line = refused(&[
+        "--cpus", "1", "--mode", "proxy", "--ready", "spawn", "--", "sleep", "30",
+    ]);
+    assert!(
+        line.contains("--ready spawn") && line.contains("proxy"),
+        "{line}"
+    );
+}
+
+#[test]
+fn ready_port_in_shared_mode_is_refused() {
+    let line = refused(&[
+        "--cpus", "1", "--mode", "shared", "--ready", "port", "--", "sleep", "30",
+    ]);
+    assert!(
+        line.contains("--ready port") && line.contains("shared"),
+        "{line}"
+    );
+}
+
+#[test]
+fn ready_port_without_a_command_is_refused() {
+    let line = refused(&["--cpus", "1", "--ready", "port"]);
+    assert!(
+        line.contains("COMMAND") && line.to_lowercase().contains("--ready port"),
+        "{line}"
+    );
+}
+
+/// The error should name the value as the user typed it, like the other `--ready` errors do
+/// (`--ready port`, not the enum's `Debug` form `--ready Port`).
+#[test]
+#[ignore = "product bug: src/config.rs:90 formats the --ready value with {:?} (`--ready Port`)"]
+fn ready_without_a_command_error_names_the_value_as_typed() {
+    for value in ["port", "spawn"] {
+        let line = refused(&["--cpus", "1", "--ready", value]);
+        assert!(line.contains(&format!("--ready {value} ")), "{line}");
+    }
+}
+
+/// In handoff mode a worker must take each connection over IPC, which a program that knows
+/// nothing of IPC cannot do. Today balancer starts, admits the worker at once and, having no
+/// hand-off channel for it, forwards clients to the worker's "address", which in handoff mode
+/// is the master's own listening address: every client connection loops back into the
+/// master until `--max-conns` is used up. (No client is sent here.)
+#[test]
+#[ignore = "product bug: src/config.rs:88-95 accepts --ready spawn with --mode handoff; one client then loops through the master until --max-conns"]
+fn ready_spawn_in_handoff_mode_is_refused() {
+    let line = refused(&[
+        "--cpus", "1", "--mode", "handoff", "--ready", "spawn", "--", "sleep", "30",
+    ]);
+    assert!(
+        line.contains("--ready spawn") && line.contains("handoff"),
+        "{line}"
+    );
+}
+
+/// In handoff mode workers have no port of their own, so there is nothing for `--ready port`
+/// to assign or probe; today the worker never becomes ready and is replaced every
+/// `--ready-timeout`, forever.
+#[test]
+#[ignore = "product bug: src/config.rs:88-95 accepts --ready port with --mode handoff; the worker is never admitted"]
+fn ready_port_in_handoff_mode_is_refused() {
+    let line = refused(&[
+        "--cpus", "1", "--mode", "handoff", "--ready", "port", "--", "sleep", "30",
+    ]);
+    assert!(
+        line.contains("--ready port") && line.contains("handoff"),
+        "{line}"
+    );
 }
