@@ -108,7 +108,8 @@ fn assert_no_panic(b: &Balancer) {
     );
 }
 
-/// The pid at the end of a fixture's body (`... pid 123` or `... pid=123`).
+/// The pid at the end of a worker's body (`... pid 123`, `... pid=123`, or the built-in
+/// worker's `... at pid: 123`).
 fn pid_in(body: &str) -> u32 {
     body.trim_end()
         .rsplit([' ', '='])
@@ -145,9 +146,8 @@ fn stopped_status(lines: &[String], pid: u32) -> Option<String> {
 }
 
 /// SIGKILLs `victim` and waits until the master has seen it die and replaced it in its
-/// slot, and the replacement is ready. Returns the index of the exit line and the
-/// replacement's pid.
-fn kill_and_wait_for_replacement(b: &Balancer, victim: u32) -> (usize, u32) {
+/// slot, and the replacement is ready. Returns the replacement's pid.
+fn kill_and_wait_for_replacement(b: &Balancer, victim: u32) -> u32 {
     let (_, spawned) = b.expect_line(0, "the victim's `worker spawned`", READY, |l| {
         is_event(l, "worker spawned") && field_u32(l, "pid") == Some(victim)
     });
@@ -165,7 +165,7 @@ fn kill_and_wait_for_replacement(b: &Balancer, victim: u32) -> (usize, u32) {
     b.expect_line(exit_at, "`worker ready` for the replacement", READY, |l| {
         is_event(l, "worker ready") && field_u32(l, "pid") == Some(replacement)
     });
-    (exit_at, replacement)
+    replacement
 }
 
 /// `n` requests after a worker's exit was logged: each must succeed, none may reach `victim`.
@@ -197,13 +197,15 @@ fn wait_for_answer_from(b: &Balancer, addr: SocketAddr, pid: u32) {
 // ---------------------------------------------------------------------------------------------
 // Node workers, unchanged: written for `child_process.fork`, run under balancer.
 
-/// Starts `--cpus N [EXTRA...] -- node node_http.js FORM`.
-fn start_node(workers: usize, extra: &[&str], form: &str) -> Balancer {
+/// Starts `--cpus N [EXTRA...] -- node node_http.js FIXTURE_ARGS...` (the ready form, then
+/// `shutdown-only` or nothing).
+fn start_node(workers: usize, extra: &[&str], fixture_args: &[&str]) -> Balancer {
     let cpus = workers.to_string();
     let script = fixture("node_http.js");
     let mut args = vec!["--cpus", cpus.as_str()];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", node(), script.as_str(), form]);
+    args.extend_from_slice(&["--", node(), script.as_str()]);
+    args.extend_from_slice(fixture_args);
     Balancer::start(&args)
 }
 
@@ -222,7 +224,7 @@ fn node_answers(addr: SocketAddr, n: usize) -> HashSet<u32> {
 /// through balancer, which is Node's cluster primary for it (the default `auto`).
 #[test]
 fn node_worker_sending_port_ready_serves_through_balancer() {
-    let mut b = start_node(2, &[], "port-ready");
+    let mut b = start_node(2, &[], &["port-ready"]);
     let addr = b.addr();
     wait_all_ready(&b, 2);
     let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
@@ -244,7 +246,7 @@ fn node_worker_sending_port_ready_serves_through_balancer() {
 
 #[test]
 fn node_worker_sending_ready_port_string_serves() {
-    let mut b = start_node(1, &[], "ready-port");
+    let mut b = start_node(1, &[], &["ready-port"]);
     let addr = b.addr();
     wait_all_ready(&b, 1);
     let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
@@ -254,7 +256,7 @@ fn node_worker_sending_ready_port_string_serves() {
 
 #[test]
 fn node_worker_sending_ready_object_serves() {
-    let mut b = start_node(1, &[], "object");
+    let mut b = start_node(1, &[], &["object"]);
     let addr = b.addr();
     wait_all_ready(&b, 1);
     let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
@@ -264,11 +266,11 @@ fn node_worker_sending_ready_object_serves() {
 
 #[test]
 fn killed_node_worker_is_replaced() {
-    let b = start_node(2, &[], "port-ready");
+    let b = start_node(2, &[], &["port-ready"]);
     let addr = b.addr();
     wait_all_ready(&b, 2);
     let victim = pid_in(&get_ok(addr, "/"));
-    let (_, replacement) = kill_and_wait_for_replacement(&b, victim);
+    let replacement = kill_and_wait_for_replacement(&b, victim);
     requests_avoid(&b, addr, victim, 10);
     wait_for_answer_from(&b, addr, replacement);
     assert!(!pid_alive(victim));
@@ -280,7 +282,7 @@ fn killed_node_worker_is_replaced() {
 /// the closed channel.
 #[test]
 fn node_workers_exit_0_when_the_master_stops() {
-    let mut b = start_node(2, &[], "port-ready");
+    let mut b = start_node(2, &[], &["port-ready"]);
     b.addr();
     wait_all_ready(&b, 2);
     let ready = ready_pids(&b);
@@ -295,11 +297,37 @@ fn node_workers_exit_0_when_the_master_stops() {
     }
 }
 
-/// Without the cluster protocol, the stop reaches the fixture as balancer's own
-/// `{"type":"shutdown"}` message, on which it exits 0.
+/// A Node worker written to exit on balancer's `{"type":"shutdown"}` (as docs/PROTOCOL.md
+/// asks), and kept alive by a timer otherwise, exits 0 when the master stops, in the default
+/// `--node-cluster auto`. Today, as its cluster primary, balancer sends it only Node's cluster
+/// `disconnect`: the timer keeps it running, and it is killed by SIGTERM 2 s later.
+#[test]
+#[ignore = "product bug: src/instance.rs ask_to_stop sends a Node cluster worker only the cluster `disconnect`, never `shutdown`"]
+fn node_worker_exiting_on_shutdown_only_exits_0_when_the_master_stops() {
+    let mut b = start_node(2, &[], &["port-ready", "shutdown-only"]);
+    b.addr();
+    wait_all_ready(&b, 2);
+    let ready = ready_pids(&b);
+    let lines = stop_gracefully(&mut b);
+    for pid in ready {
+        assert_eq!(
+            stopped_status(&lines, pid).as_deref(),
+            Some("exit code 0"),
+            "worker {pid}:\n{}",
+            b.dump()
+        );
+    }
+}
+
+/// Without the cluster protocol, the stop reaches the same worker as balancer's own
+/// `{"type":"shutdown"}` message, on which it exits 0 (its only way to exit 0).
 #[test]
 fn node_workers_exit_0_on_the_shutdown_message() {
-    let mut b = start_node(2, &["--node-cluster", "off"], "port-ready");
+    let mut b = start_node(
+        2,
+        &["--node-cluster", "off"],
+        &["port-ready", "shutdown-only"],
+    );
     b.addr();
     wait_all_ready(&b, 2);
     let ready = ready_pids(&b);
@@ -337,7 +365,7 @@ fn node_workers_exit_0_on_the_shutdown_message() {
 /// when it dies, so this test alone does not tell the two apart.
 #[test]
 fn node_workers_go_when_the_master_is_killed() {
-    let mut b = start_node(2, &[], "port-ready");
+    let mut b = start_node(2, &[], &["port-ready"]);
     b.addr();
     wait_all_ready(&b, 2);
     let workers = b.worker_pids();
@@ -493,26 +521,11 @@ fn builtin_worker_in_mode(mode: &str) {
     assert_eq!((status, body.as_str()), (200, "14\n"));
 
     let victim = answers[0];
-    let (_, replacement) = kill_and_wait_for_replacement(&b, victim);
+    let replacement = kill_and_wait_for_replacement(&b, victim);
     // The exit is logged after the worker left rotation (and, sharing the socket, after the
     // kernel closed its copy): from now on nothing may fail.
-    for i in 0..10 {
-        let pid = match get(addr, "/") {
-            Ok((200, body)) => body_pid(&body),
-            other => panic!("request {i} after the exit: {other:?}\nlog:\n{}", b.dump()),
-        };
-        assert_ne!(pid, victim, "request {i} reached the killed worker");
-    }
-    let mut seen = Vec::new();
-    assert!(
-        wait_until(ANSWER, || {
-            let pid = body_pid(&get_ok(addr, "/"));
-            seen.push(pid);
-            pid == replacement
-        }),
-        "the replacement {replacement} never answered: {seen:?}\nlog:\n{}",
-        b.dump()
-    );
+    requests_avoid(&b, addr, victim, 10);
+    wait_for_answer_from(&b, addr, replacement);
     assert!(!pid_alive(victim));
 
     let serving = ready_pids(&b);
