@@ -628,6 +628,45 @@ fn systemd_style_program_serves_in_shared_mode() {
         "a worker exited:\n{}",
         b.dump()
     );
+
+    // The replacement gets the socket the same way (the fixture checks LISTEN_PID again).
+    let victim = pid_in(&get_ok(addr, "/"));
+    let replacement = kill_and_wait_for_replacement(&b, victim);
+    requests_avoid(&b, addr, victim, 10);
+    wait_for_answer_from(&b, addr, replacement);
+    stop_gracefully(&mut b);
+}
+
+/// A program that binds the client port itself with SO_REUSEPORT serves in reuseport mode
+/// with `--ready port` (ready once it listens there), and is replaced when killed.
+#[test]
+fn reuseport_program_binding_the_port_itself_serves() {
+    let script = fixture("reuseport_port.py");
+    let mut b = Balancer::start(&[
+        "--cpus",
+        "2",
+        "--mode",
+        "reuseport",
+        "--ready",
+        "port",
+        "--",
+        python(),
+        &script,
+    ]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let ready: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(ready.len(), 2, "{}", b.dump());
+    for _ in 0..6 {
+        let body = get_ok(addr, "/");
+        assert!(body.starts_with("reuseport worker pid "), "{body:?}");
+        let pid = pid_in(&body);
+        assert!(ready.contains(&pid), "{pid} is not one of {ready:?}");
+    }
+    let victim = pid_in(&get_ok(addr, "/"));
+    let replacement = kill_and_wait_for_replacement(&b, victim);
+    requests_avoid(&b, addr, victim, 10);
+    wait_for_answer_from(&b, addr, replacement);
     stop_gracefully(&mut b);
 }
 
