@@ -86,11 +86,19 @@ impl TryFrom<&Cli> for Config {
                 NodeClusterArg::Auto => cli.mode != ModeArg::Shared && cli.command.first().is_some_and(|p| is_node(p)),
             },
             ready: match (cli.ready, cli.mode, &cli.command) {
-                (ReadyArg::Port | ReadyArg::Spawn, _, c) if c.is_empty() => {
-                    bail!("--ready {:?} needs a worker COMMAND (the built-in worker announces itself over IPC)", cli.ready)
+                (ReadyArg::Port, _, c) if c.is_empty() => {
+                    bail!("--ready port needs a worker COMMAND (the built-in worker announces itself over IPC)")
                 }
-                (ReadyArg::Spawn, ModeArg::Proxy, _) => bail!("--ready spawn is for --mode shared or reuseport: in proxy mode the master must know the worker's port"),
-                (ReadyArg::Port, ModeArg::Shared, _) => bail!("--ready port does not apply to --mode shared (workers have no port of their own); use ipc or spawn"),
+                (ReadyArg::Spawn, _, c) if c.is_empty() => {
+                    bail!("--ready spawn needs a worker COMMAND (the built-in worker announces itself over IPC)")
+                }
+                (ReadyArg::Spawn, ModeArg::Proxy | ModeArg::Handoff, _) => bail!(
+                    "--ready spawn is for --mode shared or reuseport: in proxy and handoff modes the master must hear from the worker first"
+                ),
+                (ReadyArg::Port, ModeArg::Shared | ModeArg::Handoff, _) => bail!(
+                    "--ready port is for --mode proxy or reuseport (in shared and handoff modes workers have no port of their own); use ipc{}",
+                    if cli.mode == ModeArg::Shared { " or spawn" } else { "" }
+                ),
                 (r, _, _) => r,
             },
             policy: match cli.balance {

@@ -177,6 +177,15 @@ impl Rotation<'_> {
         if self.in_rotation {
             return;
         }
+        if self.handoff.is_none()
+            && addr == self.shared.listen
+            && self.shared.config.mode == Mode::Handoff
+        {
+            // It would send every client back into the master. Config validation rules this
+            // out; this keeps a future path from looping.
+            tracing::error!(slot = self.slot, pid = self.pid, %addr, "refusing a backend at the master's own address");
+            return;
+        }
         self.backend = Some(match &self.handoff {
             Some(conns) => {
                 self.shared
@@ -444,6 +453,8 @@ async fn run(
                             }
                         }
                         Ok(WorkerMessage::HandleAck) => {
+                            // It reads its channel: it will see `shutdown` too.
+                            spoke_ipc = true;
                             if other_handles_unacked > 0 {
                                 other_handles_unacked -= 1;
                             } else if let Some(d) = delivery.as_mut() {
@@ -647,10 +658,11 @@ async fn run(
     // exit by itself: in proxy mode its connections are already drained, so briefly; in the
     // other modes it holds its own connections, so up to --grace.
     let stopping = reason == "retired" || reason == "master stopping";
-    let patience = match (stopping && addr.is_some(), spoke_ipc && owns_connections) {
-        (false, _) => None,
-        (true, true) => Some(config.grace),
-        (true, false) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
+    // One that never spoke IPC gets SIGTERM at once.
+    let patience = match (stopping && addr.is_some(), spoke_ipc, owns_connections) {
+        (true, true, true) => Some(config.grace),
+        (true, true, false) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
+        _ => None,
     };
     // Connections already sent stay the worker's until it answers or is gone: a worker that is
     // draining still answers `accepted` or `rejected` for what was in its channel.
@@ -1066,13 +1078,13 @@ fn answer_query(
     }
 }
 
-/// Asks a worker to stop: Node's cluster `disconnect` for a cluster worker, else balancer's
-/// `shutdown`.
+/// Asks a worker to stop: balancer's `shutdown` to every worker (a Node cluster worker's
+/// `process.on('message')` sees it too), and Node's cluster `disconnect` to a cluster worker,
+/// which closes its servers and lets it exit once its connections are done.
 async fn ask_to_stop(write: &mut OwnedWriteHalf, cluster: bool, primary: &mut Primary) {
+    send(write, &MasterMessage::Shutdown).await;
     if cluster {
         send_line(write, &primary.disconnect()).await;
-    } else {
-        send(write, &MasterMessage::Shutdown).await;
     }
 }
 

@@ -6,9 +6,6 @@
 //! hand-off tests also use a python worker written from docs/PROTOCOL.md alone
 //! (`fixtures/handoff_worker.py`), which can refuse a connection, die holding one or sit on
 //! one while busy, things Node cannot be made to do on cue.
-//!
-//! Tests marked `#[ignore = "product bug: ..."]` fail today for the reason given; run them
-//! with `cargo nextest run --test tests cluster --run-ignored all`.
 
 mod json;
 
@@ -347,8 +344,6 @@ fn cluster_program_in_handoff_mode_is_served_by_balancers_workers() {
 /// own client address; its health check must not connect to that address, or every check
 /// becomes a client connection handed to some worker (and counted as one).
 #[test]
-#[ignore = "product bug: in proxy mode the TCP health check of a Node cluster (hand-off) worker \
-            connects to the master's own client port (src/instance.rs, `own_address`)"]
 fn cluster_workers_in_proxy_mode_get_only_client_connections() {
     let app = fixture("app.js");
     let b = Balancer::start(&[
@@ -798,8 +793,6 @@ fn handoff_connection_survives_its_worker_dying_before_accepting() {
 /// and the other keeps it open, waiting for a request that never comes, so the client does
 /// not see the end of its response until that second worker gives up.
 #[test]
-#[ignore = "product bug: a retiring hand-off worker's unanswered connections are re-dispatched \
-            while it still runs (src/instance.rs, after the loop: `delivery.into_unanswered()`)"]
 fn handoff_connection_pending_at_a_busy_retiring_worker_is_served_once() {
     let python = python3().to_str().expect("UTF-8 python path");
     let worker = fixture("handoff_worker.py");

@@ -302,7 +302,6 @@ fn node_workers_exit_0_when_the_master_stops() {
 /// `--node-cluster auto`. Today, as its cluster primary, balancer sends it only Node's cluster
 /// `disconnect`: the timer keeps it running, and it is killed by SIGTERM 2 s later.
 #[test]
-#[ignore = "product bug: src/instance.rs ask_to_stop sends a Node cluster worker only the cluster `disconnect`, never `shutdown`"]
 fn node_worker_exiting_on_shutdown_only_exits_0_when_the_master_stops() {
     let mut b = start_node(2, &[], &["port-ready", "shutdown-only"]);
     b.addr();
@@ -457,7 +456,6 @@ fn ready_port_passes_the_port_in_the_environment() {
 /// A worker that never spoke IPC cannot answer `shutdown`, so it should get SIGTERM at
 /// once; the 2 s of patience are for workers that speak IPC (docs/LIFECYCLE.md).
 #[test]
-#[ignore = "product bug: src/instance.rs gives workers that never spoke IPC the 2 s shutdown patience too"]
 fn worker_that_never_spoke_ipc_gets_sigterm_at_once() {
     /// Far below the 2 s of patience, far above what a SIGTERM to python takes.
     const PROMPT: Duration = Duration::from_millis(1500);
@@ -920,7 +918,6 @@ fn ready_port_without_a_command_is_refused() {
 /// The error should name the value as the user typed it, like the other `--ready` errors do
 /// (`--ready port`, not the enum's `Debug` form `--ready Port`).
 #[test]
-#[ignore = "product bug: src/config.rs:90 formats the --ready value with {:?} (`--ready Port`)"]
 fn ready_without_a_command_error_names_the_value_as_typed() {
     for value in ["port", "spawn"] {
         let line = refused(&["--cpus", "1", "--ready", value]);
@@ -934,7 +931,6 @@ fn ready_without_a_command_error_names_the_value_as_typed() {
 /// is the master's own listening address: every client connection loops back into the
 /// master until `--max-conns` is used up. (No client is sent here.)
 #[test]
-#[ignore = "product bug: src/config.rs:88-95 accepts --ready spawn with --mode handoff; one client then loops through the master until --max-conns"]
 fn ready_spawn_in_handoff_mode_is_refused() {
     let line = refused(&[
         "--cpus", "1", "--mode", "handoff", "--ready", "spawn", "--", "sleep", "30",
@@ -949,7 +945,6 @@ fn ready_spawn_in_handoff_mode_is_refused() {
 /// to assign or probe; today the worker never becomes ready and is replaced every
 /// `--ready-timeout`, forever.
 #[test]
-#[ignore = "product bug: src/config.rs:88-95 accepts --ready port with --mode handoff; the worker is never admitted"]
 fn ready_port_in_handoff_mode_is_refused() {
     let line = refused(&[
         "--cpus", "1", "--mode", "handoff", "--ready", "port", "--", "sleep", "30",
