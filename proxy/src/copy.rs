@@ -28,12 +28,15 @@ pub const CHUNK: usize = 16 * 1024;
 /// (`shutdown(SHUT_WR)` on the other socket). Sets `moved` whenever bytes move. Returns the
 /// first error of either direction (the caller drops both sockets, which closes them).
 pub async fn bidirectional(a: &TcpStream, b: &TcpStream, moved: &AtomicBool) -> io::Result<Totals> {
-    let (ab, ba) = tokio::try_join!(one_way(a, b, moved), one_way(b, a, moved))?;
+    let finished = AtomicBool::new(false);
+    let (ab, ba) = tokio::try_join!(one_way(a, b, moved, &finished), one_way(b, a, moved, &finished))?;
     Ok((ab, ba))
 }
 
-/// Copies `src → dst` until EOF on `src`, then shuts down `dst` for writing.
-async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicBool) -> io::Result<u64> {
+/// Copies `src → dst` until EOF on `src`, then shuts down `dst` for writing, unless the other
+/// direction has `finished` already: then both sockets are about to be closed, which says
+/// the same to both peers without the extra system call.
+async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicBool, finished: &AtomicBool) -> io::Result<u64> {
     let mut total = 0u64;
     let mut backlog: Vec<u8> = Vec::new();
     loop {
@@ -61,7 +64,9 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicBool) -> io::Re
         };
         match outcome {
             None => {
-                shutdown_write(dst);
+                if !finished.swap(true, Ordering::Relaxed) {
+                    shutdown_write(dst);
+                }
                 return Ok(total);
             }
             Some(n) => total += n as u64,

@@ -139,7 +139,7 @@ pub async fn forward(
         tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
         tried.push(backend.key);
     };
-    let _ = client.set_nodelay(true);
+    // The client socket inherited TCP_NODELAY from the listener (set once there).
     let _ = upstream.set_nodelay(true);
     let moved = AtomicBool::new(false);
     let copy = crate::copy::bidirectional(&client, &upstream, &moved);
