@@ -1,1 +1,324 @@
-//! Fault suite (issue 3): the real binary under load while workers, clients and the IPC channel misbehave.
+//! Fault suite (issue 3): the real binary under load while workers, clients and the IPC
+//! channel misbehave. The promise under test: while at least one worker is healthy, no new
+//! client connection fails.
+//!
+//! Each scenario runs `balancer` on a loopback port, drives it with the [`load`] client,
+//! breaks something (kills, stops, reloads, crashing or one-shot workers, a low fd limit,
+//! idle clients, abusive IPC, a stop with requests in flight), counts every client-side
+//! failure by kind, and prints one `faults: scenario=...` summary line; those lines make the
+//! table in `tests/faults/RESULTS.md` (`tests/faults/results.sh` builds it).
+//!
+//! Time is read from the test's own clock (`Instant`) and, where the product's timing is the
+//! point (backoff), from the log's timestamps. Nothing waits with a bare sleep: conditions
+//! are polled under deadlines; sleeps only pace load and kill loops.
+
+mod load;
+mod procfs;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::helper::*;
+use load::{Attempt, Kinds, Load, Outcome, Spec};
+use procfs::*;
+
+/// How long workers may take from spawn to rotation on a busy 2-core machine running other
+/// tests at once (the built-in worker is a debug build; a python worker starts in ~50 ms).
+const READY: Duration = Duration::from_secs(30);
+/// How long a graceful stop with nothing left to drain may take.
+const EXIT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------
+// Reading the master: its log, its admin endpoint.
+
+/// Waits until `n` workers are in rotation at once (by the log).
+fn wait_in_rotation(b: &Balancer, n: usize, timeout: Duration) {
+    let ok = wait_until(timeout, || {
+        rotation(&b.lines())
+            .keys()
+            .filter(|&&p| pid_alive(p))
+            .count()
+            >= n
+    });
+    assert!(
+        ok,
+        "{n} workers never in rotation within {timeout:?}; log:\n{}",
+        b.dump()
+    );
+}
+
+/// The workers in rotation according to the log, `pid -> slot`: `worker ready` puts one in,
+/// `worker out of rotation` takes it out.
+fn rotation(lines: &[String]) -> BTreeMap<u32, u32> {
+    let mut set = BTreeMap::new();
+    for l in lines {
+        if is_event(l, "worker ready") {
+            if let (Some(pid), Some(slot)) = (field_u32(l, "pid"), field_u32(l, "slot")) {
+                set.insert(pid, slot);
+            }
+        } else if is_event(l, "worker out of rotation") {
+            if let Some(pid) = field_u32(l, "pid") {
+                set.remove(&pid);
+            }
+        }
+    }
+    set
+}
+
+/// The log events with `message`.
+fn events<'a>(lines: &'a [String], message: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    lines.iter().filter(move |l| is_event(l, message))
+}
+
+/// The address of `--admin 127.0.0.1:0`, from its log line.
+fn admin_addr(b: &Balancer) -> SocketAddr {
+    let (_, line) = b.expect_line(0, "`admin endpoint listening`", STARTUP, |l| {
+        is_event(l, "admin endpoint listening")
+    });
+    field(&line, "addr")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no addr in {line:?}"))
+}
+
+/// The admin endpoint's Prometheus counters and gauges, `name -> value` (labels kept in
+/// the name: `balancer_workers{state="ready"}`).
+fn metrics(admin: SocketAddr) -> BTreeMap<String, u64> {
+    let (status, body) = get(admin, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One counter of [`metrics`], 0 when absent.
+fn metric(m: &BTreeMap<String, u64>, name: &str) -> u64 {
+    m.get(name).copied().unwrap_or(0)
+}
+
+/// The time of a log line, seconds since the Unix epoch (`2026-11-27T10:57:35.642447Z`).
+fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split(' ').next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    let s = t.next()?.parse::<f64>().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+fn assert_no_panic(b: &Balancer) {
+    assert!(
+        !b.lines().iter().any(|l| looks_like_panic(l)),
+        "panic text in the log:\n{}",
+        b.dump()
+    );
+}
+
+/// Prints the one summary line of a scenario (collected into `RESULTS.md`).
+fn summary(scenario: &str, fields: &[(&str, String)]) {
+    let mut line = format!("faults: scenario={scenario}");
+    for (k, v) in fields {
+        line.push_str(&format!(" {k}={v}"));
+    }
+    eprintln!("{line}");
+}
+
+/// A small xorshift generator: which worker to kill next. Seeded from the clock, and the
+/// seed is printed, so a failing run can be told apart from a lucky one.
+struct Rng(u64);
+
+impl Rng {
+    fn from_clock() -> Rng {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng(nanos | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Waits (1 ms polls, at most `timeout`) until `pid` is dead or a zombie; returns when.
+fn wait_dead(pid: u32, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    while pid_alive(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !pid_alive(pid),
+        "{pid} still alive {timeout:?} after SIGKILL"
+    );
+    Instant::now()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. kill -9 of a random worker every 0.5 s under continuous load.
+
+/// One `kill -9` of a worker.
+#[derive(Debug, Clone, Copy)]
+struct Kill {
+    pid: u32,
+    /// Just before `kill()`.
+    sent: Instant,
+    /// When `/proc` first showed it dead (its sockets closed by then).
+    gone: Instant,
+}
+
+/// Four built-in workers, six clients opening new connections back to back, and a random
+/// worker in rotation SIGKILLed every 0.5 s for 10 s (only while two or more are in rotation,
+/// so that one healthy worker always remains: the promise's premise).
+///
+/// Classification of a failed request, from the client's side (it cannot see which worker
+/// it reached):
+/// - **in-flight**: a reset, an empty reply or a short reply of a connection that was open
+///   while a worker died (it started before the victim was seen dead and ended after the
+///   kill was sent). Such a connection may have been forwarded to the victim (its request
+///   sitting in the victim's socket or accept queue); the proxy cannot retry it because the
+///   request bytes are already gone. Allowed, counted separately.
+/// - **failed new**: everything else: any refused connect (the master's listener must never
+///   refuse), any timeout, any failure of a connection that overlapped no kill (between
+///   kills a dead worker's port refuses and the proxy retries the next one). Must be 0.
+///
+/// The master's own counters agree from its side: `connect_failed` (every worker tried
+/// refused) and `no_backend` must stay 0; in-flight failures show up as `reset`.
+#[test]
+fn kill9_of_random_workers_fails_no_new_connection() {
+    const WORKERS: usize = 4;
+    const THREADS: usize = 6;
+    const KILL_EVERY: Duration = Duration::from_millis(500);
+    const FOR: Duration = Duration::from_secs(10);
+
+    let b = Balancer::start(&["--cpus", "4", "--admin", "127.0.0.1:0"]);
+    let addr = b.addr();
+    let admin = admin_addr(&b);
+    wait_in_rotation(&b, WORKERS, READY);
+    let master = b.pid();
+
+    let load = Load::start(
+        addr,
+        Spec {
+            threads: THREADS,
+            pace: Duration::from_millis(3),
+            ..Spec::default()
+        },
+    );
+    let mut rng = Rng::from_clock();
+    let seed = rng.0;
+    let mut kills: Vec<Kill> = Vec::new();
+    let mut skipped = 0;
+    let end = Instant::now() + FOR;
+    while Instant::now() < end {
+        thread::sleep(KILL_EVERY);
+        let live: Vec<u32> = rotation(&b.lines())
+            .into_keys()
+            .filter(|&p| pid_alive(p))
+            .collect();
+        if live.len() < 2 {
+            skipped += 1;
+            continue;
+        }
+        let pid = live[rng.below(live.len())];
+        let sent = Instant::now();
+        send_signal(pid, libc::SIGKILL);
+        let gone = wait_dead(pid, Duration::from_secs(2));
+        kills.push(Kill { pid, sent, gone });
+    }
+    let report = load.finish();
+
+    let in_flight = |a: &Attempt| {
+        matches!(a.outcome, Outcome::Reset | Outcome::Empty | Outcome::Short)
+            && kills.iter().any(|k| a.overlaps(k.sent, k.gone))
+    };
+    let inflight = Kinds::of(report.failures().filter(|a| in_flight(a)));
+    let failed_new = Kinds::of(report.failures().filter(|a| !in_flight(a)));
+
+    // Every slot refilled: one respawn per kill, all four back in rotation, nothing unreaped.
+    let spawned_wanted = WORKERS + kills.len();
+    let ok = wait_until(READY, || {
+        let lines = b.lines();
+        let live = rotation(&lines)
+            .into_iter()
+            .filter(|&(p, _)| pid_alive(p))
+            .map(|(_, slot)| slot)
+            .collect::<std::collections::BTreeSet<_>>();
+        live.len() == WORKERS && events(&lines, "worker spawned").count() == spawned_wanted
+    });
+    assert!(
+        ok,
+        "slots not refilled after {} kills; log:\n{}",
+        kills.len(),
+        b.dump()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || zombies(master).is_empty()),
+        "unreaped workers: {:?}",
+        zombies(master)
+    );
+    let m = metrics(admin);
+
+    summary(
+        "kill9",
+        &[
+            ("workers", WORKERS.to_string()),
+            ("threads", THREADS.to_string()),
+            ("kills", kills.len().to_string()),
+            ("skipped_kills", skipped.to_string()),
+            ("connections", report.len().to_string()),
+            ("failed_new", failed_new.total().to_string()),
+            ("failed_new_kinds", failed_new.to_string()),
+            ("inflight_failed", inflight.total().to_string()),
+            ("inflight_kinds", inflight.to_string()),
+            (
+                "master_connect_failed",
+                metric(&m, "balancer_connections_connect_failed_total").to_string(),
+            ),
+            (
+                "master_no_backend",
+                metric(&m, "balancer_connections_no_backend_total").to_string(),
+            ),
+            (
+                "master_reset",
+                metric(&m, "balancer_connections_reset_total").to_string(),
+            ),
+            ("seed", seed.to_string()),
+        ],
+    );
+    assert!(kills.len() >= 15, "only {} kills in {FOR:?}", kills.len());
+    assert!(report.len() > 1000, "only {} connections", report.len());
+    assert_eq!(
+        failed_new.total(),
+        0,
+        "new connections failed ({failed_new}); kills {kills:?}\nlog:\n{}",
+        b.dump()
+    );
+    assert_eq!(
+        metric(&m, "balancer_connections_connect_failed_total")
+            + metric(&m, "balancer_connections_no_backend_total"),
+        0,
+        "the master closed clients without a worker: {m:?}"
+    );
+    assert_no_panic(&b);
+}
