@@ -15,8 +15,9 @@
 mod load;
 mod procfs;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,15 @@ fn log_time(line: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+/// The `status=` of a `worker exited` or `worker stopped` line (`exit code 0`,
+/// `signal 9 (SIGKILL)`).
+fn exit_status(line: &str) -> &str {
+    let Some((_, rest)) = line.split_once(" status=") else {
+        return "?";
+    };
+    rest.split(" last_stderr=").next().unwrap_or(rest)
 }
 
 fn assert_no_panic(b: &Balancer) {
@@ -263,7 +273,7 @@ fn kill9_of_random_workers_fails_no_new_connection() {
             .into_iter()
             .filter(|&(p, _)| pid_alive(p))
             .map(|(_, slot)| slot)
-            .collect::<std::collections::BTreeSet<_>>();
+            .collect::<BTreeSet<_>>();
         live.len() == WORKERS && events(&lines, "worker spawned").count() == spawned_wanted
     });
     assert!(
@@ -321,4 +331,302 @@ fn kill9_of_random_workers_fails_no_new_connection() {
         "the master closed clients without a worker: {m:?}"
     );
     assert_no_panic(&b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. SIGSTOP of one worker.
+
+/// A worker that stops answering (SIGSTOP: its sockets stay open, connects to it still
+/// complete in its accept queue) leaves rotation within `fall × interval` plus slack, and is
+/// replaced after as many more failed checks (SIGTERM and SIGCONT, then SIGKILL).
+///
+/// Only connections open while it was stopped and still in rotation may fail (or time out):
+/// those the proxy handed to it. Everything that started after it left rotation, or ended
+/// before it was stopped, must succeed.
+#[test]
+fn sigstopped_worker_leaves_rotation_within_fall_times_interval() {
+    const WORKERS: usize = 3;
+    const THREADS: usize = 4;
+    const INTERVAL: Duration = Duration::from_millis(200);
+    const TIMEOUT: Duration = Duration::from_millis(200);
+    const FALL: u32 = 3;
+    /// Scheduling and log-reading delay on a busy 2-core machine.
+    const SLACK: Duration = Duration::from_millis(1500);
+    /// How long the load goes on after the replacement is in rotation.
+    const AFTER: Duration = Duration::from_secs(1);
+
+    let b = Balancer::start(&[
+        "--cpus",
+        "3",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "200ms",
+        "--health-fall",
+        "3",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let addr = b.addr();
+    let admin = admin_addr(&b);
+    wait_in_rotation(&b, WORKERS, READY);
+
+    let load = Load::start(
+        addr,
+        Spec {
+            threads: THREADS,
+            pace: Duration::from_millis(5),
+            timeout: Duration::from_secs(3),
+            ..Spec::default()
+        },
+    );
+    // Let the load reach every worker before one of them stops.
+    let warm = Instant::now();
+    assert!(wait_until(Duration::from_secs(10), || {
+        metric(&metrics(admin), "balancer_connections_completed_total") >= 100
+    }));
+    let warm = warm.elapsed();
+    let (victim, slot) = rotation(&b.lines())
+        .into_iter()
+        .find(|&(p, _)| pid_alive(p))
+        .expect("a worker in rotation");
+    let from = b.lines().len();
+    let of_victim = |l: &str| field_u32(l, "pid") == Some(victim);
+
+    let stopped = Instant::now();
+    send_signal(victim, libc::SIGSTOP);
+    b.expect_line(from, "`worker down` for the stopped worker", READY, |l| {
+        is_event(l, "worker down: health checks failing") && of_victim(l)
+    });
+    b.expect_line(from, "its `worker out of rotation`", READY, |l| {
+        is_event(l, "worker out of rotation") && of_victim(l)
+    });
+    let out = Instant::now();
+    let (_, unresponsive) = b.expect_line(from, "`worker unresponsive`", READY, |l| {
+        is_event(l, "worker unresponsive; replacing it") && of_victim(l)
+    });
+    let (exit_at, exited) = b.expect_line(from, "the stopped worker's exit", READY, |l| {
+        is_event(l, "worker exited") && of_victim(l)
+    });
+    let (_, spawned) = b.expect_line(exit_at, "a replacement in its slot", READY, |l| {
+        is_event(l, "worker spawned") && field_u32(l, "slot") == Some(slot)
+    });
+    let replacement = field_u32(&spawned, "pid").expect("pid");
+    b.expect_line(exit_at, "the replacement's `worker ready`", READY, |l| {
+        is_event(l, "worker ready") && field_u32(l, "pid") == Some(replacement)
+    });
+    let replaced = Instant::now();
+    // Pacing: the load goes on for a while with the replacement in rotation.
+    thread::sleep(AFTER);
+    let report = load.finish();
+    assert!(
+        wait_until(Duration::from_secs(5), || !pid_alive(victim)),
+        "the stopped worker {victim} is still alive"
+    );
+
+    let handed_to_victim = |a: &Attempt| a.overlaps(stopped, out);
+    let allowed = Kinds::of(report.failures().filter(|a| handed_to_victim(a)));
+    let failed_new = Kinds::of(report.failures().filter(|a| !handed_to_victim(a)));
+    let out_after = out - stopped;
+    let bound = INTERVAL * FALL + TIMEOUT + SLACK;
+    summary(
+        "sigstop",
+        &[
+            ("workers", WORKERS.to_string()),
+            ("threads", THREADS.to_string()),
+            ("connections", report.len().to_string()),
+            ("failed_new", failed_new.total().to_string()),
+            ("failed_new_kinds", failed_new.to_string()),
+            ("inflight_failed", allowed.total().to_string()),
+            ("inflight_kinds", allowed.to_string()),
+            (
+                "out_of_rotation_after_ms",
+                out_after.as_millis().to_string(),
+            ),
+            (
+                "replaced_after_ms",
+                (replaced - stopped).as_millis().to_string(),
+            ),
+            ("exit", format!("{:?}", exit_status(&exited))),
+            ("warmup_ms", warm.as_millis().to_string()),
+        ],
+    );
+    assert!(
+        out_after <= bound,
+        "out of rotation {out_after:?} after SIGSTOP, more than {bound:?}\n{unresponsive}"
+    );
+    assert_eq!(
+        failed_new.total(),
+        0,
+        "connections not handed to the stopped worker failed ({failed_new})\nlog:\n{}",
+        b.dump()
+    );
+    assert_no_panic(&b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Rolling reloads under load.
+
+/// What [`reloads_under_load`] saw.
+struct ReloadRun {
+    report: load::Report,
+    sampled: Sampled,
+    /// The workers before the first reload, and after the last one settled.
+    before: BTreeSet<u32>,
+    after: BTreeSet<u32>,
+    /// Wall time of all reloads, and of the slowest one.
+    reloading: Duration,
+    slowest: Duration,
+}
+
+/// Three built-in workers under continuous load (four clients); five rolling reloads, each
+/// SIGHUP sent as soon as the previous reload logged `rolling reload done`; the load goes
+/// on until only three children remain. A sampler on its own thread counts the master's
+/// live children every millisecond meanwhile.
+fn reloads_under_load(b: &Balancer) -> ReloadRun {
+    let addr = b.addr();
+    wait_in_rotation(b, RELOAD_WORKERS, READY);
+    let master = b.pid();
+    let live_children = || -> BTreeSet<u32> {
+        children(master)
+            .into_iter()
+            .filter(|&(_, s)| s != 'Z')
+            .map(|(p, _)| p)
+            .collect()
+    };
+    let before = live_children();
+    assert_eq!(
+        before.len(),
+        RELOAD_WORKERS,
+        "children at the start: {before:?}"
+    );
+
+    let stop_sampling = AtomicBool::new(false);
+    thread::scope(|s| {
+        let sampler =
+            s.spawn(|| sample_children(master, || b.worker_pids(), &stop_sampling, EXIT * 4));
+        let _stop = StopOnDrop(&stop_sampling);
+        let load = Load::start(
+            addr,
+            Spec {
+                threads: RELOAD_THREADS,
+                pace: Duration::from_millis(3),
+                ..Spec::default()
+            },
+        );
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        for n in 1..=RELOADS {
+            let from = b.lines().len();
+            let t = Instant::now();
+            send_signal(master, libc::SIGHUP);
+            b.expect_line(from, &format!("`rolling reload done` #{n}"), READY, |l| {
+                is_event(l, "rolling reload done")
+            });
+            slowest = slowest.max(t.elapsed());
+        }
+        let reloading = started.elapsed();
+        // The last retired workers drain and stop; the load goes on until they are gone.
+        let settled = wait_until(EXIT, || live_children().len() == RELOAD_WORKERS);
+        let report = load.finish();
+        stop_sampling.store(true, Ordering::Relaxed);
+        let sampled = sampler.join().expect("the sampler thread panicked");
+        assert!(
+            settled,
+            "children after the reloads: {:?}\nlog:\n{}",
+            children(master),
+            b.dump()
+        );
+        ReloadRun {
+            report,
+            sampled,
+            before,
+            after: live_children(),
+            reloading,
+            slowest,
+        }
+    })
+}
+
+const RELOAD_WORKERS: usize = 3;
+const RELOAD_THREADS: usize = 4;
+const RELOADS: usize = 5;
+
+/// Five rolling reloads back to back under load: no request fails, one new worker per slot
+/// per reload, every worker new at the end. (How many run at once is the next test's.)
+#[test]
+fn five_rolling_reloads_under_load_fail_no_request() {
+    let b = Balancer::start(&["--cpus", "3"]);
+    let run = reloads_under_load(&b);
+    let failed = run.report.failed_kinds();
+    summary(
+        "reload",
+        &[
+            ("workers", RELOAD_WORKERS.to_string()),
+            ("threads", RELOAD_THREADS.to_string()),
+            ("reloads", RELOADS.to_string()),
+            ("connections", run.report.len().to_string()),
+            ("failed", failed.total().to_string()),
+            ("failed_kinds", failed.to_string()),
+            ("max_children", run.sampled.max_alive.to_string()),
+            ("samples", run.sampled.samples.to_string()),
+            ("reloading_ms", run.reloading.as_millis().to_string()),
+            ("slowest_reload_ms", run.slowest.as_millis().to_string()),
+        ],
+    );
+    assert_eq!(
+        failed.total(),
+        0,
+        "{failed} of {} requests failed\nlog:\n{}",
+        run.report.len(),
+        b.dump()
+    );
+    assert!(
+        run.after.is_disjoint(&run.before),
+        "old {:?}, now {:?}",
+        run.before,
+        run.after
+    );
+    assert_eq!(
+        events(&b.lines(), "worker spawned").count(),
+        RELOAD_WORKERS * (RELOADS + 1),
+        "one new worker per slot per reload\n{}",
+        b.dump()
+    );
+    assert_no_panic(&b);
+}
+
+/// The same five reloads: never more than 2×N workers alive at once (the issue's bound), and
+/// never more than N+1 (what `docs/LIFECYCLE.md` promises: "At most N+1 workers run at
+/// once").
+///
+/// Product bug: a reload moves on to the next slot as soon as the old worker was *retired*,
+/// not once it has exited (`src/supervisor.rs`, `run_slot`: `reply.send(Ok(()))` right after
+/// `old.retire()`), so the retired workers of several slots, and of the previous reload,
+/// drain and stop while new ones start: 5 to 7 children for N = 3 are seen on every run.
+#[test]
+#[ignore = "product bug: a rolling reload moves to the next slot before the retired worker has exited (src/supervisor.rs run_slot replies Ok right after old.retire()); 5-7 workers alive at once for N=3, LIFECYCLE.md promises N+1"]
+fn rolling_reloads_never_run_more_than_n_plus_one_workers() {
+    let b = Balancer::start(&["--cpus", "3"]);
+    let run = reloads_under_load(&b);
+    let seen = &run.sampled;
+    summary(
+        "reload_bound",
+        &[
+            ("workers", RELOAD_WORKERS.to_string()),
+            ("reloads", RELOADS.to_string()),
+            ("max_children", seen.max_alive.to_string()),
+            ("samples", seen.samples.to_string()),
+        ],
+    );
+    let explain = |bound: &str| {
+        format!(
+            "{} children at once ({:?}), more than {bound}; log:\n{}",
+            seen.max_alive,
+            seen.max_pids,
+            b.dump()
+        )
+    };
+    assert!(seen.max_alive <= 2 * RELOAD_WORKERS, "{}", explain("2×N"));
+    assert!(seen.max_alive <= RELOAD_WORKERS + 1, "{}", explain("N+1"));
 }

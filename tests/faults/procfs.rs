@@ -5,8 +5,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::helper::*;
@@ -129,72 +128,65 @@ impl CpuWatch {
     }
 }
 
-/// Samples the children of a process every few milliseconds on a thread of its own, until
-/// stopped or a deadline: the most alive at once, and every pid seen.
-pub struct ChildSampler {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Sampled>>,
-}
-
-/// What a [`ChildSampler`] saw.
+/// What [`sample_children`] saw.
 #[derive(Debug, Default)]
 pub struct Sampled {
     /// The most non-zombie children seen at once.
     pub max_alive: usize,
     /// The pids of those children at that moment.
     pub max_pids: Vec<u32>,
-    /// Every child pid seen.
-    pub seen: BTreeSet<u32>,
     /// How many samples were taken.
     pub samples: usize,
 }
 
 /// Pause between two samples: short enough to catch a worker that overlaps its replacement
-/// for a few milliseconds, long enough that scanning `/proc` stays cheap.
-const SAMPLE_EVERY: Duration = Duration::from_millis(3);
+/// for a few milliseconds.
+const SAMPLE_EVERY: Duration = Duration::from_millis(1);
+/// Every this many samples, the whole of `/proc` is scanned (a few milliseconds), in case a
+/// child exists that `known` does not list yet (spawned, its log line not read yet).
+const FULL_SCAN_EVERY: usize = 10;
 
-impl ChildSampler {
-    /// Starts sampling the children of `pid` for at most `limit`.
-    pub fn start(pid: u32, limit: Duration) -> ChildSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let deadline = Instant::now() + limit;
-        let thread = thread::spawn(move || {
-            let mut out = Sampled::default();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let alive: Vec<u32> = children(pid)
+/// Samples the live (non-zombie) children of `master` until `stop` is raised or `limit`
+/// passes: each sample checks the pids `known` lists (the workers the log named, cheap to
+/// check one by one), and every [`FULL_SCAN_EVERY`]th sample scans all of `/proc` too.
+/// Meant to run on a scoped thread beside the scenario.
+pub fn sample_children(
+    master: u32,
+    known: impl Fn() -> Vec<u32>,
+    stop: &AtomicBool,
+    limit: Duration,
+) -> Sampled {
+    let deadline = Instant::now() + limit;
+    let mut out = Sampled::default();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let mut alive: BTreeSet<u32> = known()
+            .into_iter()
+            .filter(|&p| proc_stat(p).is_some_and(|s| s.ppid == master && s.is_alive()))
+            .collect();
+        if out.samples % FULL_SCAN_EVERY == 0 {
+            alive.extend(
+                children(master)
                     .into_iter()
                     .filter(|&(_, s)| s != 'Z')
-                    .map(|(p, _)| p)
-                    .collect();
-                out.samples += 1;
-                out.seen.extend(alive.iter().copied());
-                if alive.len() > out.max_alive {
-                    out.max_alive = alive.len();
-                    out.max_pids = alive;
-                }
-                thread::sleep(SAMPLE_EVERY);
-            }
-            out
-        });
-        ChildSampler {
-            stop,
-            thread: Some(thread),
+                    .map(|(p, _)| p),
+            );
         }
+        out.samples += 1;
+        if alive.len() > out.max_alive {
+            out.max_alive = alive.len();
+            out.max_pids = alive.into_iter().collect();
+        }
+        thread::sleep(SAMPLE_EVERY);
     }
-
-    /// Stops sampling; returns what was seen.
-    pub fn finish(mut self) -> Sampled {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .map(|t| t.join().expect("the sampler thread panicked"))
-            .unwrap_or_default()
-    }
+    out
 }
 
-impl Drop for ChildSampler {
+/// Raises a stop flag when dropped, so that a scoped helper thread ends even when the
+/// scenario beside it panics.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
