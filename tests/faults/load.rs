@@ -226,8 +226,14 @@ impl Load {
     }
 
     /// Stops the clients and returns every attempt, in start order.
-    pub fn finish(mut self) -> Report {
+    pub fn finish(self) -> Report {
         self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Waits until every client has reached its count or the time limit; returns every
+    /// attempt, in start order.
+    pub fn join(mut self) -> Report {
         let mut attempts: Vec<Attempt> = std::mem::take(&mut self.threads)
             .into_iter()
             .flat_map(|t| t.join().expect("a load thread panicked"))
