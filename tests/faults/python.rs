@@ -107,7 +107,10 @@ def handle(c):
 
 def serve():
     while True:
-        c, _ = srv.accept()
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
         threading.Thread(target=handle, args=(c,), daemon=True).start()
 
 def obey():
@@ -235,4 +238,58 @@ ready()
 def abuse():
     for i in range(25):
         raw(b"garbage %d\n" % i)
+"#;
+
+/// An HTTP worker whose `GET /sleep?s=N` prints `sleeping N` on stdout (the master relays it
+/// to its log: the request has reached the worker), sleeps N seconds, then answers. With
+/// `sys.argv[1] == "polite"` it exits on `shutdown` (or when the channel closes); with
+/// `"stubborn"` it ignores `shutdown`, SIGTERM and the channel closing, so only SIGKILL
+/// stops it.
+pub const SLEEPY: &str = r#"
+import http.server, json, os, signal, sys, threading, time
+STUBBORN = sys.argv[1] == "stubborn"
+if STUBBORN:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        secs = float(self.path.split("s=", 1)[1]) if "s=" in self.path else 0.0
+        print("sleeping %g" % secs, flush=True)
+        time.sleep(secs)
+        body = b"slept %g\n" % secs
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+IPC = int(os.environ["BALANCER_IPC_FD"])
+os.write(IPC, (json.dumps({"type": "ready", "port": server.server_address[1]}) + "\n").encode())
+
+def obey():
+    for line in os.fdopen(os.dup(IPC), "r"):
+        if '"shutdown"' in line and not STUBBORN:
+            os._exit(0)
+    if not STUBBORN:
+        os._exit(0)
+
+threading.Thread(target=obey, daemon=True).start()
+server.serve_forever()
+"#;
+
+/// On `/abuse` (sent straight to the worker's own port, not through the master): stops
+/// listening (`shutdown` wakes the accepting thread; connects are refused from then on) but
+/// stays alive, its IPC channel open: a worker whose server broke.
+pub const STOPS_LISTENING: &str = r#"
+ready()
+
+def abuse():
+    srv.shutdown(socket.SHUT_RDWR)
+    srv.close()
 "#;
