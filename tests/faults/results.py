@@ -9,6 +9,8 @@ quoted). With --no-capture nextest runs the tests one at a time, so a summary li
 to the test whose START line came last; its PASS or FAIL line says how it ended.
 """
 
+import glob
+import os
 import re
 import shlex
 import sys
@@ -32,7 +34,18 @@ def is_failure_key(key):
     return "failed" in key or key.endswith("_kinds") or key.startswith("inflight")
 
 
+def ignored_tests():
+    """Names of the fault tests marked #[ignore] (each shows a product bug)."""
+    names = set()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in glob.glob(os.path.join(here, "*.rs")):
+        text = open(path, encoding="utf-8").read()
+        names.update(re.findall(r"#\[ignore[^\n]*\n\s*fn (\w+)", text))
+    return names
+
+
 def main():
+    ignored = ignored_tests()
     current = None
     results = {}  # test -> {"fields": ..., "status": ...}
     order = []
@@ -63,9 +76,14 @@ def main():
         failures = ", ".join(f"{k}={fields.pop(k)}" for k in list(fields) if is_failure_key(k))
         other = ", ".join(f"{k}={v}" for k, v in fields.items())
         name = test.split("::", 1)[1]
-        return number, f"| {number} | `{scenario}` | `{name}` | {results[test]['status']} | {load} | {failures or '-'} | {other} |"
+        bug = name.rsplit("::", 1)[-1] in ignored
+        status = results[test]["status"]
+        if bug:
+            status = f"{status} (product bug, `#[ignore]`)"
+        text = f"| {number} | `{scenario}` | `{name}` | {status} | {load} | {failures or '-'} | {other} |"
+        return (str(number), bug, name), text
 
-    rows = sorted((row(t) for t in order), key=lambda r: (str(r[0]), r[1]))
+    rows = sorted((row(t) for t in order), key=lambda r: r[0])
     print("| # | scenario | test | result | load | failures (by kind) | other figures |")
     print("|---|---|---|---|---|---|---|")
     for _, text in rows:
