@@ -10,18 +10,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
-use tokio_util::codec::FramedRead;
 
 use proxy::Backend;
-use worker::codec::LineDecoder;
+use worker::codec::LineError;
+use worker::fdpass::FdReader;
 use worker::protocol::{MasterMessage, Mode, WorkerMessage, MAX_LINE};
 
 use crate::child::{self, Spawned};
@@ -296,7 +295,9 @@ async fn run(
     }
 
     let (read, mut write) = ipc.into_split();
-    let mut lines = FramedRead::new(read, LineDecoder::new(MAX_LINE));
+    // Read with recvmsg: a worker that sends descriptors uninvited gets them closed (and
+    // logged), and a short read at the message that carried them does not stall the rest.
+    let mut lines = FdReader::new(read, MAX_LINE);
     let (events_tx, mut events) = mpsc::channel::<Event>(4);
     let mut rotation = Rotation {
         shared,
@@ -377,9 +378,9 @@ async fn run(
                 rotation.leave("exited", stop.graceful.is_cancelled());
                 break ("exited".to_owned(), Some(status));
             }
-            line = lines.next() => match line {
+            line = next_line(&mut lines) => match line {
                 Some(Ok(Ok(text))) => {
-                    strikes.message();
+                    strikes.message(slot, pid);
                     if let Some(act) = node_cluster::parse_line(&text) {
                         match act {
                             Act::Online => {
@@ -677,7 +678,7 @@ async fn run(
                 }
                 tokio::select! {
                     status = child.wait() => break status.ok(),
-                    line = lines.next() => match line {
+                    line = next_line(&mut lines) => match line {
                         Some(Ok(Ok(text))) => apply_answer(shared, d, &text),
                         Some(Ok(Err(_))) => {}
                         Some(Err(_)) | None => break None,
@@ -696,7 +697,7 @@ async fn run(
     // Reaped: its last answers are still in the channel; whatever it never answered, it did
     // not take, and goes to the others.
     if let Some(mut d) = delivery.take() {
-        while let Ok(Some(Ok(Ok(text)))) = tokio::time::timeout(EXIT_AFTER_EOF, lines.next()).await
+        while let Ok(Some(Ok(Ok(text)))) = tokio::time::timeout(EXIT_AFTER_EOF, next_line(&mut lines)).await
         {
             apply_answer(shared, &mut d, &text);
         }
@@ -709,6 +710,11 @@ async fn run(
         reason: format!("{reason} ({})", describe(status)),
         last_stderr: last_stderr.lock().ok().and_then(|l| l.clone()),
     }
+}
+
+/// The next line from a worker's channel, in the shape of a stream item: `None` at EOF.
+async fn next_line(reader: &mut FdReader<OwnedReadHalf>) -> Option<std::io::Result<Result<String, LineError>>> {
+    reader.next_line().await.transpose()
 }
 
 /// Applies a worker's answer to a hand-off (balancer's `accepted`/`rejected` or Node's
@@ -790,7 +796,7 @@ impl Strikes {
         tracing::warn!(slot, pid, strikes = self.count, "ipc: {what}; ignored");
     }
 
-    fn message(&mut self) {
+    fn message(&mut self, slot: usize, pid: u32) {
         if self.window.elapsed() >= Duration::from_secs(1) {
             self.window = Instant::now();
             self.in_window = 0;
@@ -799,6 +805,8 @@ impl Strikes {
         if self.in_window == FLOOD_PER_SECOND {
             self.count += 1;
             tracing::warn!(
+                slot,
+                pid,
                 strikes = self.count,
                 "ipc: more than {FLOOD_PER_SECOND} messages in a second"
             );
