@@ -145,7 +145,9 @@ enum Event {
     /// The admission probe of an announced port finished.
     Admitted(Result<SocketAddr, String>),
     /// An active TCP or HTTP check finished.
-    Checked(Result<(), String>),
+    /// `None`: the master could not run the check (out of descriptors), which says nothing
+    /// about the worker.
+    Checked(Option<Result<(), String>>),
 }
 
 /// A helper task that is aborted when its worker's life ends.
@@ -381,6 +383,7 @@ async fn run(
             line = next_line(&mut lines) => match line {
                 Some(Ok(Ok(text))) => {
                     strikes.message(slot, pid);
+                    strikes.uninvited(slot, pid, lines.take_discarded());
                     if let Some(act) = node_cluster::parse_line(&text) {
                         match act {
                             Act::Online => {
@@ -535,10 +538,14 @@ async fn run(
                 }
                 Event::Checked(r) => {
                     probe = None;
-                    if let Err(why) = &r {
-                        tracing::debug!(slot, pid, error = %why, "health check failed");
+                    match r {
+                        Some(Err(why)) => {
+                            tracing::debug!(slot, pid, error = %why, "health check failed");
+                            result = Some(false);
+                        }
+                        Some(Ok(())) => result = Some(true),
+                        None => tracing::debug!(slot, pid, "health check skipped: the master is out of descriptors"),
                     }
-                    result = Some(r.is_ok());
                 }
             },
             _ = tick(&mut ticker), if drain_deadline.is_none() => {
@@ -566,7 +573,11 @@ async fn run(
                                 Check::Http(path) => proxy::health::http(at, &path, timeout).await,
                                 _ => proxy::health::tcp(at, timeout).await,
                             };
-                            let _ = tx.send(Event::Checked(r.map_err(|e| e.to_string()))).await;
+                            let r = match r {
+                                Err(e) if e.is_local_exhaustion() => None,
+                                r => Some(r.map_err(|e| e.to_string())),
+                            };
+                            let _ = tx.send(Event::Checked(r)).await;
                         })));
                     }
                     // A probe still running at the next tick has taken a whole interval.
@@ -697,7 +708,8 @@ async fn run(
     // Reaped: its last answers are still in the channel; whatever it never answered, it did
     // not take, and goes to the others.
     if let Some(mut d) = delivery.take() {
-        while let Ok(Some(Ok(Ok(text)))) = tokio::time::timeout(EXIT_AFTER_EOF, next_line(&mut lines)).await
+        while let Ok(Some(Ok(Ok(text)))) =
+            tokio::time::timeout(EXIT_AFTER_EOF, next_line(&mut lines)).await
         {
             apply_answer(shared, &mut d, &text);
         }
@@ -713,7 +725,9 @@ async fn run(
 }
 
 /// The next line from a worker's channel, in the shape of a stream item: `None` at EOF.
-async fn next_line(reader: &mut FdReader<OwnedReadHalf>) -> Option<std::io::Result<Result<String, LineError>>> {
+async fn next_line(
+    reader: &mut FdReader<OwnedReadHalf>,
+) -> Option<std::io::Result<Result<String, LineError>>> {
     reader.next_line().await.transpose()
 }
 
@@ -776,6 +790,8 @@ fn spawn(slot: usize, shared: &Shared) -> std::io::Result<(Spawned, Option<u16>)
 #[derive(Debug)]
 struct Strikes {
     count: u32,
+    /// When uninvited descriptors were last counted as a strike.
+    last_uninvited: Option<Instant>,
     window: Instant,
     in_window: u32,
 }
@@ -784,6 +800,7 @@ impl Default for Strikes {
     fn default() -> Self {
         Self {
             count: 0,
+            last_uninvited: None,
             window: Instant::now(),
             in_window: 0,
         }
@@ -794,6 +811,26 @@ impl Strikes {
     fn add(&mut self, slot: usize, pid: u32, what: &str) {
         self.count += 1;
         tracing::warn!(slot, pid, strikes = self.count, "ipc: {what}; ignored");
+    }
+
+    /// Descriptors the worker sent that no message asked for (already closed): one strike
+    /// and one log line per second in which it happened, however many there were.
+    fn uninvited(&mut self, slot: usize, pid: u32, closed: usize) {
+        if closed == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_uninvited
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_uninvited = Some(now);
+            self.add(
+                slot,
+                pid,
+                &format!("{closed} file descriptor(s) sent uninvited, closed"),
+            );
+        }
     }
 
     fn message(&mut self, slot: usize, pid: u32) {

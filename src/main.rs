@@ -82,9 +82,9 @@ fn init_logging(verbose: u8, quiet: u8) {
 
 fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let config = Arc::new(Config::try_from(cli)?);
-    let max_conns = max_conns(config.max_conns);
-
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max_conns = max_conns(config.max_conns, config.workers, threads);
+
     let bound =
         Bound::new(&config, threads).with_context(|| format!("binding {}", config.listen))?;
     let local = bound.local;
@@ -300,12 +300,7 @@ fn start_proxy_threads(
                 .name(format!("balancer-proxy-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => {
-                                proxy::serve(listener, proxy, stop, conns.clone()).await
-                            }
-                            Err(e) => tracing::error!(error = %e, "registering a listener"),
-                        }
+                        proxy::serve(listener, proxy, stop, conns.clone()).await;
                         conns.tracker.wait().await;
                     });
                 })
@@ -316,11 +311,28 @@ fn start_proxy_threads(
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and settles the connection cap: the
 /// one asked for (with a warning if it cannot fit), or as many as the limit allows. Each
 /// proxied connection costs two fds.
-fn max_conns(asked: Option<usize>) -> usize {
+fn max_conns(asked: Option<usize>, workers: usize, threads: usize) -> usize {
     let limit = raise_fd_limit();
-    let fits = usize::try_from(limit.saturating_sub(FD_RESERVE) / 2)
+    // Kept back: what is open now, per worker its channel and two output pipes (and one
+    // spare for a replacement), per proxy thread its listener, epoll and wake-up fds, and
+    // slack; with a large limit, at least FD_RESERVE.
+    let open_now = std::fs::read_dir("/proc/self/fd").map_or(8, |d| d.count()) as u64;
+    let needed = open_now + 4 * workers as u64 + 3 * threads as u64 + 16;
+    let reserve = if limit >= 16 * FD_RESERVE {
+        needed.max(FD_RESERVE)
+    } else {
+        needed
+    };
+    let fits = usize::try_from(limit.saturating_sub(reserve) / 2)
         .unwrap_or(usize::MAX)
         .max(1);
+    if asked.is_none() && fits < FEW_CONNS {
+        tracing::warn!(
+            open_file_limit = limit,
+            max_conns = fits,
+            "the open-file limit allows few connections; raise it (ulimit -n) or set --max-conns"
+        );
+    }
     match asked {
         Some(n) if n > fits => {
             tracing::warn!(
@@ -335,6 +347,8 @@ fn max_conns(asked: Option<usize>) -> usize {
     }
 }
 
+/// Below this many connections, a derived `--max-conns` is worth a warning.
+const FEW_CONNS: usize = 64;
 /// Upper bound of the derived `--max-conns` default.
 const MAX_CONNS_DEFAULT_CAP: usize = 100_000;
 

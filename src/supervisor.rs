@@ -138,8 +138,6 @@ async fn run_slot(
     mut reloads: mpsc::Receiver<ReloadRequest>,
 ) {
     let mut backoff = Backoff::default();
-    // Old instances that were retired by a reload and are draining; reaped before returning.
-    let mut retiring = JoinSet::new();
     'respawn: while !stop.graceful.is_cancelled() {
         let started = Instant::now();
         let mut current = Instance::start(slot, Arc::clone(&shared), stop.clone());
@@ -151,7 +149,9 @@ async fn run_slot(
                     if next.wait_ready().await {
                         let mut old = std::mem::replace(&mut current, next);
                         old.retire();
-                        retiring.spawn(async move { old.finished().await; });
+                        // The reload moves to the next slot only once this one's old worker
+                        // is gone: never more than N + 1 workers alive.
+                        old.finished().await;
                         let _ = reply.send(Ok(()));
                     } else {
                         let ending = next.finished().await;
@@ -160,8 +160,6 @@ async fn run_slot(
                 }
             }
         };
-        // Reap retired instances that have finished, without waiting for the others.
-        while retiring.try_join_next().is_some() {}
         if stop.graceful.is_cancelled() {
             break 'respawn;
         }
@@ -185,7 +183,6 @@ async fn run_slot(
             }
         }
     }
-    while retiring.join_next().await.is_some() {}
 }
 
 /// Exponential backoff with jitter for workers that die before becoming ready.

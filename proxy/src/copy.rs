@@ -24,19 +24,28 @@ pub type Totals = (u64, u64);
 /// request or response; larger bodies simply take several rounds.
 pub const CHUNK: usize = 16 * 1024;
 
-/// Copies `a → b` and `b → a` until both directions reach EOF, passing a half-close on
-/// (`shutdown(SHUT_WR)` on the other socket). Sets `moved` whenever bytes move. Returns the
+/// Copies `a → b` and `b → a` until both directions reach EOF, passing the first half-close
+/// on (`shutdown(SHUT_WR)` on the other socket). The second EOF is passed on by the caller
+/// closing both sockets, which it must do as soon as this returns. Sets `moved` whenever bytes move. Returns the
 /// first error of either direction (the caller drops both sockets, which closes them).
 pub async fn bidirectional(a: &TcpStream, b: &TcpStream, moved: &AtomicBool) -> io::Result<Totals> {
     let finished = AtomicBool::new(false);
-    let (ab, ba) = tokio::try_join!(one_way(a, b, moved, &finished), one_way(b, a, moved, &finished))?;
+    let (ab, ba) = tokio::try_join!(
+        one_way(a, b, moved, &finished),
+        one_way(b, a, moved, &finished)
+    )?;
     Ok((ab, ba))
 }
 
 /// Copies `src → dst` until EOF on `src`, then shuts down `dst` for writing, unless the other
 /// direction has `finished` already: then both sockets are about to be closed, which says
 /// the same to both peers without the extra system call.
-async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicBool, finished: &AtomicBool) -> io::Result<u64> {
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicBool,
+    finished: &AtomicBool,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut backlog: Vec<u8> = Vec::new();
     loop {
@@ -183,7 +192,13 @@ mod tests {
         let (mut client, p1) = pair().await;
         let (p2, mut server) = pair().await;
         let moved = AtomicBool::new(false);
-        let proxy = async { bidirectional(&p1, &p2, &moved).await };
+        // Like `forward`, close both sockets as soon as the copy returns: the second EOF is
+        // passed on by that close, not by a shutdown.
+        let proxy = async {
+            let r = bidirectional(&p1, &p2, &moved).await;
+            drop((p1, p2));
+            r
+        };
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
         let ends = async {

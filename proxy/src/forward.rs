@@ -19,8 +19,9 @@ pub struct ForwardConfig {
     /// connects take microseconds; a long wait means the worker's accept queue is full or the
     /// worker is stopped.
     pub connect_timeout: Duration,
-    /// How many backends one client may be offered before it is closed.
-    pub max_tries: usize,
+    /// How many backends one client may be offered before it is closed (`None`: every
+    /// backend in rotation once). While one worker is healthy, a client must reach it.
+    pub max_tries: Option<usize>,
     /// Close the connection after this long with no bytes in either direction (`None`:
     /// never). Frees the fds and buffers of clients that connect and say nothing.
     pub idle_timeout: Option<Duration>,
@@ -30,7 +31,7 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(1),
-            max_tries: 3,
+            max_tries: None,
             idle_timeout: None,
         }
     }
@@ -54,6 +55,9 @@ pub enum ForwardError {
     /// The connection was established and then failed mid-stream (reset, broken pipe).
     #[error("copying between client and backend")]
     Copy(#[source] io::Error),
+    /// The master itself had no descriptor left for the connection to a worker.
+    #[error("out of file descriptors")]
+    OutOfDescriptors(#[source] io::Error),
     /// No bytes moved in either direction for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
@@ -66,6 +70,10 @@ pub struct Transfer {
     pub to_backend: u64,
     /// Backend → client.
     pub to_client: u64,
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// What became of a forwarded connection.
@@ -91,7 +99,7 @@ pub async fn forward(
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
     let (_active, upstream) = loop {
-        if tried.len() >= config.max_tries {
+        if config.max_tries.is_some_and(|max| tried.len() >= max) {
             return Err(ForwardError::AllFailed {
                 tries: tried.len(),
                 last: last_error.unwrap_or_else(|| io::ErrorKind::NotConnected.into()),
@@ -131,6 +139,12 @@ pub async fn forward(
             Ok(Ok(stream)) => {
                 backend.record_connect(true);
                 break (active, stream);
+            }
+            Ok(Err(e)) if is_fd_exhaustion(&e) => {
+                // The master is out of descriptors, not the worker out of service: do not
+                // count it against the worker. The client is closed at once: waiting would
+                // hold its descriptor while every other accepted client waits for one too.
+                return Err(ForwardError::OutOfDescriptors(e));
             }
             Ok(Err(e)) => last_error = Some(e),
             Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),

@@ -25,6 +25,22 @@ pub enum ProbeError {
     Status(String),
 }
 
+impl ProbeError {
+    /// Whether the probe failed for want of the prober's own resources (no free file
+    /// descriptor or socket buffer): it says nothing about the backend.
+    pub fn is_local_exhaustion(&self) -> bool {
+        match self {
+            Self::Connect(e) | Self::Io(e) => {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Succeeds if `addr` accepts a TCP connection within `timeout`.
 ///
 /// This proves a socket is listening, not that the process behind it is alive: the kernel

@@ -6,7 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -80,17 +85,41 @@ pub struct Connections {
 }
 
 /// Accepts on `listener` until `stop` is cancelled (several loops may share one [`Proxy`],
-/// one per listener and thread), forwarding each connection on a task in
-/// `conns`. Returns once it has stopped accepting (and dropped the listener); open connections
-/// go on until they finish or `conns.abort` is cancelled.
+/// one per listener and thread), forwarding each connection on a task in `conns`. Returns
+/// once it has stopped accepting (and dropped the listener); open connections go on until
+/// they finish or `conns.abort` is cancelled. `listener` must be non-blocking.
+///
+/// A connection permit is taken only once a connection is waiting on *this* listener, so
+/// loops that share a small `--max-conns` never sit on permits another listener's clients
+/// need.
 pub async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
     stop: CancellationToken,
     conns: Connections,
 ) {
+    // SAFETY: `listener` is an open socket owned by the AsyncFd from here on, and
+    // `as_raw_fd` of a `std::net::TcpListener` always returns that same fd.
+    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "registering the listener");
+            return;
+        }
+    };
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
+        let mut waiting = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            ready = listener.readable() => match ready {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting on the listener");
+                    break;
+                }
+            },
+        };
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -99,17 +128,20 @@ pub async fn serve(
                 Err(_) => break,
             },
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (client, peer) = match accepted {
-            Ok(ok) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                ok
-            }
-            Err(e) => {
+        let (client, peer) = match waiting.try_io(|l| accept(l.get_ref())) {
+            // Nothing there after all (readiness was stale): wait again.
+            Err(_would_block) => continue,
+            Ok(Ok((fd, peer))) => match TcpStream::from_std(fd) {
+                Ok(stream) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    (stream, peer)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering an accepted connection");
+                    continue;
+                }
+            },
+            Ok(Err(e)) => {
                 proxy.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                 if is_resource_exhaustion(&e) {
                     tracing::warn!(error = %e, pause = ?backoff, "accept failed, backing off");
@@ -135,7 +167,56 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
+}
+
+/// One `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`: the new socket is ready for tokio without a
+/// further system call, and its peer address comes from the same call.
+fn accept(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    // SAFETY: all-zero bytes are a valid `sockaddr_storage`.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` and `len` are valid for writes and describe each other; the listener's
+    // fd is open for the duration of the call.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new socket that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    Ok((stream, sockaddr(&storage)))
+}
+
+/// The address in a `sockaddr_storage` filled by the kernel (IPv4 or IPv6).
+fn sockaddr(storage: &libc::sockaddr_storage) -> SocketAddr {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a `sockaddr_in6` for an AF_INET6 peer.
+            let a = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            SocketAddr::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+                u16::from_be(a.sin6_port),
+            )
+        }
+        _ => {
+            // SAFETY: the kernel wrote a `sockaddr_in` for an AF_INET peer (a TCP listener is
+            // one or the other).
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            SocketAddr::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            )
+        }
+    }
 }
 
 fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, ForwardError>) {
@@ -143,7 +224,9 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
         Ok(Forwarded::Copied(_)) => &stats.completed,
         Ok(Forwarded::HandedOff { .. }) => &stats.handed_off,
         Err(ForwardError::NoBackend) => &stats.no_backend,
-        Err(ForwardError::AllFailed { .. }) => &stats.connect_failed,
+        Err(ForwardError::AllFailed { .. } | ForwardError::OutOfDescriptors(_)) => {
+            &stats.connect_failed
+        }
         Err(ForwardError::Copy(_)) => &stats.copy_failed,
         Err(ForwardError::Idle(_)) => &stats.idle_closed,
     };
@@ -163,14 +246,6 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// The errno values this module cares about (Linux), without a libc dependency.
-mod libc_errno {
-    pub const ENOMEM: i32 = 12;
-    pub const ENFILE: i32 = 23;
-    pub const EMFILE: i32 = 24;
-    pub const ENOBUFS: i32 = 105;
 }

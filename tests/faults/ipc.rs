@@ -374,20 +374,9 @@ fn ipc_uninvited_descriptors_do_not_leak_into_the_master() {
 /// message does not expect "are closed and logged" (`docs/PROTOCOL.md`, "Descriptors on the
 /// channel").
 ///
-/// Product bug: the master reads each worker's channel with a plain `read()` through tokio
-/// (`src/instance.rs`: `FramedRead` over the `UnixStream` read half). Linux ends a read at
-/// the end of a segment that carried descriptors, so the read comes back short; tokio takes
-/// a short read to mean the socket is drained and clears its readiness, and since the data
-/// is already queued no new edge comes: the rest of the channel (here 4 KiB: 200 lines, the
-/// duplicate `ready`, the marker) sits unread until the worker writes again, and then only
-/// one more segment is read. A worker can wedge its own channel this way (pongs, `ready`
-/// and all later messages stall). And since the kernel drops the descriptors unseen
-/// (`MSG_CTRUNC`), nothing is logged. Fix: read the channel through
-/// `worker::fdpass::FdReader` (recvmsg with a control buffer: close and log the
-/// descriptors, and keep reading until `EWOULDBLOCK`), or at least keep reading after a
-/// short read until the socket says `WouldBlock`.
+/// (Was a bug: the master read channels with plain `read()` and stalled after descriptors; it
+/// now reads with `recvmsg` through `worker::fdpass::FdReader`.)
 #[test]
-#[ignore = "product bug: after a worker sends descriptors on its channel the master stops reading it (src/instance.rs: tokio clears readiness on the short read that ends at the SCM_RIGHTS segment; ~4 KiB stays queued unread), and the descriptors are dropped unlogged"]
 fn ipc_uninvited_descriptors_are_logged_and_later_lines_still_read() {
     let b = start_abuser(python::UNINVITED_FDS, &[]);
     let addr = b.addr();

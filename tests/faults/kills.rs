@@ -204,14 +204,8 @@ fn kill9_of_random_workers_fails_no_new_connection() {
 /// noticed). Two healthy workers remain, so no new connection may fail: a refused connect
 /// costs microseconds on loopback, and the proxy can offer the client to every worker.
 ///
-/// Product bug: the proxy offers a client to at most 3 workers (`proxy/src/forward.rs`,
-/// `ForwardConfig::default`: `max_tries: 3`, and `src/main.rs` keeps the default), so a
-/// client whose turn starts at slot 0 is tried on 0, 1, 2 and closed: one new connection in
-/// three fails until health checks take the three out of rotation (`--health-fall` × 1 s
-/// with the defaults). Fix: try every backend of the set once (`pick_excluding` already
-/// bounds a pass), or bound the retries by time rather than by count.
+/// (Was a bug: a client was offered to at most 3 workers; now every worker in rotation once.)
 #[test]
-#[ignore = "product bug: the proxy tries at most 3 workers per client (proxy/src/forward.rs max_tries: 3); with 3 refusing workers in a row and 2 healthy ones, 1 new connection in 3 fails"]
 fn three_refusing_workers_fail_no_new_connection_while_two_are_healthy() {
     const WORKERS: usize = 5;
     let script = python::abuser(python::STOPS_LISTENING);

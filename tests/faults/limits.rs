@@ -162,7 +162,7 @@ fn low_fd_limit_neither_crashes_nor_spins() {
 /// count it against the worker, and retry after the accept backoff; or accept only while
 /// two descriptors are free.
 #[test]
-#[ignore = "product bug: the master's own EMFILE on the upstream connect is treated as the worker refusing (proxy/src/forward.rs record_connect(false), client closed): ~90 of 200 clients reset with both workers healthy, and healthy workers sometimes taken out of rotation"]
+#[ignore = "product bug (partly fixed): workers are no longer blamed for the master's own EMFILE, but a client accepted when no descriptor is left for its worker connection is closed rather than left waiting in the backlog"]
 fn low_fd_limit_clients_wait_and_workers_are_not_blamed() {
     let m = rlimit::LimitedMaster::start(NOFILE, &["--cpus", "2", "--max-conns", "1000"]);
     let addr = m.addr();
@@ -229,16 +229,9 @@ fn low_fd_limit_clients_wait_and_workers_are_not_blamed() {
 /// The same limit with the default `--max-conns`: the master derives it from the limit, and
 /// all 200 clients, then 10 later ones, must be served.
 ///
-/// Product bugs: (1) with a limit below 256 + 2 the derived cap is 1 (`src/main.rs`,
-/// `max_conns`: `(limit - FD_RESERVE) / 2` clamped to at least 1, `FD_RESERVE` = 256),
-/// without a warning; (2) with a cap smaller than the number of proxy threads, a connection
-/// can wait forever: every proxy thread has its own `SO_REUSEPORT` listener but they share
-/// one semaphore, and a thread takes a permit *before* `accept()` (`proxy/src/server.rs`,
-/// `serve`), so the thread holding the only permit sits idle on an empty listener while
-/// clients queue on the other one (sequential requests with `--max-conns 1` hang about
-/// half the time).
+/// (Were bugs: the derived cap ignored small limits, and a permit was taken before a
+/// connection was waiting on that thread's listener.)
 #[test]
-#[ignore = "product bug: under RLIMIT_NOFILE 64 the derived --max-conns is 1 (src/main.rs max_conns, FD_RESERVE 256), and a permit taken before accept() on one of several SO_REUSEPORT listeners starves the others (proxy/src/server.rs serve); clients hang"]
 fn low_fd_limit_with_the_default_cap_serves_every_client() {
     let m = rlimit::LimitedMaster::start(NOFILE, &["--cpus", "2"]);
     let addr = m.addr();
@@ -268,7 +261,6 @@ fn low_fd_limit_with_the_default_cap_serves_every_client() {
 /// (on a machine with two or more CPUs), ten requests one after the other; each must be
 /// served within 2 s.
 #[test]
-#[ignore = "product bug: with --max-conns below the number of proxy threads a permit held by an idle accept loop starves the other SO_REUSEPORT listeners (proxy/src/server.rs serve takes the permit before accept)"]
 fn max_conns_smaller_than_proxy_threads_serves_sequential_clients() {
     let b = Balancer::start(&["--cpus", "1", "--max-conns", "1"]);
     let addr = b.addr();

@@ -217,6 +217,9 @@ pub struct FdReader<R> {
     line_start: Option<u64>,
     /// The peer closed its end (or the read failed): no more bytes or descriptors.
     eof: bool,
+    /// Descriptors closed unclaimed since [`FdReader::take_discarded`] was last called: the
+    /// caller, who knows who the peer is, decides what a peer that sends them deserves.
+    discarded: usize,
     scratch: Box<[u8]>,
 }
 
@@ -244,6 +247,7 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
             at_line_start: true,
             line_start: None,
             eof: false,
+            discarded: 0,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         }
     }
@@ -284,6 +288,11 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
         }
     }
 
+    /// How many descriptors were closed unclaimed since the last call (and resets the count).
+    pub fn take_discarded(&mut self) -> usize {
+        std::mem::take(&mut self.discarded)
+    }
+
     /// Takes the next descriptor that arrived with the first byte of the line last returned
     /// by [`FdReader::next_line`]. Call it once per handle the message carries
     /// ([`MasterMessage::handles`]); `None` means the line came without (enough) descriptors.
@@ -293,7 +302,8 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
             if front.line < start {
                 // Came with an earlier line, which did not take it.
                 self.fds.pop_front();
-                tracing::warn!("closing a file descriptor no message claimed");
+                self.discarded += 1;
+                tracing::debug!("closing a file descriptor no message claimed");
                 continue;
             }
             if front.line > start {
@@ -329,13 +339,15 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
         self.fds.retain(|q| q.line >= consumed);
         let closed = before - self.fds.len();
         if closed > 0 {
-            tracing::warn!(closed, "closing file descriptors no message claimed");
+            self.discarded += closed;
+            tracing::debug!(closed, "closing file descriptors no message claimed");
         }
     }
 
     fn close_all(&mut self, why: &'static str) {
         if !self.fds.is_empty() {
-            tracing::warn!(
+            self.discarded += self.fds.len();
+            tracing::debug!(
                 closed = self.fds.len(),
                 "{why}: closing file descriptors no message claimed"
             );
@@ -379,7 +391,8 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
             return Ok(());
         }
         let Some(line) = owner else {
-            tracing::warn!(
+            self.discarded += fds.len();
+            tracing::debug!(
                 closed = fds.len(),
                 "file descriptors arrived in the middle of a line; closing them"
             );
@@ -388,7 +401,8 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
         if truncated {
             // Some descriptors of this message were dropped by the kernel: the message can
             // no longer get all it was sent with, so it gets none.
-            tracing::warn!(
+            self.discarded += fds.len();
+            tracing::debug!(
                 arrived = fds.len(),
                 max = MAX_FDS_PER_MESSAGE,
                 "ipc control data truncated; closing the descriptors that arrived"
@@ -404,7 +418,8 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
             }
         }
         if dropped > 0 {
-            tracing::warn!(
+            self.discarded += dropped;
+            tracing::debug!(
                 dropped,
                 max = MAX_QUEUED_FDS,
                 "too many unclaimed file descriptors; closing the excess"
