@@ -27,31 +27,6 @@ const EXIT: Duration = Duration::from_secs(15);
 /// the 2-core CI machine; 400M, the default, takes about 4 s).
 const SLOW_SUM_N: u64 = 100_000_000;
 
-/// Waits for `all workers ready workers=N`.
-fn wait_all_ready(b: &Balancer, n: usize) {
-    b.expect_line(0, "`all workers ready`", READY, |l| {
-        is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
-    });
-}
-
-/// Pids of the workers logged as `worker ready` that are still alive: the ones serving now.
-/// (Not simply every spawned pid: on a very busy machine a slow starter can be replaced.)
-fn ready_pids(b: &Balancer) -> Vec<u32> {
-    let mut pids: Vec<u32> = Vec::new();
-    // A worker is logged `ready` again when it comes back up on health checks.
-    for pid in b
-        .lines()
-        .iter()
-        .filter(|l| is_event(l, "worker ready"))
-        .filter_map(|l| field_u32(l, "pid"))
-    {
-        if !pids.contains(&pid) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// The pid of the worker behind one `GET /`.
 fn who_answers(addr: std::net::SocketAddr) -> u32 {
     body_pid(&get_ok(addr, "/"))

@@ -110,29 +110,6 @@ fn start_node(mode: &str, cpus: usize, extra: &[&str], app: &str) -> Balancer {
     Balancer::start_exact(&args)
 }
 
-/// Waits for `all workers ready workers=N`.
-fn wait_all_ready(b: &Balancer, n: usize) {
-    b.expect_line(0, "`all workers ready`", READY, |l| {
-        is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
-    });
-}
-
-/// Pids of the workers logged as `worker ready` that are still alive: the ones serving now.
-fn ready_pids(b: &Balancer) -> Vec<u32> {
-    let mut pids: Vec<u32> = Vec::new();
-    for pid in b
-        .lines()
-        .iter()
-        .filter(|l| is_event(l, "worker ready"))
-        .filter_map(|l| field_u32(l, "pid"))
-    {
-        if !pids.contains(&pid) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// The pid of the worker logged `worker ready` in `slot` (the first one).
 fn ready_pid_of_slot(b: &Balancer, slot: usize) -> u32 {
     let (_, line) = b.expect_line(0, &format!("`worker ready` for slot {slot}"), READY, |l| {

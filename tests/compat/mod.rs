@@ -64,29 +64,6 @@ fn python() -> &'static str {
     python3().to_str().expect("UTF-8 python path")
 }
 
-/// Waits for `all workers ready workers=N`.
-fn wait_all_ready(b: &Balancer, n: usize) {
-    b.expect_line(0, "`all workers ready`", READY, |l| {
-        is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
-    });
-}
-
-/// Pids of the workers logged as `worker ready` that are still alive: the ones serving now.
-fn ready_pids(b: &Balancer) -> Vec<u32> {
-    let mut pids: Vec<u32> = Vec::new();
-    for pid in b
-        .lines()
-        .iter()
-        .filter(|l| is_event(l, "worker ready"))
-        .filter_map(|l| field_u32(l, "pid"))
-    {
-        if !pids.contains(&pid) && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// The port of the `worker ready` line of `pid`.
 fn ready_port(b: &Balancer, pid: u32) -> u16 {
     let line = b

@@ -715,3 +715,31 @@ pub fn python3() -> &'static Path {
         .as_deref()
         .expect("python3 is needed for this test and was not found in PATH")
 }
+
+/// Waits until the log says all `n` workers are ready (`READY_TIMEOUT` at most).
+pub fn wait_all_ready(b: &Balancer, n: usize) {
+    b.expect_line(0, "`all workers ready`", READY_TIMEOUT, |l| {
+        is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
+    });
+}
+
+/// Pids of the workers logged as `worker ready` that are still alive: the ones serving now.
+/// (Not simply every spawned pid: on a very busy machine a slow starter can be replaced; and
+/// a worker is logged `ready` again when it comes back up on health checks.)
+pub fn ready_pids(b: &Balancer) -> Vec<u32> {
+    let mut pids: Vec<u32> = Vec::new();
+    for pid in b
+        .lines()
+        .iter()
+        .filter(|l| is_event(l, "worker ready"))
+        .filter_map(|l| field_u32(l, "pid"))
+    {
+        if !pids.contains(&pid) && pid_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// How long a test waits for workers to become ready: generous, for a loaded CI machine.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
