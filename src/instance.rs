@@ -420,11 +420,7 @@ async fn run(
                                     admission = Some(admit_now(Gate::Trust, admit_patience()));
                                 }
                             }
-                            Act::Accepted { ack, accepted } => {
-                                if let Some(refused) = delivery.as_mut().and_then(|d| d.answered(ack, accepted)) {
-                                    handoff::redispatch(&shared.backends, [refused]);
-                                }
-                            }
+                            Act::Accepted { ack, accepted } => answered(shared, delivery.as_mut(), ack, accepted),
                             Act::Close { key: server } => {
                                 if balanced_key.as_ref() == Some(&server) {
                                     rotation.leave("closed its server", stop.graceful.is_cancelled());
@@ -481,14 +477,8 @@ async fn run(
                                 strikes.add(slot, pid, "unexpected NODE_HANDLE_NACK");
                             }
                         }
-                        Ok(WorkerMessage::Accepted { id }) => {
-                            delivery.as_mut().map(|d| d.answered(id, true));
-                        }
-                        Ok(WorkerMessage::Rejected { id }) => {
-                            if let Some(refused) = delivery.as_mut().and_then(|d| d.answered(id, false)) {
-                                handoff::redispatch(&shared.backends, [refused]);
-                            }
-                        }
+                        Ok(WorkerMessage::Accepted { id }) => answered(shared, delivery.as_mut(), id, true),
+                        Ok(WorkerMessage::Rejected { id }) => answered(shared, delivery.as_mut(), id, false),
                         Ok(WorkerMessage::Pong { seq }) => {
                             if let (expected, Some(sent)) = ping {
                                 if seq == expected {
@@ -743,7 +733,15 @@ fn apply_answer(shared: &Arc<Shared>, delivery: &mut Delivery, text: &str) {
             _ => None,
         },
     };
-    if let Some(refused) = answer.and_then(|(id, accepted)| delivery.answered(id, accepted)) {
+    if let Some((id, accepted)) = answer {
+        answered(shared, Some(delivery), id, accepted);
+    }
+}
+
+/// A worker answered for hand-off `id`: the master's copy is closed if it took the
+/// connection, and the connection goes to another worker if it refused.
+fn answered(shared: &Arc<Shared>, delivery: Option<&mut Delivery>, id: u64, accepted: bool) {
+    if let Some(refused) = delivery.and_then(|d| d.answered(id, accepted)) {
         handoff::redispatch(&shared.backends, [refused]);
     }
 }
