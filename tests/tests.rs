@@ -6,6 +6,7 @@ mod helper;
 
 mod cluster;
 mod compat;
+mod defects;
 mod faults;
 
 use std::collections::{HashMap, HashSet};

@@ -275,10 +275,22 @@ async fn handoff_loop(
     }
 }
 
+/// The HTTP/1 server settings a worker should serve with (the built-in worker does).
+///
+/// Half-close is on: a client may send its request and then shut its write side
+/// (`shutdown(SHUT_WR)`, as `nc -N` and many scripts do) while it waits for the answer.
+/// hyper's default treats that EOF as the client going away and closes without answering;
+/// in hand-off and shared modes the request and the EOF usually arrive together, so such a
+/// client never got an answer.
+pub fn http1() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.half_close(true);
+    builder
+}
+
 fn serve_connection(stream: TcpStream, graceful: &GracefulShutdown) {
     let _ = stream.set_nodelay(true);
-    let conn = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
+    let conn = http1().serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
         if let Err(e) = conn.await {

@@ -13,6 +13,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A hyper server should serve each connection with [`crate::builtin::http1`] (hyper's
+//! builder with half-close on), so a client that shuts its write side after the request
+//! still gets the answer.
+//!
 //! In shared mode the listener comes from the master instead ([`Channel::listener`]); in
 //! handoff mode each connection does ([`Channel::recv`] yields [`Event::Conn`], answer with
 //! [`Channel::accepted`]). The channel reads through [`FdReader`], so descriptors that come

@@ -1,0 +1,4 @@
+//! Defects found by a new user and a hostile client (issue 9): one module per item, each
+//! with a test that failed on the code before its fix.
+
+mod half_close;
