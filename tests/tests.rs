@@ -6,6 +6,7 @@ mod helper;
 
 mod cluster;
 mod compat;
+mod datapath;
 mod defects;
 mod faults;
 

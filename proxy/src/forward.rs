@@ -1,7 +1,9 @@
 //! Forwarding one client connection: pick a backend, connect (trying the next one on
-//! failure), then copy bytes both ways until both sides are done.
+//! failure), then copy bytes both ways until both sides are done. A reset on either side is
+//! passed on as a reset (`SO_LINGER` 0) to the other.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use std::sync::atomic::AtomicBool;
@@ -158,7 +160,16 @@ pub async fn forward(
     let moved = AtomicBool::new(false);
     let copy = crate::copy::bidirectional(&client, &upstream, &moved);
     let (to_backend, to_client) = tokio::select! {
-        copied = copy => copied.map_err(ForwardError::Copy)?,
+        copied = copy => match copied {
+            Ok(totals) => totals,
+            Err(e) => {
+                // One side reset (or the stream broke): the other side must learn it as a
+                // reset too, not as a clean end that makes a truncated answer look whole.
+                abort(&client);
+                abort(&upstream);
+                return Err(ForwardError::Copy(e));
+            }
+        },
         _ = idle(&moved, config.idle_timeout) => {
             return Err(ForwardError::Idle(config.idle_timeout.unwrap_or_default()));
         }
@@ -167,6 +178,26 @@ pub async fn forward(
         to_backend,
         to_client,
     }))
+}
+
+/// Makes the coming close of `stream` send RST instead of FIN (`SO_LINGER` on, 0 s), and
+/// drop anything still unsent: the way a peer's abort is passed on.
+pub(crate) fn abort(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the fd is open for the duration of the call; `linger` is a valid `struct
+    // linger` and its size is passed with it.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 #[cfg(test)]
