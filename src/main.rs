@@ -83,7 +83,10 @@ fn init_logging(verbose: u8, quiet: u8) {
 fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let config = Arc::new(Config::try_from(cli)?);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let max_conns = max_conns(config.max_conns, config.workers, threads);
+    // The admin endpoint's connections (and the one it refuses at a time) are fds the data
+    // path must not count on.
+    let admin_fds = config.admin.map_or(0, |_| admin::MAX_CONNS as u64 + 2);
+    let max_conns = max_conns(config.max_conns, config.workers, threads, admin_fds);
 
     let bound =
         Bound::new(&config, threads).with_context(|| format!("binding {}", config.listen))?;
@@ -310,14 +313,15 @@ fn start_proxy_threads(
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and settles the connection cap: the
 /// one asked for (with a warning if it cannot fit), or as many as the limit allows. Each
-/// proxied connection costs two fds.
-fn max_conns(asked: Option<usize>, workers: usize, threads: usize) -> usize {
+/// proxied connection costs two fds; `kept` more are kept back for other uses (the admin
+/// endpoint).
+fn max_conns(asked: Option<usize>, workers: usize, threads: usize, kept: u64) -> usize {
     let limit = raise_fd_limit();
     // Kept back: what is open now, per worker its channel and two output pipes (and one
     // spare for a replacement), per proxy thread its listener, epoll and wake-up fds, and
     // slack; with a large limit, at least FD_RESERVE.
     let open_now = std::fs::read_dir("/proc/self/fd").map_or(8, |d| d.count()) as u64;
-    let needed = open_now + 4 * workers as u64 + 3 * threads as u64 + 16;
+    let needed = open_now + 4 * workers as u64 + 3 * threads as u64 + 16 + kept;
     let reserve = if limit >= 16 * FD_RESERVE {
         needed.max(FD_RESERVE)
     } else {

@@ -9,6 +9,7 @@ mod compat;
 mod datapath;
 mod defects;
 mod faults;
+mod ops;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

@@ -18,7 +18,7 @@
 mod load;
 mod procfs;
 mod python;
-mod rlimit;
+pub(crate) mod rlimit;
 
 mod ipc;
 mod kills;

@@ -1,71 +1,49 @@
-//! The admin endpoint (`--admin ADDR`): `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text) and `GET /healthz` (200 while at least one worker is in rotation, else 503, for an
-//! orchestrator's readiness probe). Served on the supervisor's runtime; bind it to loopback
-//! or a private network, it has no authentication.
+//! What the admin endpoint answers: `GET /status` (JSON), `GET /metrics` (Prometheus text)
+//! and `GET /healthz` (200 while at least one worker is in rotation, else 503, for an
+//! orchestrator's readiness probe). Only `GET` and `HEAD` are served (`405` otherwise), and
+//! no request body is read.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use hyper::body::{Body as _, Incoming};
+use hyper::{header, Method, Request, Response, StatusCode};
 
-use proxy::{Connections, Proxy};
+use super::View;
 
-use crate::config::Config;
-use crate::status::Registry;
-
-/// What the admin endpoint reads.
-#[derive(Debug, Clone)]
-pub struct View {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// The real client address.
-    pub listen: std::net::SocketAddr,
-    /// The data path's counters and backend set.
-    pub proxy: Arc<Proxy>,
-    /// Open client connections.
-    pub conns: Connections,
-    /// Worker states.
-    pub registry: Arc<Registry>,
-}
-
-/// Serves the admin endpoint on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, view: View, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let view = view.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let view = view.clone();
-                async move { Ok::<_, Infallible>(answer(&view, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "admin connection failed");
-            }
-        });
+/// The response to `req`.
+pub(super) fn answer(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut res = route(view, req);
+    if !req.body().is_end_stream() {
+        // The body is never read: closing after the answer leaves nothing to trickle.
+        res.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
+    res
 }
 
-fn answer(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            format!("method {} not allowed: GET or HEAD\n", req.method()),
+        );
+        res.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return res;
+    }
+    if !req.body().is_end_stream() {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "text/plain",
+            "the admin endpoint takes no request body\n".into(),
+        );
+    }
     let (status, kind, body) = match req.uri().path() {
         "/status" => (StatusCode::OK, "application/json", status_json(view)),
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics(view)),
@@ -92,11 +70,14 @@ fn answer(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "not found: try /status, /metrics, /healthz\n".into(),
         ),
     };
+    reply(status, kind, body)
+}
+
+fn reply(status: StatusCode, kind: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(Bytes::from(body)));
     *res.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
-        res.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
     res
 }
 
