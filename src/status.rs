@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::instance::{Reason, State};
+
 /// One worker instance, as shown by `/status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerStatus {
@@ -13,8 +15,8 @@ pub struct WorkerStatus {
     pub slot: usize,
     /// Its pid.
     pub pid: u32,
-    /// `starting`, `ready`, `down`, `draining` or `stopping`.
-    pub state: &'static str,
+    /// Where it is in its life (serialized as the state's word: `starting`, `ready`, …).
+    pub state: State,
     /// Why it is in that state (the last transition's reason).
     pub reason: String,
     /// Where it accepts, once admitted.
@@ -52,8 +54,8 @@ impl Registry {
             WorkerStatus {
                 slot,
                 pid,
-                state: "starting",
-                reason: "spawned".into(),
+                state: State::Starting,
+                reason: Reason::Spawned.to_string(),
                 addr: None,
                 started,
             },
@@ -61,16 +63,10 @@ impl Registry {
     }
 
     /// Instance `key` moved to `state` for `reason`.
-    pub fn set(
-        &self,
-        key: u64,
-        state: &'static str,
-        reason: &str,
-        addr: Option<std::net::SocketAddr>,
-    ) {
+    pub fn set(&self, key: u64, state: State, reason: &Reason, addr: Option<std::net::SocketAddr>) {
         if let Some(w) = self.lock().get_mut(&key) {
             w.state = state;
-            w.reason = reason.to_owned();
+            w.reason = reason.to_string();
             if let Some(a) = addr {
                 w.addr = Some(a.to_string());
             }

@@ -5,18 +5,17 @@
 //! [`Instance`] → it runs until it ends → respawn after backoff. A reload asks each slot in
 //! turn to start a second instance, wait until it is admitted, then retire the old one.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use proxy::Backends;
 
 use crate::config::Config;
-use crate::instance::Instance;
+use crate::instance::{Context, Instance, StopTokens};
+use crate::status::Registry;
 
 /// First respawn delay for a worker that died before becoming ready.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -25,36 +24,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A worker that ran this long counts as a good start even if it never became ready, so a
 /// rare crash after a long life restarts at once.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
-
-/// How the supervisor is told to stop.
-#[derive(Debug, Clone, Default)]
-pub struct StopTokens {
-    /// Stop every worker in order (shutdown message, SIGTERM, SIGKILL after a timeout).
-    pub graceful: CancellationToken,
-    /// Skip the waiting: SIGKILL whatever is still running.
-    pub force: CancellationToken,
-}
-
-/// State shared by all slots and instances.
-#[derive(Debug)]
-pub struct Shared {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// The backend set the proxy reads.
-    pub backends: Arc<Backends>,
-    /// The address clients connect to (with the real port when `--listen` asked for 0).
-    pub listen: std::net::SocketAddr,
-    /// In shared mode, the listening socket every worker is handed.
-    pub shared_listener: Option<Arc<std::net::TcpListener>>,
-    /// Source of unique backend keys (one per worker instance).
-    pub next_key: AtomicU64,
-    /// Workers in rotation right now.
-    pub in_rotation: AtomicUsize,
-    /// Whether "all workers ready" has been logged at info level already.
-    pub announced_all_ready: AtomicBool,
-    /// Worker states, for the admin endpoint.
-    pub registry: Arc<crate::status::Registry>,
-}
 
 /// A request to a slot to replace its worker; answered with why it could not.
 type ReloadRequest = oneshot::Sender<Result<(), String>>;
@@ -68,26 +37,23 @@ pub async fn run(
     backends: Arc<Backends>,
     listen: std::net::SocketAddr,
     shared_listener: Option<Arc<std::net::TcpListener>>,
-    registry: Arc<crate::status::Registry>,
+    registry: Arc<Registry>,
     stop: StopTokens,
     mut reloads: mpsc::Receiver<()>,
 ) {
-    let shared = Arc::new(Shared {
-        registry,
+    let ctx = Arc::new(Context::new(
+        config,
+        backends,
         listen,
         shared_listener,
-        backends,
-        next_key: AtomicU64::new(1),
-        in_rotation: AtomicUsize::new(0),
-        announced_all_ready: AtomicBool::new(false),
-        config,
-    });
+        registry,
+    ));
     let mut slots = JoinSet::new();
     let mut slot_reloads = Vec::new();
-    for slot in 0..shared.config.workers {
+    for slot in 0..ctx.config.workers {
         let (tx, rx) = mpsc::channel::<ReloadRequest>(1);
         slot_reloads.push(tx);
-        slots.spawn(run_slot(slot, Arc::clone(&shared), stop.clone(), rx));
+        slots.spawn(run_slot(slot, Arc::clone(&ctx), stop.clone(), rx));
     }
     loop {
         tokio::select! {
@@ -133,19 +99,19 @@ async fn rolling_reload(slots: &[mpsc::Sender<ReloadRequest>]) {
 /// One slot: a worker, and its replacement whenever it ends, until the master stops.
 async fn run_slot(
     slot: usize,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     stop: StopTokens,
     mut reloads: mpsc::Receiver<ReloadRequest>,
 ) {
     let mut backoff = Backoff::default();
     'respawn: while !stop.graceful.is_cancelled() {
         let started = Instant::now();
-        let mut current = Instance::start(slot, Arc::clone(&shared), stop.clone());
+        let mut current = Instance::start(slot, Arc::clone(&ctx), stop.clone());
         let ending = loop {
             tokio::select! {
                 ending = current.finished() => break ending,
                 Some(reply) = reloads.recv() => {
-                    let mut next = Instance::start(slot, Arc::clone(&shared), stop.clone());
+                    let mut next = Instance::start(slot, Arc::clone(&ctx), stop.clone());
                     if next.wait_ready().await {
                         let mut old = std::mem::replace(&mut current, next);
                         old.retire();
@@ -167,9 +133,7 @@ async fn run_slot(
         let delay = backoff.next(good_start);
         if !delay.is_zero() {
             tracing::warn!(slot, delay = ?delay, failures = backoff.failures, reason = %ending.reason, "worker failed before becoming ready; respawning after backoff");
-            if !shared.announced_all_ready.load(Ordering::Relaxed)
-                && shared.in_rotation.load(Ordering::Relaxed) == 0
-            {
+            if !ctx.all_were_ready() && ctx.in_rotation() == 0 {
                 // Nothing has ever served: say plainly why, once per failure.
                 let last = ending
                     .last_stderr

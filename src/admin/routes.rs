@@ -11,6 +11,8 @@ use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 
+use crate::instance::State;
+
 use super::View;
 
 /// The response to `req`.
@@ -166,7 +168,7 @@ fn metrics(view: &View) -> String {
         out,
         "# HELP balancer_workers Live worker processes by state.\n# TYPE balancer_workers gauge"
     );
-    for state in ["starting", "ready", "down", "draining", "stopping"] {
+    for state in State::LIVE {
         let n = view
             .registry
             .workers()

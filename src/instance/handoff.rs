@@ -1,26 +1,26 @@
-//! Hand-off: passing accepted client sockets to a worker over its IPC channel, and keeping
-//! the master's copy of each until the worker says it took it, so that a worker that
-//! refuses a connection or dies before taking it does not lose the client.
+//! Hand-off delivery: passing accepted client sockets to a worker over its IPC channel, and
+//! keeping the master's copy of each until the worker says it took it, so that a worker
+//! that refuses a connection or dies before taking it does not lose the client.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use proxy::{Backends, ForwardConfig};
-use worker::protocol::MasterMessage;
+use worker::protocol::{MasterMessage, WorkerMessage};
 
-use crate::node_cluster::Primary;
+use crate::node_cluster::{self, Act, Primary};
+
+use super::ipc::{Ipc, WRITE_TIMEOUT};
+use super::run::Worker;
 
 /// Connections queued for one worker before the proxy offers them to the next one instead.
 pub const QUEUE: usize = 1024;
-/// How long a hand-off write may take before the worker is considered stuck.
-const SEND_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often a handle is sent again after Node's `NODE_HANDLE_NACK`.
-const MAX_RESENDS: u32 = 3;
+/// How often a handle (a connection, or the shared listener) is sent again after Node's
+/// `NODE_HANDLE_NACK`; Node's own primary gives up after 3 retransmissions too.
+pub(super) const MAX_RESENDS: u32 = 3;
 
 /// How the worker expects connections.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl Delivery {
     /// another worker.
     pub async fn deliver(
         &mut self,
-        write: &OwnedWriteHalf,
+        ipc: &Ipc,
         primary: &mut Primary,
         stream: TcpStream,
     ) -> Result<(), TcpStream> {
@@ -76,7 +76,7 @@ impl Delivery {
                 (seq, line)
             }
         };
-        if let Err(e) = send_fd(write, &line, &stream).await {
+        if let Err(e) = send_fd(ipc, &line, &stream).await {
             tracing::debug!(error = %e, "hand-off send failed");
             return Err(stream);
         }
@@ -101,10 +101,10 @@ impl Delivery {
 
     /// Node did not get the oldest handle: send it again (a few times at most). Returns a
     /// connection that is given up on, to go to another worker.
-    pub async fn handle_nacked(&mut self, write: &OwnedWriteHalf) -> Option<TcpStream> {
+    pub async fn handle_nacked(&mut self, ipc: &Ipc) -> Option<TcpStream> {
         let (id, line, resent) = self.unacked.pop_front()?;
         let stream = self.pending.get(&id)?;
-        if resent < MAX_RESENDS && send_fd(write, &line, stream).await.is_ok() {
+        if resent < MAX_RESENDS && send_fd(ipc, &line, stream).await.is_ok() {
             self.unacked.push_front((id, line, resent + 1));
             return None;
         }
@@ -122,17 +122,8 @@ impl Delivery {
     }
 }
 
-async fn send_fd(write: &OwnedWriteHalf, line: &str, stream: &TcpStream) -> std::io::Result<()> {
-    let fds = [stream.as_fd()];
-    match tokio::time::timeout(
-        SEND_TIMEOUT,
-        worker::fdpass::send_with_fds(write.as_ref(), line.as_bytes(), &fds),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
+async fn send_fd(ipc: &Ipc, line: &str, stream: &TcpStream) -> std::io::Result<()> {
+    ipc.send(line, &[stream.as_fd()], WRITE_TIMEOUT).await
 }
 
 /// Gives connections that a worker did not take to other workers, through the same path as
@@ -148,5 +139,70 @@ pub fn redispatch(backends: &Arc<Backends>, streams: impl IntoIterator<Item = Tc
                 }
             }
         });
+    }
+}
+
+impl Worker {
+    /// The proxy queued a client for this worker: send it, or give it to another worker if
+    /// the send fails.
+    pub(super) async fn on_client(&mut self, client: TcpStream) {
+        if let Some(d) = self.delivery.as_mut() {
+            if let Err(client) = d.deliver(&self.ipc, &mut self.node.primary, client).await {
+                redispatch(&self.ctx.backends, [client]);
+            }
+        }
+    }
+
+    /// Node did not get the oldest handle of a connection: sent again, or given up on and
+    /// given to another worker. `false` if no connection was waiting for it.
+    pub(super) async fn on_connection_nack(&mut self) -> bool {
+        let Some(d) = self.delivery.as_mut() else {
+            return false;
+        };
+        if let Some(lost) = d.handle_nacked(&self.ipc).await {
+            redispatch(&self.ctx.backends, [lost]);
+        }
+        true
+    }
+
+    /// The worker answered for hand-off `id`: the master's copy is closed if it took the
+    /// connection, and the connection goes to another worker if it refused.
+    pub(super) fn answered(&mut self, id: u64, accepted: bool) {
+        if let Some(refused) = self
+            .delivery
+            .as_mut()
+            .and_then(|d| d.answered(id, accepted))
+        {
+            redispatch(&self.ctx.backends, [refused]);
+        }
+    }
+
+    /// A line read while stopping, when only answers to hand-offs still matter.
+    pub(super) fn apply_answer(&mut self, text: &str) {
+        let answer = match node_cluster::parse_line(text) {
+            Some(Act::Accepted { ack, accepted }) => Some((ack, accepted)),
+            Some(_) => None,
+            None => match WorkerMessage::parse(text) {
+                Ok(WorkerMessage::Accepted { id }) => Some((id, true)),
+                Ok(WorkerMessage::Rejected { id }) => Some((id, false)),
+                _ => None,
+            },
+        };
+        if let Some((id, accepted)) = answer {
+            self.answered(id, accepted);
+        }
+    }
+
+    /// Re-dispatches connections this worker will never take, with one log line.
+    pub(super) fn give_to_others(&self, streams: Vec<TcpStream>) {
+        if !streams.is_empty() {
+            tracing::info!(
+                slot = self.slot,
+                pid = self.pid,
+                connections = streams.len(),
+                "giving connections the worker did not take to other workers"
+            );
+            redispatch(&self.ctx.backends, streams);
+        }
     }
 }

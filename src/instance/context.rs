@@ -1,0 +1,104 @@
+//! What every instance of every slot shares: the [`Context`] (configuration, the backend
+//! set, the client address, the rotation count, the registry) and the [`StopTokens`] that
+//! tell them to stop. Owned by the instance side; the supervisor builds one and hands it to
+//! each slot.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use proxy::Backends;
+
+use crate::config::Config;
+use crate::status::Registry;
+
+/// How instances are told to stop.
+#[derive(Debug, Clone, Default)]
+pub struct StopTokens {
+    /// Stop every worker in order (shutdown message, SIGTERM, SIGKILL after a timeout).
+    pub graceful: CancellationToken,
+    /// Skip the waiting: SIGKILL whatever is still running.
+    pub force: CancellationToken,
+}
+
+/// State shared by all slots and instances.
+#[derive(Debug)]
+pub struct Context {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The backend set the proxy reads.
+    pub backends: Arc<Backends>,
+    /// The address clients connect to (with the real port when `--listen` asked for 0).
+    pub listen: SocketAddr,
+    /// In shared mode, the listening socket every worker is handed.
+    pub shared_listener: Option<Arc<std::net::TcpListener>>,
+    /// Worker states, for the admin endpoint.
+    pub registry: Arc<Registry>,
+    /// Source of unique backend keys (one per worker instance).
+    next_key: AtomicU64,
+    /// Workers in rotation right now.
+    in_rotation: AtomicUsize,
+    /// Whether "all workers ready" has been logged at info level already.
+    announced_all_ready: AtomicBool,
+}
+
+impl Context {
+    /// A context for the slots of one master.
+    pub fn new(
+        config: Arc<Config>,
+        backends: Arc<Backends>,
+        listen: SocketAddr,
+        shared_listener: Option<Arc<std::net::TcpListener>>,
+        registry: Arc<Registry>,
+    ) -> Self {
+        Self {
+            config,
+            backends,
+            listen,
+            shared_listener,
+            registry,
+            next_key: AtomicU64::new(1),
+            in_rotation: AtomicUsize::new(0),
+            announced_all_ready: AtomicBool::new(false),
+        }
+    }
+
+    /// A backend key no other instance has.
+    pub fn next_key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Workers in rotation right now.
+    pub fn in_rotation(&self) -> usize {
+        self.in_rotation.load(Ordering::Relaxed)
+    }
+
+    /// Whether every slot has been in rotation at once since the start.
+    pub fn all_were_ready(&self) -> bool {
+        self.announced_all_ready.load(Ordering::Relaxed)
+    }
+
+    /// One more worker in rotation; returns how many are now.
+    pub(super) fn entered_rotation(&self) -> usize {
+        self.in_rotation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Logs "all workers ready" when `now` workers in rotation is every slot: at info the
+    /// first time, at debug after (a worker back from a health flip or a reload).
+    pub(super) fn note_all_ready(&self, now: usize) {
+        if now == self.config.workers {
+            if self.announced_all_ready.swap(true, Ordering::Relaxed) {
+                tracing::debug!(workers = now, "all workers ready");
+            } else {
+                tracing::info!(workers = now, "all workers ready");
+            }
+        }
+    }
+
+    /// One worker fewer in rotation; returns how many are left.
+    pub(super) fn left_rotation(&self) -> usize {
+        self.in_rotation.fetch_sub(1, Ordering::Relaxed) - 1
+    }
+}

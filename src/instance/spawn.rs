@@ -1,0 +1,130 @@
+//! Starting one instance: the worker process (with a port chosen for it under `--ready
+//! port` and the shared listener as fd 3 where it applies), its output relays, its registry
+//! entry, and the [`Worker`] that drives the rest of its life.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use worker::protocol::Mode;
+
+use crate::child::{self, Spawned};
+use crate::cli::{ReadyArg, WorkerOutput};
+use crate::config::WorkerProgram;
+use crate::health::Tally;
+use crate::output::{self, LastLine};
+
+use super::admission::Admission;
+use super::context::{Context, StopTokens};
+use super::handoff;
+use super::health::Health;
+use super::ipc::Ipc;
+use super::node::Node;
+use super::rotation::Rotation;
+use super::run::Worker;
+use super::state::{Reason, State};
+use super::strikes::Strikes;
+use super::Ending;
+
+impl Worker {
+    /// Spawns the worker process for `slot` and everything that follows it; an [`Ending`]
+    /// if the process could not be started.
+    pub(super) fn spawn(
+        slot: usize,
+        ctx: Arc<Context>,
+        stop: StopTokens,
+        retire: mpsc::Receiver<()>,
+        state: watch::Sender<State>,
+    ) -> Result<Self, Ending> {
+        let config = Arc::clone(&ctx.config);
+        let (spawned, assigned_port) = match spawn_process(slot, &ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(slot, error = %e, "could not start worker");
+                return Err(Ending {
+                    was_ready: false,
+                    reason: Reason::SpawnFailed(e.to_string()).to_string(),
+                    last_stderr: None,
+                });
+            }
+        };
+        let Spawned {
+            mut child,
+            pid,
+            ipc,
+        } = spawned;
+        let key = ctx.next_key();
+        tracing::info!(slot, pid, "worker spawned");
+        ctx.registry.spawned(key, slot, pid);
+
+        let last_stderr = LastLine::default();
+        if config.worker_output == WorkerOutput::Prefix {
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(output::relay(out, slot, pid, "stdout", None));
+            }
+            if let Some(err) = child.stderr.take() {
+                let last = Some(Arc::clone(&last_stderr));
+                tokio::spawn(output::relay(err, slot, pid, "stderr", last));
+            }
+        }
+        let (events_tx, events) = mpsc::channel(4);
+        // Hand-off: the proxy queues clients here; `delivery` passes them to the worker.
+        let (handoff_tx, handoff_rx) = mpsc::channel::<TcpStream>(handoff::QUEUE);
+        let health = &config.health;
+        Ok(Worker {
+            rotation: Rotation::new(Arc::clone(&ctx), slot, pid, key, state),
+            admission: Admission::new(
+                tokio::time::Instant::now() + config.ready_timeout,
+                assigned_port,
+            ),
+            health: Health::new(Tally::new(health.rise, health.fall)),
+            ctx,
+            stop,
+            slot,
+            pid,
+            key,
+            child,
+            ipc: Ipc::new(ipc),
+            retire,
+            events_tx,
+            events,
+            strikes: Strikes::default(),
+            last_stderr,
+            spoke_ipc: false,
+            supports_ping: false,
+            listener_sends: 0,
+            drain_deadline: None,
+            node: Node::default(),
+            handoff_tx,
+            handoff_rx,
+            delivery: None,
+        })
+    }
+}
+
+/// Spawns the worker process, with a port chosen for it under `--ready port`.
+fn spawn_process(slot: usize, ctx: &Context) -> std::io::Result<(Spawned, Option<u16>)> {
+    let config = &ctx.config;
+    let port = match (config.mode, config.ready) {
+        (Mode::Proxy, ReadyArg::Port) => Some(child::free_port()?),
+        _ => None,
+    };
+    // Programs other than the built-in worker also get the shared listener as fd 3.
+    let listen_fd = match (&ctx.shared_listener, &config.program) {
+        (Some(l), WorkerProgram::Command { .. }) => Some(l.as_raw_fd()),
+        _ => None,
+    };
+    let spawned = child::spawn(&child::SpawnSpec {
+        program: &config.program,
+        slot,
+        output: config.worker_output,
+        port,
+        mode: config.mode,
+        listen: ctx.listen,
+        node_unique_id: config.node_cluster.then_some(slot + 1),
+        listen_fd,
+    })?;
+    Ok((spawned, port))
+}
