@@ -141,6 +141,32 @@ pub enum Sub {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+
+    // Operator subcommands: clients of a running master's admin endpoint (src/client/).
+    /// Exit 0 if the master's /healthz answers 200 (a worker is in rotation), else print why
+    /// and exit 1: a container health check for an image without curl.
+    Health(ClientArgs),
+}
+
+/// Flags every operator subcommand takes: where the master's admin endpoint is.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The master's admin endpoint: IP:PORT, or a Unix socket path (with a / in it).
+    #[arg(long, value_name = "ADDR", env = "BALANCER_ADMIN")]
+    pub admin: Option<String>,
+
+    /// Bearer token, for changes (reload, scale) over a TCP admin endpoint.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "BALANCER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// How long to wait for the master's answer.
+    #[arg(long, default_value = "5s")]
+    pub timeout: String,
 }
 
 /// See [`Cli::ready`].

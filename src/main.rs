@@ -10,6 +10,7 @@ mod admin;
 mod bind;
 mod child;
 mod cli;
+mod client;
 mod config;
 mod health;
 mod instance;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
             Err(anyhow::Error::from(child::exec_with_listen_pid(command))
                 .context(format!("starting {:?}", command.first())))
         }
+        Some(Sub::Health(ref args)) => client::health(args),
         None => run_master(&cli),
     };
     match result {

@@ -12,7 +12,10 @@
 //! - request bodies are not read: a request that carries one is refused (`413`), which
 //!   leaves no body for a slow client to trickle.
 
+mod addr;
 mod routes;
+
+pub use addr::AdminAddr;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

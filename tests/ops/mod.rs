@@ -3,6 +3,7 @@
 //! signals and the privilege drop, each against the real binary.
 
 mod admin;
+mod client;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -56,4 +57,72 @@ fn peer_closed(stream: &mut TcpStream) -> bool {
             Err(_) => return true,
         }
     }
+}
+
+/// What a client subcommand did.
+#[derive(Debug)]
+struct Run {
+    /// Its exit code (`None`: killed by a signal).
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `balancer ARGS...` (an operator subcommand) to completion, killing it if it takes
+/// longer than `CLIENT_DEADLINE`.
+fn run_client(args: &[&str]) -> Run {
+    use std::process::{Command, Stdio};
+    /// Far above the client's own 5 s timeout: only a hung client reaches it.
+    const CLIENT_DEADLINE: Duration = Duration::from_secs(20);
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("BALANCER_ADMIN")
+        .env_remove("BALANCER_ADMIN_TOKEN")
+        .env_remove("BALANCER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the balancer client");
+    let (mut out, mut err) = (
+        child.stdout.take().expect("piped"),
+        child.stderr.take().expect("piped"),
+    );
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut status = None;
+    let done = wait_until(CLIENT_DEADLINE, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("balancer {args:?} still running after {CLIENT_DEADLINE:?}");
+    }
+    Run {
+        code: status.and_then(|s| s.code()),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Asserts `run` failed with exit code 1 and exactly one `balancer: error: ...` line that
+/// contains `expected`.
+fn assert_one_error_line(run: &Run, expected: &str) {
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line: {run:?}");
+    assert!(
+        lines[0].starts_with("balancer: error: ") && lines[0].contains(expected),
+        "expected `balancer: error: ...{expected}...`: {run:?}"
+    );
 }

@@ -1,0 +1,77 @@
+//! Where an admin endpoint is: `IP:PORT` (or `:PORT`) on TCP, or a Unix socket path. The
+//! master binds one ([`crate::admin`]); the operator subcommands ([`crate::client`]) connect
+//! to one, so both read `--admin` the same way.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// An admin endpoint's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl AdminAddr {
+    /// `IP:PORT`, `[v6]:PORT`, `:PORT`, or a path: anything with a `/` in it (`./admin.sock`
+    /// for one in the current directory), so a typo in an address is never taken for a
+    /// file name.
+    pub fn parse(raw: &str) -> anyhow::Result<Self> {
+        if raw.contains('/') {
+            return Ok(Self::Unix(PathBuf::from(raw)));
+        }
+        if let Some(port) = raw.strip_prefix(':') {
+            if let Ok(port) = port.parse::<u16>() {
+                return Ok(Self::Tcp(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    port,
+                )));
+            }
+        }
+        raw.parse().map(Self::Tcp).map_err(|_| {
+            anyhow::anyhow!(
+                "--admin {raw:?}: expected IP:PORT (e.g. 127.0.0.1:9000), :PORT, or a Unix socket path with a / in it (e.g. /run/balancer.sock, ./admin.sock)"
+            )
+        })
+    }
+}
+
+impl fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms() {
+        assert_eq!(
+            AdminAddr::parse("127.0.0.1:9000").unwrap(),
+            AdminAddr::Tcp("127.0.0.1:9000".parse().unwrap())
+        );
+        assert_eq!(
+            AdminAddr::parse(":9000").unwrap(),
+            AdminAddr::Tcp("0.0.0.0:9000".parse().unwrap())
+        );
+        assert_eq!(
+            AdminAddr::parse("/run/b.sock").unwrap(),
+            AdminAddr::Unix("/run/b.sock".into())
+        );
+        assert_eq!(
+            AdminAddr::parse("./b.sock").unwrap(),
+            AdminAddr::Unix("./b.sock".into())
+        );
+        assert!(AdminAddr::parse("b.sock").is_err());
+        assert!(AdminAddr::parse("localhost:9000").is_err());
+        assert!(AdminAddr::parse(":99999").is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! The operator subcommands (`balancer health`, and the rest as they come): thin clients of
+//! a running master's admin endpoint. Each parses its flags (in [`crate::cli`]), makes one
+//! request over TCP or a Unix socket, and renders the answer; none of them knows anything
+//! the master does not say. Errors are one line for `main` to print, and a non-zero exit.
+
+mod transport;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::admin::AdminAddr;
+use crate::cli::ClientArgs;
+pub use transport::Reply;
+
+/// A master's admin endpoint, as the subcommands reach it.
+#[derive(Debug)]
+pub struct Endpoint {
+    addr: AdminAddr,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+impl Endpoint {
+    /// From the common client flags.
+    pub fn from_args(args: &ClientArgs) -> anyhow::Result<Self> {
+        let Some(raw) = args.admin.as_deref() else {
+            bail!("no admin endpoint: pass --admin ADDR (IP:PORT or a socket path) or set BALANCER_ADMIN");
+        };
+        let timeout = humantime::parse_duration(args.timeout.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("--timeout {:?}: expected e.g. 5s, 500ms", args.timeout))?;
+        Ok(Self {
+            addr: AdminAddr::parse(raw)?,
+            token: args.admin_token.clone().filter(|t| !t.is_empty()),
+            timeout,
+        })
+    }
+
+    /// One request; any answer the master gives is `Ok`, whatever its status.
+    pub fn call(&self, method: hyper::Method, path: &str) -> anyhow::Result<Reply> {
+        transport::call(
+            &self.addr,
+            self.token.as_deref(),
+            method,
+            path,
+            self.timeout,
+        )
+    }
+
+    /// `GET path`, which must answer 200.
+    pub fn get_ok(&self, path: &str) -> anyhow::Result<String> {
+        let reply = self.call(hyper::Method::GET, path)?;
+        self.expect_ok(path, reply)
+    }
+
+    /// The body of a 2xx `reply`, or the one-line error that names what the master said.
+    pub fn expect_ok(&self, path: &str, reply: Reply) -> anyhow::Result<String> {
+        if reply.status.is_success() {
+            return Ok(reply.body);
+        }
+        let said = reply.body.lines().next().unwrap_or("").trim();
+        bail!("{path} at {}: {} {said}", self.addr, reply.status)
+    }
+}
+
+/// `balancer health`: exit 0 when `/healthz` answers 200, for a container health check in
+/// an image with no curl.
+pub fn health(args: &ClientArgs) -> anyhow::Result<()> {
+    let endpoint = Endpoint::from_args(args)?;
+    endpoint.get_ok("/healthz").map(|_| ())
+}
