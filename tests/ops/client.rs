@@ -9,7 +9,7 @@ fn health_exits_0_while_a_worker_is_in_rotation() {
     wait_all_ready(&b, 1);
     let run = run_client(&["health", "--admin", &admin]);
     assert_eq!(run.code, Some(0), "{run:?}");
-    assert!(run.stderr.is_empty(), "{run:?}");
+    assert!(run.stderr.is_empty() && run.stdout.is_empty(), "{run:?}");
 }
 
 #[test]
