@@ -85,9 +85,12 @@ fn assert_no_panic(b: &Balancer) {
     );
 }
 
-/// The pid at the end of a worker's body (`... pid 123`, `... pid=123`, or the built-in
-/// worker's `... at pid: 123`).
+/// The pid at the end of a worker's body (`... pid 123`, `... pid=123`), or in the built-in
+/// worker's `... at pid: 123, host: h`.
 fn pid_in(body: &str) -> u32 {
+    if body.starts_with("child worker run, at pid: ") {
+        return body_pid(body);
+    }
     body.trim_end()
         .rsplit([' ', '='])
         .next()

@@ -624,11 +624,12 @@ fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// The pid in the built-in worker's `GET /` body: `child worker run, at pid: 123`.
+/// The pid in the built-in worker's `GET /` body: `child worker run, at pid: 123, host: h`.
 pub fn body_pid(body: &str) -> u32 {
     body.trim_end()
         .strip_prefix("child worker run, at pid: ")
-        .and_then(|p| p.parse().ok())
+        .and_then(|rest| rest.split_once(", host: "))
+        .and_then(|(pid, _host)| pid.parse().ok())
         .unwrap_or_else(|| panic!("not a built-in worker body: {body:?}"))
 }
 

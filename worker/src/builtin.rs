@@ -4,7 +4,8 @@
 //! whose one thread is blocked by a long computation (`GET /sum`), and lets the master show
 //! that other workers keep answering meanwhile.
 //!
-//! Routes: `GET /` (who answered), `GET /sum?n=N` (CPU-bound, runs in the request path),
+//! Routes: `GET /` (who answered: pid and host name, so behind an edge balancer a user sees
+//! which container and which worker answered), `GET /sum?n=N` (CPU-bound, runs in the request path),
 //! `GET /healthz` (`ok`).
 //!
 //! It gets its connections the way `BALANCER_MODE` says ([`Mode`]): a loopback port of its
@@ -316,16 +317,29 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         ));
     }
     Ok(match req.uri().path() {
-        "/" => text(
-            StatusCode::OK,
-            format!("child worker run, at pid: {}\n", std::process::id()),
-        ),
+        "/" => text(StatusCode::OK, greeting().to_owned()),
         "/healthz" => text(StatusCode::OK, "ok".into()),
         "/sum" => match sum_n(req.uri().query()) {
             Ok(n) => text(StatusCode::OK, format!("{}\n", sum(n))),
             Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    })
+}
+
+/// The `GET /` body: `child worker run, at pid: N, host: HOSTNAME`. Both are facts of the
+/// whole process that do not change while it runs, so it is built once, on first use.
+fn greeting() -> &'static str {
+    static GREETING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    GREETING.get_or_init(|| {
+        // A host name the kernel will not give (or not as UTF-8) still leaves the pid useful.
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        format!(
+            "child worker run, at pid: {}, host: {host}\n",
+            std::process::id()
+        )
     })
 }
 
@@ -452,7 +466,13 @@ mod tests {
         // The master keeps its copy open (as the real one does) and never accepts on it.
         let response = get_port(port, "/").await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        assert!(response.contains("child worker run, at pid"), "{response}");
+        let host = nix::unistd::gethostname().expect("hostname");
+        let expected = format!(
+            "child worker run, at pid: {}, host: {}\n",
+            std::process::id(),
+            host.to_string_lossy()
+        );
+        assert!(response.ends_with(&expected), "{response}");
         stop.cancel();
         assert_eq!(finished(task).await, StopReason::Shutdown);
     }
