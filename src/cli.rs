@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// Where clients connect (IP:PORT, or :PORT for all IPv4 addresses; port 0 picks a free
-    /// port, and the log shows the real one).
+    /// Where clients connect (IP:PORT, or :PORT for all IPv4 addresses, or HOST:PORT,
+    /// resolved once at start: its first IPv4 address is bound, and the log says which; port
+    /// 0 picks a free port, and the log shows the real one).
     #[arg(short, long, default_value = "0.0.0.0:80", env = "BALANCER_LISTEN")]
     pub listen: String,
 

@@ -29,11 +29,23 @@ pub enum WorkerProgram {
     },
 }
 
+/// A `--listen` host name and every address it resolved to at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedName {
+    /// The name as given, with its port (`localhost:8080`).
+    pub name: String,
+    /// Its addresses, in the resolver's order, without duplicates.
+    pub addrs: Vec<SocketAddr>,
+}
+
 /// Everything the master needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to bind for clients.
     pub listen: SocketAddr,
+    /// When `--listen` named a host: what it resolved to, so the log can say which of its
+    /// addresses is bound (see [`pick_address`]).
+    pub listen_name: Option<ResolvedName>,
     /// Number of worker slots.
     pub workers: usize,
     /// Graceful-stop deadline for open connections.
@@ -68,8 +80,10 @@ impl TryFrom<&Cli> for Config {
     type Error = anyhow::Error;
 
     fn try_from(cli: &Cli) -> anyhow::Result<Self> {
+        let (listen, listen_name) = parse_listen(&cli.listen)?;
         Ok(Self {
-            listen: parse_listen(&cli.listen)?,
+            listen,
+            listen_name,
             workers: parse_cpus(&cli.cpus)?,
             grace: parse_duration("--grace", &cli.grace)?,
             ready_timeout: parse_nonzero_duration("--ready-timeout", &cli.ready_timeout)?,
@@ -112,7 +126,7 @@ impl TryFrom<&Cli> for Config {
             worker_output: cli.worker_output,
             health: parse_health(cli)?,
             admin: match &cli.admin {
-                Some(a) => Some(parse_listen(a).map_err(|e| anyhow::anyhow!("--admin: {e:#}"))?),
+                Some(a) => Some(parse_listen(a).map_err(|e| anyhow::anyhow!("--admin: {e:#}"))?.0),
                 None => None,
             },
             connect_timeout: parse_nonzero_duration("--connect-timeout", &cli.connect_timeout)?,
@@ -151,19 +165,62 @@ fn parse_health(cli: &Cli) -> anyhow::Result<HealthConfig> {
     })
 }
 
-/// `IP:PORT`, `[v6]:PORT`, or `:PORT` (all IPv4 addresses).
-fn parse_listen(raw: &str) -> anyhow::Result<SocketAddr> {
+/// `IP:PORT`, `[v6]:PORT`, `:PORT` (all IPv4 addresses), or `HOST:PORT`. A host name is
+/// resolved once, here, at start-up (the system resolver: `/etc/hosts`, then DNS); the
+/// address bound is [`pick_address`]'s choice, and the name comes back with all its
+/// addresses so the log can say which one that is.
+fn parse_listen(raw: &str) -> anyhow::Result<(SocketAddr, Option<ResolvedName>)> {
+    let expected = "expected IP:PORT (e.g. 0.0.0.0:8080, [::1]:8080), HOST:PORT (e.g. localhost:8080) or :PORT";
     if let Some(port) = raw.strip_prefix(':') {
         let port: u16 = port
             .parse()
             .with_context(|| format!("--listen {raw:?}: not a port number"))?;
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+        return Ok((
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            None,
+        ));
     }
-    raw.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "--listen {raw:?}: expected IP:PORT (e.g. 0.0.0.0:8080, [::1]:8080) or :PORT"
-        )
-    })
+    if let Ok(addr) = raw.parse() {
+        return Ok((addr, None));
+    }
+    let Some((host, port)) = raw.rsplit_once(':') else {
+        bail!("--listen {raw:?}: {expected}");
+    };
+    let port: u16 = port.parse().map_err(|_| {
+        anyhow::anyhow!("--listen {raw:?}: {port:?} is not a port number; {expected}")
+    })?;
+    if host.is_empty() || host.contains([':', '[', ']', ' ', '/']) {
+        bail!("--listen {raw:?}: {expected}");
+    }
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    let found = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .with_context(|| format!("--listen {raw:?}: resolving {host:?}"))?;
+    for addr in found {
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    let addr = pick_address(&addrs)
+        .with_context(|| format!("--listen {raw:?}: {host:?} has no address"))?;
+    Ok((
+        addr,
+        Some(ResolvedName {
+            name: raw.to_owned(),
+            addrs,
+        }),
+    ))
+}
+
+/// The one address of a resolved `--listen` name that is bound: the first IPv4 one (what
+/// `:PORT` and most clients' first try agree on), else the first. One address, not all: the
+/// shared and reuseport modes hand workers one socket or one address, and every mode should
+/// serve the same set of addresses.
+pub fn pick_address(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
 }
 
 /// `auto` or a whole number from 1 to [`MAX_WORKERS`].
@@ -252,15 +309,30 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(
-            parse_listen(":8080").unwrap(),
-            "0.0.0.0:8080".parse().unwrap()
-        );
-        assert_eq!(parse_listen("127.0.0.1:0").unwrap().port(), 0);
-        assert!(parse_listen("[::1]:80").unwrap().is_ipv6());
-        assert!(parse_listen("localhost").is_err());
-        assert!(parse_listen(":99999").is_err());
-        assert!(parse_listen("1.2.3.4").is_err());
+        let addr = |raw: &str| parse_listen(raw).map(|(a, _)| a);
+        assert_eq!(addr(":8080").unwrap(), "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(addr("127.0.0.1:0").unwrap().port(), 0);
+        assert!(addr("[::1]:80").unwrap().is_ipv6());
+        assert!(parse_listen("[::1]:80").unwrap().1.is_none());
+        assert!(addr("localhost").is_err());
+        assert!(addr(":99999").is_err());
+        assert!(addr("1.2.3.4").is_err());
+        assert!(addr("localhost:http").is_err());
+        assert!(addr(":8080:").is_err());
+        let (local, name) = parse_listen("localhost:8080").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 8080, "{local}");
+        let name = name.expect("a resolved name");
+        assert_eq!(name.name, "localhost:8080");
+        assert!(name.addrs.contains(&local));
+    }
+
+    #[test]
+    fn first_ipv4_address_is_bound() {
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(pick_address(&[v6, v4]), Some(v4));
+        assert_eq!(pick_address(&[v6]), Some(v6));
+        assert_eq!(pick_address(&[]), None);
     }
 
     #[test]

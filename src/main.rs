@@ -113,6 +113,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         let proxy_threads = start_proxy_threads(bound.proxy_listeners, &proxy, &stop_accepting, &conns)
             .context("starting the proxy threads")?;
         tracing::info!(addr = %local, workers = config.workers, mode = %config.mode, max_conns, "listening");
+        log_listen_name(&config, local);
 
         let stop = StopTokens::default();
         let registry = Arc::new(status::Registry::new(config.workers));
@@ -193,6 +194,25 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// Says what a `--listen` host name resolved to, and which of its addresses is bound.
+fn log_listen_name(config: &Config, local: std::net::SocketAddr) {
+    let Some(resolved) = &config.listen_name else {
+        return;
+    };
+    let all: Vec<String> = resolved.addrs.iter().map(ToString::to_string).collect();
+    let name = resolved.name.as_str();
+    if resolved.addrs.len() > 1 {
+        let others: Vec<String> = (resolved.addrs.iter())
+            .filter(|a| **a != config.listen)
+            .map(ToString::to_string)
+            .collect();
+        tracing::warn!(name, addresses = %all.join(","), listening = %local, not_bound = %others.join(","),
+            "--listen resolved to several addresses; only one is bound (give --listen an address to choose)");
+    } else {
+        tracing::info!(name, addresses = %all.join(","), listening = %local, "--listen resolved");
+    }
 }
 
 /// Resolves on the next SIGTERM or SIGINT (SIGHUP is ignored while stopping).

@@ -139,7 +139,7 @@ async fn run_slot(
                     .last_stderr
                     .as_deref()
                     .unwrap_or("(nothing on stderr)");
-                tracing::error!(slot, reason = %ending.reason, last_stderr = %last, "no worker has become ready yet");
+                tracing::error!(slot, reason = %ending.reason, last_stderr = ?last, "no worker has become ready yet");
             }
             tokio::select! {
                 _ = stop.graceful.cancelled() => break 'respawn,

@@ -41,7 +41,8 @@ pub struct Ending {
     pub was_ready: bool,
     /// Why it ended, with its exit status.
     pub reason: String,
-    /// The last line it wrote to stderr (with `--worker-output prefix`).
+    /// The line of its stderr that explains its end (with `--worker-output prefix`), or why
+    /// there is none to show.
     pub last_stderr: Option<String>,
 }
 

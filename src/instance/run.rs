@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use worker::protocol::{MasterMessage, Mode, WorkerMessage};
 
 use crate::node_cluster;
-use crate::output::LastLine;
+use crate::output::Output;
 
 use super::admission::{Admission, Gate};
 use super::context::{Context, StopTokens};
@@ -75,8 +75,8 @@ pub(super) struct Worker {
     /// Results of helper tasks (admission probes, health probes).
     pub(super) events_tx: mpsc::Sender<Helper>,
     pub(super) events: mpsc::Receiver<Helper>,
-    /// The last line of its stderr (with `--worker-output prefix`).
-    pub(super) last_stderr: LastLine,
+    /// Its output relays, and the last lines of its stderr to explain a failure.
+    pub(super) output: Output,
     /// Whether it spoke balancer's or Node's protocol itself (`ready`, a handle
     /// acknowledgement, cluster `online`): it will act on `shutdown`.
     pub(super) spoke_ipc: bool,

@@ -11,10 +11,10 @@ use tokio::sync::{mpsc, watch};
 use worker::protocol::Mode;
 
 use crate::child::{self, Spawned};
-use crate::cli::{ReadyArg, WorkerOutput};
+use crate::cli::ReadyArg;
 use crate::config::WorkerProgram;
 use crate::health::Tally;
-use crate::output::{self, LastLine};
+use crate::output::Output;
 
 use super::admission::Admission;
 use super::context::{Context, StopTokens};
@@ -59,16 +59,7 @@ impl Worker {
         tracing::info!(slot, pid, "worker spawned");
         ctx.registry.spawned(key, slot, pid);
 
-        let last_stderr = LastLine::default();
-        if config.worker_output == WorkerOutput::Prefix {
-            if let Some(out) = child.stdout.take() {
-                tokio::spawn(output::relay(out, slot, pid, "stdout", None));
-            }
-            if let Some(err) = child.stderr.take() {
-                let last = Some(Arc::clone(&last_stderr));
-                tokio::spawn(output::relay(err, slot, pid, "stderr", last));
-            }
-        }
+        let output = Output::start(&mut child, slot, pid, config.worker_output);
         let (events_tx, events) = mpsc::channel(4);
         // Hand-off: the proxy queues clients here; `delivery` passes them to the worker.
         let (handoff_tx, handoff_rx) = mpsc::channel::<TcpStream>(handoff::QUEUE);
@@ -91,7 +82,7 @@ impl Worker {
             events_tx,
             events,
             strikes: Strikes::default(),
-            last_stderr,
+            output,
             spoke_ipc: false,
             supports_ping: false,
             listener_sends: 0,

@@ -12,7 +12,6 @@ use tokio::net::TcpStream;
 use worker::protocol::{MasterMessage, Mode};
 
 use crate::child;
-use crate::output::LastLine;
 
 use super::context::StopTokens;
 use super::run::{End, Worker};
@@ -135,12 +134,21 @@ impl Worker {
                 self.give_to_others(d.into_unanswered().collect());
             }
         }
-        log_exit(self.slot, self.pid, status, expected, &self.last_stderr);
+        if !expected {
+            self.output.settle().await;
+        }
+        log_exit(
+            self.slot,
+            self.pid,
+            status,
+            expected,
+            self.output.last_error(),
+        );
         self.ctx.registry.gone(self.key);
         Ending {
             was_ready: self.admission.admitted(),
             reason: format!("{reason} ({})", describe(status)),
-            last_stderr: self.last_stderr.lock().ok().and_then(|l| l.clone()),
+            last_stderr: Some(self.output.explain()),
         }
     }
 
@@ -214,14 +222,14 @@ async fn terminate(
     }
 }
 
-fn log_exit(slot: usize, pid: u32, status: ExitStatus, expected: bool, last_stderr: &LastLine) {
+fn log_exit(slot: usize, pid: u32, status: ExitStatus, expected: bool, last_error: Option<String>) {
     let status = describe(status);
     if expected {
         tracing::info!(slot, pid, %status, "worker stopped");
         return;
     }
-    match last_stderr.lock().ok().and_then(|l| l.clone()) {
-        Some(line) => tracing::warn!(slot, pid, %status, last_stderr = %line, "worker exited"),
+    match last_error {
+        Some(line) => tracing::warn!(slot, pid, %status, last_stderr = ?line, "worker exited"),
         None => tracing::warn!(slot, pid, %status, "worker exited"),
     }
 }

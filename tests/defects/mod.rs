@@ -2,3 +2,4 @@
 //! with a test that failed on the code before its fix.
 
 mod half_close;
+mod startup;
