@@ -91,8 +91,16 @@ pub struct Cli {
     pub connect_timeout: String,
 
     /// Close a proxied connection after this long with no bytes either way (0 = never).
+    /// Accurate to 1/16 of the shorter of the two timeouts.
     #[arg(long, default_value = "60s")]
     pub idle_timeout: String,
+
+    /// Close a proxied connection once the worker has sent nothing back for this long after
+    /// the client's last bytes, and count it as a passive failure of the worker (as many
+    /// in a row as --health-fall take it out of rotation). HAProxy's `timeout server`.
+    /// 0 = never; raise it for protocols where the client talks and the server stays quiet.
+    #[arg(long, default_value = "30s")]
+    pub response_timeout: String,
 
     /// At most this many client connections are open at once; more wait in the kernel's
     /// listen backlog until one closes. Default: as many as the open-file limit allows

@@ -70,6 +70,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Idle timeout of proxied connections (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// Response timeout of proxied connections (`None`: never).
+    pub response_timeout: Option<Duration>,
     /// Where the admin endpoint listens, if anywhere.
     pub admin: Option<SocketAddr>,
     /// Where worker output goes.
@@ -131,6 +133,8 @@ impl TryFrom<&Cli> for Config {
             },
             connect_timeout: parse_nonzero_duration("--connect-timeout", &cli.connect_timeout)?,
             idle_timeout: Some(parse_duration("--idle-timeout", &cli.idle_timeout)?)
+                .filter(|d| !d.is_zero()),
+            response_timeout: Some(parse_duration("--response-timeout", &cli.response_timeout)?)
                 .filter(|d| !d.is_zero()),
         })
     }

@@ -97,6 +97,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         ForwardConfig {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
+            response_timeout: config.response_timeout,
             ..ForwardConfig::default()
         },
         max_conns,

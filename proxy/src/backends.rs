@@ -44,6 +44,10 @@ pub struct Backend {
     /// Connect failures in a row (reset by a successful connect). Read by the supervisor to
     /// take a failing worker out of rotation between active health checks.
     connect_failures: AtomicU32,
+    /// Connections in a row that the backend accepted and then left unanswered for the
+    /// response timeout (reset by a connection it answered). Another passive failure: a
+    /// backend that accepts and reads but never answers passes a TCP check.
+    response_failures: AtomicU32,
 }
 
 impl Backend {
@@ -55,6 +59,23 @@ impl Backend {
     /// Connect failures in a row since the last successful connect.
     pub fn connect_failures(&self) -> u32 {
         self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// Unanswered connections in a row (see [`ForwardConfig::response_timeout`]).
+    ///
+    /// [`ForwardConfig::response_timeout`]: crate::ForwardConfig::response_timeout
+    pub fn response_failures(&self) -> u32 {
+        self.response_failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_response(&self, answered: bool) {
+        if answered {
+            if self.response_failures.load(Ordering::Relaxed) != 0 {
+                self.response_failures.store(0, Ordering::Relaxed);
+            }
+        } else {
+            self.response_failures.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn record_connect(&self, ok: bool) {
@@ -133,6 +154,7 @@ impl Backends {
             handoff,
             active: AtomicUsize::new(0),
             connect_failures: AtomicU32::new(0),
+            response_failures: AtomicU32::new(0),
         });
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut next: Vec<_> = self

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::activity::Activity;
+
 /// Bytes moved by a finished copy: (a → b, b → a).
 pub type Totals = (u64, u64);
 
@@ -26,13 +28,19 @@ pub const CHUNK: usize = 16 * 1024;
 
 /// Copies `a → b` and `b → a` until both directions reach EOF, passing the first half-close
 /// on (`shutdown(SHUT_WR)` on the other socket). The second EOF is passed on by the caller
-/// closing both sockets, which it must do as soon as this returns. Sets `moved` whenever bytes move. Returns the
-/// first error of either direction (the caller drops both sockets, which closes them).
-pub async fn bidirectional(a: &TcpStream, b: &TcpStream, moved: &AtomicBool) -> io::Result<Totals> {
+/// closing both sockets, which it must do as soon as this returns. `a` is the client and `b`
+/// the backend: every move is noted in `activity`, with its direction, for the timeouts.
+/// Returns the first error of either direction (the caller drops both sockets, which closes
+/// them).
+pub async fn bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    activity: &Activity,
+) -> io::Result<Totals> {
     let finished = AtomicBool::new(false);
     let (ab, ba) = tokio::try_join!(
-        one_way(a, b, moved, &finished),
-        one_way(b, a, moved, &finished)
+        one_way(a, b, activity, Activity::to_backend, &finished),
+        one_way(b, a, activity, Activity::to_client, &finished)
     )?;
     Ok((ab, ba))
 }
@@ -43,7 +51,8 @@ pub async fn bidirectional(a: &TcpStream, b: &TcpStream, moved: &AtomicBool) -> 
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
-    moved: &AtomicBool,
+    activity: &Activity,
+    read: fn(&Activity),
     finished: &AtomicBool,
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -64,7 +73,7 @@ async fn one_way(
                 Ok(n) => {
                     // SAFETY: read(2) initialised the first `n` bytes of `buf`.
                     let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
-                    moved.store(true, Ordering::Relaxed);
+                    read(activity);
                     let written = write_now(dst, data)?;
                     backlog.extend_from_slice(&data[written..]);
                     Some(n)
@@ -90,7 +99,7 @@ async fn one_way(
             match write_clearing(dst, &backlog) {
                 Ok(w) => {
                     backlog.drain(..w);
-                    moved.store(true, Ordering::Relaxed);
+                    activity.moved();
                 }
                 Err(e)
                     if matches!(
@@ -194,11 +203,11 @@ mod tests {
         // client <-> (p1 | p2) <-> server
         let (mut client, p1) = pair().await;
         let (p2, mut server) = pair().await;
-        let moved = AtomicBool::new(false);
+        let activity = Activity::default();
         // Like `forward`, close both sockets as soon as the copy returns: the second EOF is
         // passed on by that close, not by a shutdown.
         let proxy = async {
-            let r = bidirectional(&p1, &p2, &moved).await;
+            let r = bidirectional(&p1, &p2, &activity).await;
             drop((p1, p2));
             r
         };
@@ -217,18 +226,20 @@ mod tests {
             };
             let mut got_up = Vec::new();
             let mut got_down = Vec::new();
-            tokio::join!(
+            let (_, _, up_read, down_read) = tokio::join!(
                 send_up,
                 send_down,
                 sr.read_to_end(&mut got_up),
                 cr.read_to_end(&mut got_down)
             );
+            up_read.unwrap();
+            down_read.unwrap();
             (got_up, got_down)
         };
         let (totals, (got_up, got_down)) = tokio::join!(proxy, ends);
         assert_eq!(totals.unwrap(), (up.len() as u64, down.len() as u64));
         assert!(got_up == up && got_down == down);
-        assert!(moved.load(Ordering::Relaxed));
+        assert!(activity.answered());
     }
 
     #[test]
@@ -239,8 +250,8 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let (a, b) = pair().await;
-            let moved = AtomicBool::new(false);
-            let fut = bidirectional(&a, &b, &moved);
+            let activity = Activity::default();
+            let fut = bidirectional(&a, &b, &activity);
             assert!(
                 std::mem::size_of_val(&fut) < CHUNK,
                 "future is {} bytes",

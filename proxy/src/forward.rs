@@ -6,13 +6,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use std::sync::atomic::AtomicBool;
-
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::activity::{watch, Activity, Expired};
 use crate::backends::Backends;
-use crate::idle::idle;
 
 /// Knobs for forwarding, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -27,6 +25,10 @@ pub struct ForwardConfig {
     /// Close the connection after this long with no bytes in either direction (`None`:
     /// never). Frees the fds and buffers of clients that connect and say nothing.
     pub idle_timeout: Option<Duration>,
+    /// Close the connection when the backend has sent nothing for this long after the
+    /// client's last bytes (`None`: never), and count it against the backend: it accepted
+    /// and read, but does not answer (HAProxy's `timeout server`).
+    pub response_timeout: Option<Duration>,
 }
 
 impl Default for ForwardConfig {
@@ -35,6 +37,7 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(1),
             max_tries: None,
             idle_timeout: None,
+            response_timeout: None,
         }
     }
 }
@@ -63,6 +66,9 @@ pub enum ForwardError {
     /// No bytes moved in either direction for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// The backend sent nothing for the response timeout after the client sent bytes.
+    #[error("no response from the backend within {0:?}")]
+    NoResponse(Duration),
 }
 
 /// Bytes moved by one forwarded connection.
@@ -100,7 +106,7 @@ pub async fn forward(
 ) -> Result<Forwarded, ForwardError> {
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
-    let (_active, upstream) = loop {
+    let (_active, backend, upstream) = loop {
         if config.max_tries.is_some_and(|max| tried.len() >= max) {
             return Err(ForwardError::AllFailed {
                 tries: tried.len(),
@@ -140,7 +146,7 @@ pub async fn forward(
         match connect.await {
             Ok(Ok(stream)) => {
                 backend.record_connect(true);
-                break (active, stream);
+                break (active, backend, stream);
             }
             Ok(Err(e)) if is_fd_exhaustion(&e) => {
                 // The master is out of descriptors, not the worker out of service: do not
@@ -157,8 +163,8 @@ pub async fn forward(
     };
     // The client socket inherited TCP_NODELAY from the listener (set once there).
     let _ = upstream.set_nodelay(true);
-    let moved = AtomicBool::new(false);
-    let copy = crate::copy::bidirectional(&client, &upstream, &moved);
+    let activity = Activity::default();
+    let copy = crate::copy::bidirectional(&client, &upstream, &activity);
     let (to_backend, to_client) = tokio::select! {
         copied = copy => match copied {
             Ok(totals) => totals,
@@ -170,10 +176,19 @@ pub async fn forward(
                 return Err(ForwardError::Copy(e));
             }
         },
-        _ = idle(&moved, config.idle_timeout) => {
-            return Err(ForwardError::Idle(config.idle_timeout.unwrap_or_default()));
+        expired = watch(&activity, config.idle_timeout, config.response_timeout) => {
+            return Err(match expired {
+                Expired::Idle(t) => ForwardError::Idle(t),
+                Expired::Response(t) => {
+                    backend.record_response(false);
+                    ForwardError::NoResponse(t)
+                }
+            });
         }
     };
+    if activity.answered() {
+        backend.record_response(true);
+    }
     Ok(Forwarded::Copied(Transfer {
         to_backend,
         to_client,

@@ -5,11 +5,11 @@
 //! It takes an already-bound listener and a cancellation token; it never spawns processes,
 //! reads the environment or installs signal handlers, so it can be tested with plain sockets.
 
+pub mod activity;
 pub mod backends;
 pub mod copy;
 pub mod forward;
 pub mod health;
-pub mod idle;
 pub mod server;
 
 pub use backends::{Backend, Backends, Policy};

@@ -41,6 +41,8 @@ pub struct Stats {
     pub copy_failed: AtomicU64,
     /// Connections closed by the idle timeout.
     pub idle_closed: AtomicU64,
+    /// Connections closed by the response timeout (the backend did not answer).
+    pub response_timeouts: AtomicU64,
     /// Connections handed over to hand-off workers.
     pub handed_off: AtomicU64,
     /// `accept()` errors.
@@ -229,6 +231,7 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
         }
         Err(ForwardError::Copy(_)) => &stats.copy_failed,
         Err(ForwardError::Idle(_)) => &stats.idle_closed,
+        Err(ForwardError::NoResponse(_)) => &stats.response_timeouts,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     match result {
@@ -236,7 +239,7 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
             tracing::debug!(%peer, to_backend = t.to_backend, to_client = t.to_client, "connection done")
         }
         Ok(Forwarded::HandedOff { slot }) => tracing::debug!(%peer, slot, "connection handed off"),
-        Err(e @ (ForwardError::Copy(_) | ForwardError::Idle(_))) => {
+        Err(e @ (ForwardError::Copy(_) | ForwardError::Idle(_) | ForwardError::NoResponse(_))) => {
             tracing::debug!(%peer, error = %e, "connection closed")
         }
         Err(e) => tracing::warn!(%peer, error = %e, "client closed without a backend"),

@@ -101,6 +101,7 @@ fn status_json(view: &View) -> String {
             "connect_failed": s.connect_failed.load(Ordering::Relaxed),
             "copy_failed": s.copy_failed.load(Ordering::Relaxed),
             "idle_closed": s.idle_closed.load(Ordering::Relaxed),
+            "response_timeouts": s.response_timeouts.load(Ordering::Relaxed),
             "accept_errors": s.accept_errors.load(Ordering::Relaxed),
         },
     });
@@ -150,6 +151,11 @@ fn metrics(view: &View) -> String {
         "balancer_connections_idle_closed_total",
         "Connections closed by --idle-timeout.",
         s.idle_closed.load(Ordering::Relaxed),
+    );
+    counter(
+        "balancer_connections_response_timeouts_total",
+        "Connections closed by --response-timeout (the worker did not answer).",
+        s.response_timeouts.load(Ordering::Relaxed),
     );
     counter(
         "balancer_accept_errors_total",

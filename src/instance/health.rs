@@ -72,18 +72,28 @@ impl Worker {
     pub(super) async fn on_tick(&mut self) {
         let (slot, pid) = (self.slot, self.pid);
         let fall = self.ctx.config.health.fall;
-        let passive_failures = self.rotation.connect_failures();
+        let (connects, responses) = self.rotation.passive_failures();
         if self.health.tally.is_up()
-            && passive_failures >= fall
+            && connects.max(responses) >= fall
             && self.health.tally.force_down() == Flip::Down
         {
-            tracing::warn!(
-                slot,
-                pid,
-                connect_failures = passive_failures,
-                "worker down: connects keep failing"
-            );
-            self.rotation.leave(Reason::ConnectsFailing, false);
+            if connects >= fall {
+                tracing::warn!(
+                    slot,
+                    pid,
+                    connect_failures = connects,
+                    "worker down: connects keep failing"
+                );
+                self.rotation.leave(Reason::ConnectsFailing, false);
+            } else {
+                tracing::warn!(
+                    slot,
+                    pid,
+                    response_timeouts = responses,
+                    "worker down: responses keep timing out"
+                );
+                self.rotation.leave(Reason::ResponsesTimingOut, false);
+            }
         }
         let timeout = self.ctx.config.health.timeout;
         match (&self.health.check, self.admission.addr) {

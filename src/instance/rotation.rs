@@ -110,9 +110,12 @@ impl Rotation {
         self.backend.as_ref().map_or(0, |b| b.active())
     }
 
-    /// Connects through the proxy that failed in a row (passive health).
-    pub(super) fn connect_failures(&self) -> u32 {
-        self.backend.as_ref().map_or(0, |b| b.connect_failures())
+    /// Passive health: connects through the proxy that failed in a row, and connections
+    /// in a row left unanswered for `--response-timeout`.
+    pub(super) fn passive_failures(&self) -> (u32, u32) {
+        self.backend
+            .as_ref()
+            .map_or((0, 0), |b| (b.connect_failures(), b.response_failures()))
     }
 }
 

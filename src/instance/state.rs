@@ -72,6 +72,8 @@ pub enum Reason {
     ChecksFailing,
     /// `--health-fall` connects in a row through the proxy failed.
     ConnectsFailing,
+    /// Passive health: connections it accepted and left unanswered (`--response-timeout`).
+    ResponsesTimingOut,
     /// A Node cluster worker closed the server balancer balances.
     ClosedServer,
     /// Retired by a rolling reload.
@@ -102,7 +104,9 @@ impl Reason {
     /// The state of a worker that leaves rotation for this reason.
     pub fn state_out_of_rotation(&self) -> State {
         match self {
-            Reason::ChecksFailing | Reason::ConnectsFailing => State::Down,
+            Reason::ChecksFailing | Reason::ConnectsFailing | Reason::ResponsesTimingOut => {
+                State::Down
+            }
             Reason::Retired => State::Draining,
             _ => State::Stopping,
         }
@@ -123,6 +127,7 @@ impl fmt::Display for Reason {
             Reason::ChecksPassing => f.write_str("health checks passing"),
             Reason::ChecksFailing => f.write_str("health checks failing"),
             Reason::ConnectsFailing => f.write_str("connects failing"),
+            Reason::ResponsesTimingOut => f.write_str("responses timing out"),
             Reason::ClosedServer => f.write_str("closed its server"),
             Reason::Retired => f.write_str("retired"),
             Reason::Exited => f.write_str("exited"),

@@ -3,6 +3,7 @@
 //! by hand, or plain listeners the test owns), the real binary in front, and real clients.
 
 mod resets;
+mod timeouts;
 
 use std::net::SocketAddr;
 
