@@ -131,15 +131,15 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
         }
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
-        let mut supervisor = tokio::spawn(supervisor::run(
+        let ctx = instance::Context::new(
             Arc::clone(&config),
-            Arc::clone(&backends),
+            Arc::clone(&proxy),
+            conns.clone(),
             local,
             bound.shared_listener,
             registry,
-            stop.clone(),
-            reloads,
-        ));
+        );
+        let mut supervisor = tokio::spawn(supervisor::run(Arc::new(ctx), stop.clone(), reloads));
 
         loop {
             match signals.next().await {

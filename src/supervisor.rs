@@ -11,11 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use proxy::Backends;
-
-use crate::config::Config;
 use crate::instance::{Context, Instance, StopTokens};
-use crate::status::Registry;
 
 /// First respawn delay for a worker that died before becoming ready.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -28,26 +24,11 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// A request to a slot to replace its worker; answered with why it could not.
 type ReloadRequest = oneshot::Sender<Result<(), String>>;
 
-/// Runs `config.workers` slots until `stop.graceful` is cancelled and every worker has been
+/// Runs `ctx.config.workers` slots until `stop.graceful` is cancelled and every worker has been
 /// stopped and reaped. Each message on `reloads` asks for a rolling reload; requests that
 /// arrive during a reload are coalesced into one more. Must run on a thread that lives as
 /// long as the master (see [`crate::child::spawn`]).
-pub async fn run(
-    config: Arc<Config>,
-    backends: Arc<Backends>,
-    listen: std::net::SocketAddr,
-    shared_listener: Option<Arc<std::net::TcpListener>>,
-    registry: Arc<Registry>,
-    stop: StopTokens,
-    mut reloads: mpsc::Receiver<()>,
-) {
-    let ctx = Arc::new(Context::new(
-        config,
-        backends,
-        listen,
-        shared_listener,
-        registry,
-    ));
+pub async fn run(ctx: Arc<Context>, stop: StopTokens, mut reloads: mpsc::Receiver<()>) {
     let mut slots = JoinSet::new();
     let mut slot_reloads = Vec::new();
     for slot in 0..ctx.config.workers {

@@ -10,6 +10,7 @@ mod datapath;
 mod defects;
 mod faults;
 mod ops;
+mod redispatch;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -161,13 +161,50 @@ pub async fn serve(
         proxy.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let proxy = Arc::clone(&proxy);
         let abort = conns.abort.clone();
+        conns
+            .tracker
+            .spawn(serve_one(proxy, client, peer, permit, abort));
+    }
+}
+
+impl Proxy {
+    /// Serves a connection accepted elsewhere exactly as [`serve`] serves one it accepted:
+    /// the same forwarding settings, a `--max-conns` permit (waited for), a task on
+    /// `conns.tracker` (drained and aborted at stop) and the same counters. For the master's
+    /// hand-off clients that their worker refused or never took. Spawns on the current
+    /// runtime and returns at once.
+    pub fn dispatch(self: &Arc<Self>, client: TcpStream, conns: &Connections) {
+        let proxy = Arc::clone(self);
+        let abort = conns.abort.clone();
         conns.tracker.spawn(async move {
-            let _permit = permit;
-            tokio::select! {
-                _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
-                result = forward(client, &proxy.backends, &proxy.forward) => record(&proxy.stats, peer, result),
-            }
+            let peer = client
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+            let permit = tokio::select! {
+                _ = abort.cancelled() => return,
+                permit = Arc::clone(&proxy.permits).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            tracing::debug!(%peer, "connection re-dispatched");
+            serve_one(proxy, client, peer, permit, abort).await;
         });
+    }
+}
+
+/// One connection's task: forwarded until done, or closed when `abort` fires.
+async fn serve_one(
+    proxy: Arc<Proxy>,
+    client: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    abort: CancellationToken,
+) {
+    let _permit = permit;
+    tokio::select! {
+        _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
+        result = forward(client, &proxy.backends, &proxy.forward) => record(&proxy.stats, peer, result),
     }
 }
 

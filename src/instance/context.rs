@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use proxy::Backends;
+use proxy::{Backends, Connections, Proxy};
 
 use crate::config::Config;
 use crate::status::Registry;
@@ -28,8 +28,12 @@ pub struct StopTokens {
 pub struct Context {
     /// The validated configuration.
     pub config: Arc<Config>,
-    /// The backend set the proxy reads.
+    /// The backend set the proxy reads (the proxy's own).
     pub backends: Arc<Backends>,
+    /// The data path, for connections the master serves itself after a hand-off failed.
+    pub proxy: Arc<Proxy>,
+    /// Where the data path's connection tasks live (drained and aborted at stop).
+    pub conns: Connections,
     /// The address clients connect to (with the real port when `--listen` asked for 0).
     pub listen: SocketAddr,
     /// In shared mode, the listening socket every worker is handed.
@@ -48,14 +52,17 @@ impl Context {
     /// A context for the slots of one master.
     pub fn new(
         config: Arc<Config>,
-        backends: Arc<Backends>,
+        proxy: Arc<Proxy>,
+        conns: Connections,
         listen: SocketAddr,
         shared_listener: Option<Arc<std::net::TcpListener>>,
         registry: Arc<Registry>,
     ) -> Self {
         Self {
             config,
-            backends,
+            backends: Arc::clone(&proxy.backends),
+            proxy,
+            conns,
             listen,
             shared_listener,
             registry,

@@ -4,15 +4,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
-use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use proxy::{Backends, ForwardConfig};
 use worker::protocol::{MasterMessage, WorkerMessage};
 
 use crate::node_cluster::{self, Act, Primary};
 
+use super::context::Context;
 use super::ipc::{Ipc, WRITE_TIMEOUT};
 use super::run::Worker;
 
@@ -126,19 +125,12 @@ async fn send_fd(ipc: &Ipc, line: &str, stream: &TcpStream) -> std::io::Result<(
     ipc.send(line, &[stream.as_fd()], WRITE_TIMEOUT).await
 }
 
-/// Gives connections that a worker did not take to other workers, through the same path as
-/// new clients (hand-off or proxy). Runs on the supervisor's runtime; rare.
-pub fn redispatch(backends: &Arc<Backends>, streams: impl IntoIterator<Item = TcpStream>) {
+/// Gives connections that a worker did not take to other workers, through the proxy's own
+/// entry point, as if just accepted: `--connect-timeout`, `--idle-timeout`, a `--max-conns`
+/// permit, the connection tracker (drained at stop) and the counters.
+pub(super) fn redispatch(ctx: &Context, streams: impl IntoIterator<Item = TcpStream>) {
     for stream in streams {
-        let backends = Arc::clone(backends);
-        tokio::spawn(async move {
-            match proxy::forward(stream, &backends, &ForwardConfig::default()).await {
-                Ok(_) => tracing::debug!("connection re-dispatched"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "connection lost after its worker did not take it")
-                }
-            }
-        });
+        ctx.proxy.dispatch(stream, &ctx.conns);
     }
 }
 
@@ -148,7 +140,7 @@ impl Worker {
     pub(super) async fn on_client(&mut self, client: TcpStream) {
         if let Some(d) = self.delivery.as_mut() {
             if let Err(client) = d.deliver(&self.ipc, &mut self.node.primary, client).await {
-                redispatch(&self.ctx.backends, [client]);
+                redispatch(&self.ctx, [client]);
             }
         }
     }
@@ -160,7 +152,7 @@ impl Worker {
             return false;
         };
         if let Some(lost) = d.handle_nacked(&self.ipc).await {
-            redispatch(&self.ctx.backends, [lost]);
+            redispatch(&self.ctx, [lost]);
         }
         true
     }
@@ -173,7 +165,7 @@ impl Worker {
             .as_mut()
             .and_then(|d| d.answered(id, accepted))
         {
-            redispatch(&self.ctx.backends, [refused]);
+            redispatch(&self.ctx, [refused]);
         }
     }
 
@@ -202,7 +194,7 @@ impl Worker {
                 connections = streams.len(),
                 "giving connections the worker did not take to other workers"
             );
-            redispatch(&self.ctx.backends, streams);
+            redispatch(&self.ctx, streams);
         }
     }
 }
