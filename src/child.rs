@@ -129,7 +129,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     cmd.env(ENV_MODE, mode.as_str())
         .env(ENV_LISTEN, listen.to_string());
     if let Some(id) = node_unique_id {
-        cmd.env(crate::node_cluster::ENV_NODE_UNIQUE_ID, id.to_string());
+        cmd.env(worker::node::ENV_NODE_UNIQUE_ID, id.to_string());
     }
     if port.is_none() && mode != Mode::Proxy {
         // Workers that listen themselves (or through balancer as their cluster primary) are

@@ -14,7 +14,6 @@ mod client;
 mod config;
 mod health;
 mod instance;
-mod node_cluster;
 mod output;
 mod ownership;
 mod signals;

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use worker::protocol::{MasterMessage, WorkerMessage};
 
-use crate::node_cluster::{self, Act, Primary};
+use worker::node::{ClusterMessage, Primary};
 
 use super::context::Context;
 use super::ipc::{Ipc, WRITE_TIMEOUT};
@@ -171,14 +171,13 @@ impl Worker {
 
     /// A line read while stopping, when only answers to hand-offs still matter.
     pub(super) fn apply_answer(&mut self, text: &str) {
-        let answer = match node_cluster::parse_line(text) {
-            Some(Act::Accepted { ack, accepted }) => Some((ack, accepted)),
-            Some(_) => None,
-            None => match WorkerMessage::parse(text) {
-                Ok(WorkerMessage::Accepted { id }) => Some((id, true)),
-                Ok(WorkerMessage::Rejected { id }) => Some((id, false)),
-                _ => None,
-            },
+        let answer = match WorkerMessage::parse(text) {
+            Ok(WorkerMessage::Cluster(ClusterMessage::Accepted { ack, accepted })) => {
+                Some((ack, accepted))
+            }
+            Ok(WorkerMessage::Accepted { id }) => Some((id, true)),
+            Ok(WorkerMessage::Rejected { id }) => Some((id, false)),
+            _ => None,
         };
         if let Some((id, accepted)) = answer {
             self.answered(id, accepted);

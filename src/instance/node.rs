@@ -1,6 +1,6 @@
 //! The Node cluster primary's policy: how balancer answers an unchanged cluster program's
 //! `online`, `queryServer`, `listening`, `newconn` answers, `close` and
-//! `exitedAfterDisconnect`. The wire shapes are [`crate::node_cluster`]'s; this file decides
+//! `exitedAfterDisconnect`. The wire shapes are [`worker::node`]'s; this file decides
 //! which server balancer balances and how each `listen()` is served.
 
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use worker::protocol::Mode;
 
-use crate::node_cluster::{self, Act, Primary};
+use worker::node::{self as wire, ClusterMessage as Act, Primary};
 
 use super::admission::Gate;
 use super::context::Context;
@@ -48,8 +48,7 @@ impl Worker {
                 address_type,
                 index,
             } => {
-                let server =
-                    node_cluster::server_key(address.as_deref(), port, address_type, index);
+                let server = wire::server_key(address.as_deref(), port, address_type, index);
                 self.on_query_server(seq, port, address.as_deref(), address_type, server)
                     .await;
             }
@@ -122,10 +121,7 @@ impl Worker {
                     port,
                     "node cluster worker's listen refused: {why}"
                 );
-                let line = self
-                    .node
-                    .primary
-                    .reply_error(seq, node_cluster::UV_EADDRINUSE);
+                let line = self.node.primary.reply_error(seq, wire::UV_EADDRINUSE);
                 self.ipc.send_line(&line).await;
             }
         }

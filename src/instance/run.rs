@@ -16,7 +16,6 @@ use tokio::task::JoinHandle;
 
 use worker::protocol::{MasterMessage, Mode, WorkerMessage};
 
-use crate::node_cluster;
 use crate::output::Output;
 
 use super::admission::{Admission, Gate};
@@ -231,14 +230,12 @@ impl Worker {
         ControlFlow::Continue(())
     }
 
-    /// One line from the worker: a Node cluster message, or one of balancer's (parsed once
-    /// each way).
+    /// One line from the worker, parsed once: one of balancer's messages, Node's handle
+    /// acknowledgements, or a Node cluster message.
     async fn on_line(&mut self, text: &str) {
-        if let Some(act) = node_cluster::parse_line(text) {
-            return self.on_cluster(act).await;
-        }
         let (slot, pid) = (self.slot, self.pid);
         match WorkerMessage::parse(text) {
+            Ok(WorkerMessage::Cluster(act)) => self.on_cluster(act).await,
             Ok(WorkerMessage::Ready { port, features }) => self.on_ready(port, &features),
             Ok(WorkerMessage::HandleAck) => self.on_handle_ack(),
             Ok(WorkerMessage::HandleNack) => self.on_handle_nack().await,
@@ -285,7 +282,7 @@ impl Worker {
     }
 
     /// Hands the shared listening socket to the worker, in Node's handle form (see
-    /// [`worker::protocol::node`]). A failure is only logged: the worker then never
+    /// [`worker::node::LISTENER_LINE`]). A failure is only logged: the worker then never
     /// acknowledges and is replaced at its ready timeout.
     async fn send_listener(&self) {
         let Some(listener) = &self.ctx.shared_listener else {

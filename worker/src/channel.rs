@@ -29,7 +29,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use crate::fdpass::{self, FdReader, HandleError};
-use crate::protocol::{node, MasterMessage, WorkerMessage, ENV_IPC_FD, MAX_LINE};
+use crate::node;
+use crate::protocol::{MasterMessage, WorkerMessage, ENV_IPC_FD, MAX_LINE};
 
 /// Why the channel could not be opened or used.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! The worker side of balancer.
 //!
 //! Everything a worker process needs and nothing else: the IPC message types and their line
-//! framing ([`protocol`], [`codec`]), descriptor passing over the channel ([`fdpass`]), the
+//! framing ([`protocol`], [`codec`]), Node's own messages ([`node`]), descriptor passing over the channel ([`fdpass`]), the
 //! client for the channel ([`Channel`]), systemd socket activation ([`activation`]), and the
 //! built-in demo worker ([`builtin`]). The master uses the same types, and [`fdpass`] to send
 //! sockets, from the other side.
@@ -11,6 +11,7 @@ pub mod builtin;
 pub mod channel;
 pub mod codec;
 pub mod fdpass;
+pub mod node;
 pub mod protocol;
 
 pub use activation::listen_fds;

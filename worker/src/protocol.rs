@@ -18,6 +18,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::node::{self, ClusterMessage};
+
 /// Longest line either side accepts, newline excluded. Bounds the master's memory per worker:
 /// a worker that writes without newlines is cut off here instead of growing a buffer forever.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -138,20 +140,12 @@ pub enum WorkerMessage {
     /// Node's `{"cmd":"NODE_HANDLE_NACK"}`: the handle did not arrive; send it again.
     #[serde(skip)]
     HandleNack,
+    /// A Node `cluster` message (`{"cmd":"NODE_CLUSTER",…}`, see [`crate::node`]).
+    #[serde(skip)]
+    Cluster(ClusterMessage),
     /// A message this version does not know. Kept (not an error) so protocols can grow.
     #[serde(skip)]
     Unknown,
-}
-
-/// Node's internal handle messages, which balancer speaks so Node workers run unchanged.
-pub mod node {
-    /// The line that carries the listening socket in shared mode: exactly what a Node
-    /// primary sends for `worker.send('server', server)`, so a Node worker receives it as
-    /// `process.on('message', (msg, server) => ...)` with `msg === 'server'`.
-    pub const LISTENER_LINE: &str =
-        "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Server\",\"msg\":\"server\"}\n";
-    /// The acknowledgement a receiver of a handle sends.
-    pub const ACK_LINE: &str = "{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
 }
 
 /// A message from the master to a worker.
@@ -212,6 +206,9 @@ impl WorkerMessage {
                 match map.get("cmd").and_then(|c| c.as_str()) {
                     Some("NODE_HANDLE_ACK") => return Ok(Self::HandleAck),
                     Some("NODE_HANDLE_NACK") => return Ok(Self::HandleNack),
+                    Some("NODE_CLUSTER") => {
+                        return Ok(node::parse_cluster(map).map_or(Self::Unknown, Self::Cluster))
+                    }
                     _ => {}
                 }
                 let kind = match map.get("type").and_then(|t| t.as_str()) {
@@ -258,7 +255,7 @@ impl MasterMessage {
     }
 
     /// The line for this message, newline included. `Listener` goes out in Node's handle
-    /// form (see [`node::LISTENER_LINE`]), which the `worker` crate understands too.
+    /// form (see [`crate::node::LISTENER_LINE`]), which the `worker` crate understands too.
     pub fn to_line(&self) -> String {
         match self {
             Self::Listener => node::LISTENER_LINE.to_owned(),
@@ -447,6 +444,17 @@ mod tests {
         assert_eq!(
             WorkerMessage::parse(r#"{"cmd":"NODE_HANDLE_NACK"}"#),
             Ok(WorkerMessage::HandleNack)
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#),
+            Ok(WorkerMessage::Cluster(ClusterMessage::Online))
+        );
+        assert_eq!(
+            WorkerMessage::parse(r#"{"cmd":"NODE_CLUSTER","ack":4,"accepted":false,"seq":2}"#),
+            Ok(WorkerMessage::Cluster(ClusterMessage::Accepted {
+                ack: 4,
+                accepted: false
+            }))
         );
         assert_eq!(
             MasterMessage::Conn { id: 12 }.to_line(),

@@ -1,6 +1,9 @@
-//! The primary side of Node.js's `cluster` protocol, so an unchanged cluster program (`if
-//! (cluster.isPrimary) { fork… } else { server.listen(…) }`) runs with balancer as its
-//! primary.
+//! Node.js's wire protocol, as far as balancer speaks it, in one place: the `NODE_HANDLE`
+//! messages that carry a descriptor (the shared listener, a handle's acknowledgement) and
+//! the `NODE_CLUSTER` messages of the `cluster` module, so that an unchanged cluster program
+//! (`if (cluster.isPrimary) { fork… } else { server.listen(…) }`) runs with balancer as its
+//! primary. The master's *policy* as a primary (which server it balances, how each
+//! `listen()` is served) is the master's; this module only reads and writes the messages.
 //!
 //! A Node process started with `NODE_UNIQUE_ID` in its environment takes the worker path:
 //! it sends `online`, and every `server.listen()` becomes a `queryServer` request answered by
@@ -13,6 +16,14 @@
 
 use serde_json::{json, Map, Value};
 
+/// The line that carries the listening socket in shared mode: exactly what a Node primary
+/// sends for `worker.send('server', server)`, so a Node worker receives it as
+/// `process.on('message', (msg, server) => ...)` with `msg === 'server'`.
+pub const LISTENER_LINE: &str =
+    "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Server\",\"msg\":\"server\"}\n";
+/// The acknowledgement a receiver of a handle sends.
+pub const ACK_LINE: &str = "{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
+
 /// The environment variable that turns a Node program into a cluster worker.
 pub const ENV_NODE_UNIQUE_ID: &str = "NODE_UNIQUE_ID";
 
@@ -20,8 +31,8 @@ pub const ENV_NODE_UNIQUE_ID: &str = "NODE_UNIQUE_ID";
 pub const UV_EADDRINUSE: i64 = -98;
 
 /// A cluster message from a worker, as far as the primary acts on it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Act {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterMessage {
     /// The worker process is up.
     Online,
     /// `server.listen()` in the worker: which address it wants.
@@ -63,19 +74,11 @@ pub enum Act {
     Other(String),
 }
 
-/// Reads a line as a `NODE_CLUSTER` message; `None` if it is not one.
-pub fn parse_line(line: &str) -> Option<Act> {
-    if !line.contains("NODE_CLUSTER") {
-        return None;
-    }
-    match serde_json::from_str::<Value>(line).ok()? {
-        Value::Object(map) => parse(&map),
-        _ => None,
-    }
-}
-
-/// Reads a `NODE_CLUSTER` message; `None` if `map` is not one.
-pub fn parse(map: &Map<String, Value>) -> Option<Act> {
+/// Reads a `NODE_CLUSTER` message; `None` if `map` is not one. [`WorkerMessage::parse`]
+/// calls it, so each line is parsed once.
+///
+/// [`WorkerMessage::parse`]: crate::protocol::WorkerMessage::parse
+pub fn parse_cluster(map: &Map<String, Value>) -> Option<ClusterMessage> {
     if map.get("cmd").and_then(Value::as_str) != Some("NODE_CLUSTER") {
         return None;
     }
@@ -83,12 +86,12 @@ pub fn parse(map: &Map<String, Value>) -> Option<Act> {
     let seq = map.get("seq").and_then(Value::as_u64).unwrap_or(0);
     if let Some(ack) = map.get("ack").and_then(Value::as_u64) {
         if let Some(accepted) = map.get("accepted").and_then(Value::as_bool) {
-            return Some(Act::Accepted { ack, accepted });
+            return Some(ClusterMessage::Accepted { ack, accepted });
         }
     }
     Some(match map.get("act").and_then(Value::as_str).unwrap_or("") {
-        "online" => Act::Online,
-        "queryServer" => Act::QueryServer {
+        "online" => ClusterMessage::Online,
+        "queryServer" => ClusterMessage::QueryServer {
             seq,
             port: int("port").unwrap_or(-1),
             address: map
@@ -98,7 +101,7 @@ pub fn parse(map: &Map<String, Value>) -> Option<Act> {
             address_type: int("addressType").unwrap_or(-1),
             index: int("index").unwrap_or(0),
         },
-        "listening" => Act::Listening {
+        "listening" => ClusterMessage::Listening {
             key: server_key(
                 map.get("address").and_then(Value::as_str),
                 int("port").unwrap_or(-1),
@@ -106,15 +109,15 @@ pub fn parse(map: &Map<String, Value>) -> Option<Act> {
                 int("index").unwrap_or(0),
             ),
         },
-        "close" => Act::Close {
+        "close" => ClusterMessage::Close {
             key: map
                 .get("key")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned(),
         },
-        "exitedAfterDisconnect" => Act::ExitedAfterDisconnect { seq },
-        other => Act::Other(other.to_owned()),
+        "exitedAfterDisconnect" => ClusterMessage::ExitedAfterDisconnect { seq },
+        other => ClusterMessage::Other(other.to_owned()),
     })
 }
 
@@ -215,13 +218,13 @@ mod tests {
     #[test]
     fn parses_what_node_20_sends() {
         assert_eq!(
-            parse(&map(r#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#)),
-            Some(Act::Online)
+            parse_cluster(&map(r#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#)),
+            Some(ClusterMessage::Online)
         );
         let q = r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":"127.0.0.1","port":0,"addressType":4,"flags":0,"backlog":false,"seq":1}"#;
         assert_eq!(
-            parse(&map(q)),
-            Some(Act::QueryServer {
+            parse_cluster(&map(q)),
+            Some(ClusterMessage::QueryServer {
                 seq: 1,
                 port: 0,
                 address: Some("127.0.0.1".into()),
@@ -230,15 +233,15 @@ mod tests {
             })
         );
         assert_eq!(
-            parse(&map(
+            parse_cluster(&map(
                 r#"{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"seq":3}"#
             )),
-            Some(Act::Accepted {
+            Some(ClusterMessage::Accepted {
                 ack: 5,
                 accepted: true
             })
         );
-        assert_eq!(parse(&map(r#"{"type":"ready","port":1}"#)), None);
+        assert_eq!(parse_cluster(&map(r#"{"type":"ready","port":1}"#)), None);
     }
 
     #[test]
