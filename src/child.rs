@@ -118,6 +118,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .env(NODE_CHANNEL_FD, child_fd.to_string())
         .env(NODE_CHANNEL_SERIALIZATION_MODE, "json")
         .env(ENV_WORKER_ID, slot.to_string())
+        // systemd's notifications are the master's: a worker that speaks sd_notify itself
+        // must not tell the service manager it is ready (or stopping) for the master.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         // Its own process group: a terminal's Ctrl-C reaches only the master, which then

@@ -19,6 +19,7 @@ mod ownership;
 mod signals;
 mod status;
 mod supervisor;
+mod systemd;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -79,6 +80,11 @@ fn init_logging(verbose: u8, quiet: u8) {
 }
 
 fn run_master(cli: &Cli) -> anyhow::Result<()> {
+    // First, before anything opens a file or starts a thread: a socket-activated master
+    // serves on the listener systemd passed (fd 3), and the watchdog variables are taken.
+    let activated = systemd::inherited_listener()?;
+    let socket_activated = activated.is_some();
+    let watchdog = systemd::watchdog_interval();
     let config = Arc::new(Config::try_from(cli)?);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The admin endpoint's connections (and the one it refuses at a time) are fds the data
@@ -86,8 +92,12 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let admin_fds = config.admin.map_or(0, |_| admin::MAX_CONNS as u64 + 2);
     let max_conns = max_conns(config.max_conns, config.workers, threads, admin_fds);
 
-    let bound =
-        Bound::new(&config, threads).with_context(|| format!("binding {}", config.listen))?;
+    let bound = match activated {
+        Some(listener) => systemd::bound(listener, config.mode, threads)?,
+        None => {
+            Bound::new(&config, threads).with_context(|| format!("binding {}", config.listen))?
+        }
+    };
     let local = bound.local;
 
     let backends = Arc::new(Backends::new(config.policy));
@@ -110,10 +120,20 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         .context("starting the supervisor runtime")?;
     supervisor_runtime.block_on(async {
         let mut signals = Signals::install().context("installing signal handlers")?;
-        let proxy_threads = start_proxy_threads(bound.proxy_listeners, &proxy, &stop_accepting, &conns)
-            .context("starting the proxy threads")?;
-        tracing::info!(addr = %local, workers = config.workers, mode = %config.mode, max_conns, "listening");
-        log_listen_name(&config, local);
+        let start_proxy = |listeners| {
+            start_proxy_threads(listeners, &proxy, &stop_accepting, &conns).context("starting the proxy threads")
+        };
+        // Socket-activated, the connection that woke the service is already queued: accept
+        // only once a worker can take it, so it waits in the backlog instead of failing.
+        let (mut proxy_threads, mut unserved) = if socket_activated && config.workers > 0 {
+            (Vec::new(), Some(bound.proxy_listeners))
+        } else {
+            (start_proxy(bound.proxy_listeners)?, None)
+        };
+        tracing::info!(addr = %local, workers = config.workers, mode = %config.mode, max_conns, socket_activated, "listening");
+        if !socket_activated {
+            log_listen_name(&config, local);
+        }
 
         let stop = StopTokens::default();
         let registry = Arc::new(status::Registry::new(config.workers));
@@ -136,12 +156,29 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
             conns.clone(),
             local,
             bound.shared_listener,
-            registry,
+            Arc::clone(&registry),
         );
         let mut supervisor = tokio::spawn(supervisor::run(Arc::new(ctx), stop.clone(), reloads));
 
+        if let Some(interval) = watchdog {
+            tokio::spawn(systemd::watchdog(interval));
+        }
+        if config.workers == 0 {
+            // Nothing to wait for: ready once listening.
+            systemd::ready(0, local);
+        }
         loop {
-            match signals.next().await {
+            let intent = tokio::select! {
+                intent = signals.next() => intent,
+                () = registry.first_ready(), if unserved.is_some() => {
+                    if let Some(listeners) = unserved.take() {
+                        proxy_threads = start_proxy(listeners)?;
+                        tracing::info!(addr = %local, "a worker is ready: accepting on the inherited listener");
+                    }
+                    continue;
+                }
+            };
+            match intent {
                 Intent::Graceful | Intent::Interrupt => break,
                 Intent::Reload => {
                     // A full queue means a reload is already pending: this one coalesces.
@@ -155,6 +192,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         }
 
         // 1. Stop accepting; let open connections finish within the grace period.
+        systemd::stopping();
         let open = conns.tracker.len();
         tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
         stop_accepting.cancel();

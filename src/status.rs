@@ -30,6 +30,9 @@ pub struct WorkerStatus {
 pub struct Registry {
     workers: Mutex<BTreeMap<u64, WorkerStatus>>,
     spawns: Vec<AtomicU64>,
+    /// Whether any worker has been ready yet: a socket-activated master starts accepting only
+    /// then, so the connection that activated it waits in the backlog instead of failing.
+    served: tokio::sync::watch::Sender<bool>,
 }
 
 impl Registry {
@@ -38,6 +41,7 @@ impl Registry {
         Self {
             workers: Mutex::new(BTreeMap::new()),
             spawns: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            served: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -64,6 +68,10 @@ impl Registry {
 
     /// Instance `key` moved to `state` for `reason`.
     pub fn set(&self, key: u64, state: State, reason: &Reason, addr: Option<std::net::SocketAddr>) {
+        if state == State::Ready {
+            self.served
+                .send_if_modified(|served| !std::mem::replace(served, true));
+        }
         if let Some(w) = self.lock().get_mut(&key) {
             w.state = state;
             w.reason = reason.to_string();
@@ -71,6 +79,13 @@ impl Registry {
                 w.addr = Some(a.to_string());
             }
         }
+    }
+
+    /// Resolves once some worker has been ready (at once if one has).
+    pub async fn first_ready(&self) {
+        let mut served = self.served.subscribe();
+        // The sender lives as long as `self`, so this cannot see a closed channel.
+        let _ = served.wait_for(|served| *served).await;
     }
 
     /// Instance `key` was reaped.

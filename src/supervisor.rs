@@ -45,10 +45,14 @@ pub async fn run(ctx: Arc<Context>, stop: StopTokens, mut reloads: mpsc::Receive
                 }
                 // Coalesce: everything already queued is served by this one reload.
                 while reloads.try_recv().is_ok() {}
+                crate::systemd::reloading();
                 tokio::select! {
                     _ = stop.graceful.cancelled() => break,
                     _ = rolling_reload(&slot_reloads) => {}
                 }
+                // Done or aborted, the service serves again (with the old workers where the
+                // reload stopped).
+                crate::systemd::ready(ctx.in_rotation(), ctx.listen);
             }
         }
     }

@@ -11,6 +11,7 @@ mod defects;
 mod faults;
 mod ops;
 mod redispatch;
+mod systemd;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

@@ -31,7 +31,8 @@ done
 python3 - <<'PY'
 import sys, yaml
 
-WORKER_STOP_TIMEOUT = 5  # src/instance.rs WORKER_STOP_TIMEOUT
+# After --grace, stopping the workers takes at most 7 s + about 1 s (docs/LIFECYCLE.md).
+WORKER_STOP_TIMEOUT = 8
 
 def seconds(text):
     if text.endswith("ms"):

@@ -100,6 +100,7 @@ impl Context {
                 tracing::debug!(workers = now, "all workers ready");
             } else {
                 tracing::info!(workers = now, "all workers ready");
+                crate::systemd::ready(now, self.listen);
             }
         }
     }

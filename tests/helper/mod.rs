@@ -69,8 +69,21 @@ impl Balancer {
     /// Starts `balancer ARGS...` with exactly these arguments (no `--listen` added).
     pub fn start_exact<S: AsRef<OsStr>>(args: &[S]) -> Balancer {
         let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .stdin(Stdio::null())
+        cmd.args(args);
+        Balancer::spawn(cmd)
+    }
+
+    /// Starts `WRAPPER... balancer ARGS...`, for a wrapper that execs the binary in its own
+    /// process (such as `systemd-socket-activate`), so the pid is the master's all the same.
+    pub fn start_wrapped<S: AsRef<OsStr>>(wrapper: &[S], args: &[S]) -> Balancer {
+        let (program, wrapper_args) = wrapper.split_first().expect("a wrapper program");
+        let mut cmd = Command::new(program);
+        cmd.args(wrapper_args).arg(BIN).args(args);
+        Balancer::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Balancer {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for var in SCRUBBED_ENV {
