@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A hyper server should serve each connection with [`crate::builtin::http1`] (hyper's
+//! A hyper server should serve each connection with `builtin::http1` (feature `builtin`; hyper's
 //! builder with half-close on), so a client that shuts its write side after the request
 //! still gets the answer.
 //!
