@@ -114,10 +114,21 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = WorkerOutput::Prefix)]
     pub worker_output: WorkerOutput,
 
-    /// Serve `/status` (JSON), `/metrics` (Prometheus) and `/healthz` on this address (e.g.
-    /// 127.0.0.1:9000). Off by default; it has no authentication.
+    /// Serve `/status` (JSON), `/metrics` (Prometheus), `/healthz`, and the changes `POST
+    /// /reload` on this address: IP:PORT (e.g. 127.0.0.1:9000), or a Unix socket path with a /
+    /// in it (created mode 0600, removed at exit). Off by default. Over TCP, changes need
+    /// --admin-token; a non-loopback TCP address without one is refused.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
+
+    /// The Bearer token that changes over a TCP --admin need (`Authorization: Bearer TOKEN`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "BALANCER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
@@ -155,6 +166,22 @@ pub enum Sub {
     /// Exit 0 if the master's /healthz answers 200 (a worker is in rotation), else print why
     /// and exit 1: a container health check for an image without curl.
     Health(ClientArgs),
+    /// Show the master's workers: slot, pid, state, address, uptime, restarts, connections
+    /// and last exit.
+    Status(StatusArgs),
+    /// Replace every worker, one at a time, as SIGHUP does.
+    Reload(ClientArgs),
+}
+
+/// `balancer status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print the master's /status document as it is, instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// Flags every operator subcommand takes: where the master's admin endpoint is.

@@ -73,7 +73,9 @@ pub struct Config {
     /// Response timeout of proxied connections (`None`: never).
     pub response_timeout: Option<Duration>,
     /// Where the admin endpoint listens, if anywhere.
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<crate::admin::AdminAddr>,
+    /// What changes over a TCP admin endpoint need.
+    pub admin_token: Option<crate::admin::Token>,
     /// Where worker output goes.
     pub worker_output: WorkerOutput,
 }
@@ -127,10 +129,8 @@ impl TryFrom<&Cli> for Config {
             },
             worker_output: cli.worker_output,
             health: parse_health(cli)?,
-            admin: match &cli.admin {
-                Some(a) => Some(parse_listen(a).map_err(|e| anyhow::anyhow!("--admin: {e:#}"))?.0),
-                None => None,
-            },
+            admin: parse_admin(cli)?,
+            admin_token: cli.admin_token.as_deref().and_then(crate::admin::Token::new),
             connect_timeout: parse_nonzero_duration("--connect-timeout", &cli.connect_timeout)?,
             idle_timeout: Some(parse_duration("--idle-timeout", &cli.idle_timeout)?)
                 .filter(|d| !d.is_zero()),
@@ -138,6 +138,20 @@ impl TryFrom<&Cli> for Config {
                 .filter(|d| !d.is_zero()),
         })
     }
+}
+
+/// `--admin`, refused where anyone on the network could change things: a TCP address that
+/// is not loopback needs `--admin-token`.
+fn parse_admin(cli: &Cli) -> anyhow::Result<Option<crate::admin::AdminAddr>> {
+    let Some(raw) = &cli.admin else {
+        return Ok(None);
+    };
+    let addr = crate::admin::AdminAddr::parse(raw)?;
+    let has_token = cli.admin_token.as_deref().is_some_and(|t| !t.is_empty());
+    if !addr.is_local() && !has_token {
+        bail!("--admin {addr} is reachable from other machines: set --admin-token (or bind 127.0.0.1, or a Unix socket path)");
+    }
+    Ok(Some(addr))
 }
 
 fn parse_health(cli: &Cli) -> anyhow::Result<HealthConfig> {

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use bind::Bound;
@@ -50,6 +49,8 @@ fn main() -> ExitCode {
                 .context(format!("starting {:?}", command.first())))
         }
         Some(Sub::Health(ref args)) => client::health(args),
+        Some(Sub::Status(ref args)) => client::status(args),
+        Some(Sub::Reload(ref args)) => client::reload(args),
         None => run_master(&cli),
     };
     match result {
@@ -89,7 +90,10 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The admin endpoint's connections (and the one it refuses at a time) are fds the data
     // path must not count on.
-    let admin_fds = config.admin.map_or(0, |_| admin::MAX_CONNS as u64 + 2);
+    let admin_fds = config
+        .admin
+        .as_ref()
+        .map_or(0, |_| admin::MAX_CONNS as u64 + 2);
     let max_conns = max_conns(config.max_conns, config.workers, threads, admin_fds);
 
     let bound = match activated {
@@ -137,19 +141,21 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
 
         let stop = StopTokens::default();
         let registry = Arc::new(status::Registry::new(config.workers));
-        if let Some(addr) = config.admin {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding --admin {addr}"))?;
-            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "admin endpoint listening");
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
+        if let Some(addr) = &config.admin {
+            let listener = admin::Listener::bind(addr)?;
+            tracing::info!(addr = %listener.local(), "admin endpoint listening");
             let view = admin::View {
                 config: Arc::clone(&config),
                 listen: local,
                 proxy: Arc::clone(&proxy),
                 conns: conns.clone(),
                 registry: Arc::clone(&registry),
+                reload: reload.clone(),
+                token: config.admin_token.clone(),
             };
             tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
         }
-        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let ctx = instance::Context::new(
             Arc::clone(&config),
             Arc::clone(&proxy),

@@ -2,7 +2,6 @@
 //! registry the instances update on every state change (never on the per-connection path).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,13 +22,25 @@ pub struct WorkerStatus {
     pub addr: Option<String>,
     /// When it was spawned, seconds since the Unix epoch.
     pub started: u64,
+    /// Which instance it is (the backend key: a replacement in the same slot gets a new one).
+    pub instance: u64,
 }
 
-/// Every live worker instance by backend key, plus spawn counts per slot.
+/// What a slot has been through, as shown by `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SlotStats {
+    /// Workers spawned in it, the first included.
+    pub spawns: u64,
+    /// How its last worker ended (`None` while none has).
+    pub last_exit: Option<String>,
+}
+
+/// Every live worker instance by backend key, plus what each slot has been through.
 #[derive(Debug)]
 pub struct Registry {
     workers: Mutex<BTreeMap<u64, WorkerStatus>>,
-    spawns: Vec<AtomicU64>,
+    /// By slot; grows when the worker count is scaled up.
+    slots: Mutex<Vec<SlotStats>>,
     /// Whether any worker has been ready yet: a socket-activated master starts accepting only
     /// then, so the connection that activated it waits in the backlog instead of failing.
     served: tokio::sync::watch::Sender<bool>,
@@ -40,16 +51,14 @@ impl Registry {
     pub fn new(slots: usize) -> Self {
         Self {
             workers: Mutex::new(BTreeMap::new()),
-            spawns: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            slots: Mutex::new(vec![SlotStats::default(); slots]),
             served: tokio::sync::watch::Sender::new(false),
         }
     }
 
     /// A worker instance `key` was spawned in `slot`.
     pub fn spawned(&self, key: u64, slot: usize, pid: u32) {
-        if let Some(n) = self.spawns.get(slot) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
+        self.with_slot(slot, |s| s.spawns += 1);
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -62,6 +71,7 @@ impl Registry {
                 reason: Reason::Spawned.to_string(),
                 addr: None,
                 started,
+                instance: key,
             },
         );
     }
@@ -88,9 +98,12 @@ impl Registry {
         let _ = served.wait_for(|served| *served).await;
     }
 
-    /// Instance `key` was reaped.
-    pub fn gone(&self, key: u64) {
-        self.lock().remove(&key);
+    /// Instance `key` was reaped; `how` says why it ended and with what status.
+    pub fn gone(&self, key: u64, how: &str) {
+        let removed = self.lock().remove(&key);
+        if let Some(w) = removed {
+            self.with_slot(w.slot, |s| s.last_exit = Some(how.to_owned()));
+        }
     }
 
     /// Every live instance, by slot.
@@ -102,10 +115,20 @@ impl Registry {
 
     /// Times each slot has spawned a worker (the first start included).
     pub fn spawns(&self) -> Vec<u64> {
-        self.spawns
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect()
+        self.slots().iter().map(|s| s.spawns).collect()
+    }
+
+    /// Every slot's history, by slot.
+    pub fn slots(&self) -> Vec<SlotStats> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn with_slot(&self, slot: usize, change: impl FnOnce(&mut SlotStats)) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() <= slot {
+            slots.resize(slot + 1, SlotStats::default());
+        }
+        change(&mut slots[slot]);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, WorkerStatus>> {

@@ -6,7 +6,7 @@
 //! or leaving rotation) copy the vector and swap it in under a mutex of their own.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -41,6 +41,8 @@ pub struct Backend {
     pub handoff: Option<mpsc::Sender<TcpStream>>,
     /// Connections currently forwarded to this backend.
     active: AtomicUsize,
+    /// Connections ever forwarded to this backend (for `/status`).
+    served: AtomicU64,
     /// Connect failures in a row (reset by a successful connect). Read by the supervisor to
     /// take a failing worker out of rotation between active health checks.
     connect_failures: AtomicU32,
@@ -54,6 +56,11 @@ impl Backend {
     /// Open connections forwarded to this backend right now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections forwarded to this backend since it entered rotation.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// Connect failures in a row since the last successful connect.
@@ -91,6 +98,7 @@ impl Backend {
     /// Counts one open connection until the guard is dropped.
     pub(crate) fn open(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(self))
     }
 }
@@ -153,6 +161,7 @@ impl Backends {
             addr,
             handoff,
             active: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
             response_failures: AtomicU32::new(0),
         });

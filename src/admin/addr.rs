@@ -39,6 +39,16 @@ impl AdminAddr {
     }
 }
 
+impl AdminAddr {
+    /// Whether only this machine can reach it: a Unix socket, or TCP on a loopback address.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::Tcp(a) => a.ip().is_loopback(),
+            Self::Unix(_) => true,
+        }
+    }
+}
+
 impl fmt::Display for AdminAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -73,5 +83,9 @@ mod tests {
         assert!(AdminAddr::parse("b.sock").is_err());
         assert!(AdminAddr::parse("localhost:9000").is_err());
         assert!(AdminAddr::parse(":99999").is_err());
+        assert!(AdminAddr::parse("[::1]:9").unwrap().is_local());
+        assert!(!AdminAddr::parse("0.0.0.0:9").unwrap().is_local());
+        assert!(!AdminAddr::parse(":9").unwrap().is_local());
+        assert!(AdminAddr::parse("/x").unwrap().is_local());
     }
 }

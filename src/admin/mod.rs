@@ -1,5 +1,12 @@
-//! The admin endpoint (`--admin ADDR`): accepting, and the limits that keep a slow, idle or
-//! abusive admin client from costing the data path anything. [`routes`] answers requests.
+//! The admin endpoint (`--admin ADDR`, TCP or a Unix socket): accepting, who may change
+//! things, and the limits that keep a slow, idle or abusive admin client from costing the
+//! data path anything. [`routes`] answers requests.
+//!
+//! Reads (`/status`, `/metrics`, `/healthz`) are open to whoever can connect. Changes
+//! (`POST /reload`, `POST /scale`) over a Unix socket are allowed to whoever can connect
+//! (the socket is mode 0600: the master's user, and root); over TCP they need the
+//! `--admin-token` as `Authorization: Bearer`, compared in constant time, and are refused
+//! when the master has no token.
 //!
 //! Limits, all fixed (an operator endpoint needs no tuning, only bounds):
 //! - at most [`MAX_CONNS`] connections at once; one more is answered `503` and closed at
@@ -13,9 +20,12 @@
 //!   leaves no body for a slow client to trickle.
 
 mod addr;
+mod listen;
 mod routes;
 
 pub use addr::AdminAddr;
+use listen::Accepted;
+pub use listen::Listener;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +35,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -63,13 +72,50 @@ pub struct View {
     pub conns: Connections,
     /// Worker states.
     pub registry: Arc<Registry>,
+    /// Asks the supervisor for a rolling reload (a full queue: one is already pending).
+    pub reload: mpsc::Sender<()>,
+    /// What changes over TCP need.
+    pub token: Option<Token>,
 }
 
-/// Serves the admin endpoint on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, view: View, stop: CancellationToken) {
+/// The `--admin-token` secret; its `Debug` does not show it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// A token; `None` for an empty one (which would let anyone in).
+    pub fn new(secret: &str) -> Option<Self> {
+        (!secret.is_empty()).then(|| Self(secret.to_owned()))
+    }
+
+    /// Whether `presented` is the token, in time that does not depend on where they differ.
+    fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(redacted)")
+    }
+}
+
+/// How a request reached the endpoint, which decides what it may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Over TCP: changes need the token.
+    Tcp,
+    /// Over the 0600 Unix socket: whoever connects is the master's user or root.
+    Unix,
+}
+
+/// Serves the admin endpoint on `listener` until `stop` is cancelled; the listener (and a
+/// Unix socket's file) is dropped when it returns.
+pub async fn serve(listener: Listener, view: View, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -81,22 +127,33 @@ pub async fn serve(listener: TcpListener, view: View, stop: CancellationToken) {
             },
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, max = MAX_CONNS, "admin connection refused: too many open");
+            tracing::debug!(max = MAX_CONNS, "admin connection refused: too many open");
             // Best effort and never waiting: the answer fits any socket's send buffer.
-            let _ = stream.try_write(BUSY);
-            let _ = stream.shutdown().await;
+            match accepted {
+                Accepted::Tcp(mut s) => {
+                    let _ = s.try_write(BUSY);
+                    let _ = s.shutdown().await;
+                }
+                Accepted::Unix(mut s) => {
+                    let _ = s.try_write(BUSY);
+                    let _ = s.shutdown().await;
+                }
+            }
             continue;
         };
         let (view, stop) = (view.clone(), stop.clone());
         tokio::spawn(async move {
-            serve_conn(stream, view, stop).await;
+            match accepted {
+                Accepted::Tcp(s) => serve_conn(s, Peer::Tcp, view, stop).await,
+                Accepted::Unix(s) => serve_conn(s, Peer::Unix, view, stop).await,
+            }
             drop(permit);
         });
     }
 }
 
 /// Serves one admin connection under [`HEADER_TIMEOUT`] and [`IDLE_TIMEOUT`].
-async fn serve_conn<S>(stream: S, view: View, stop: CancellationToken)
+async fn serve_conn<S>(stream: S, peer: Peer, view: View, stop: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -104,7 +161,7 @@ where
     let activity = Arc::clone(&stream.last);
     let service = hyper::service::service_fn(move |req| {
         let view = view.clone();
-        async move { Ok::<_, std::convert::Infallible>(routes::answer(&view, &req)) }
+        async move { Ok::<_, std::convert::Infallible>(routes::answer(&view, peer, &req)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

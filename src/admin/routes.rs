@@ -1,7 +1,8 @@
-//! What the admin endpoint answers: `GET /status` (JSON), `GET /metrics` (Prometheus text)
-//! and `GET /healthz` (200 while at least one worker is in rotation, else 503, for an
-//! orchestrator's readiness probe). Only `GET` and `HEAD` are served (`405` otherwise), and
-//! no request body is read.
+//! What the admin endpoint answers: `GET /status` (JSON), `GET /metrics` (Prometheus text),
+//! `GET /healthz` (200 while at least one worker is in rotation, else 503, for an
+//! orchestrator's readiness probe), and the changes `POST /reload` (a rolling reload, as
+//! SIGHUP). Reads take `GET` or `HEAD`, changes `POST` (`405` otherwise); no request body is
+//! read.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -13,11 +14,14 @@ use hyper::{header, Method, Request, Response, StatusCode};
 
 use crate::instance::State;
 
-use super::View;
+use super::{Peer, View};
 
-/// The response to `req`.
-pub(super) fn answer(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let mut res = route(view, req);
+/// Paths that change something: `POST` only, and authorized (see [`refusal`]).
+const CHANGES: [&str; 1] = ["/reload"];
+
+/// The response to `req`, which came over `peer`.
+pub(super) fn answer(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut res = route(view, peer, req);
     if !req.body().is_end_stream() {
         // The body is never read: closing after the answer leaves nothing to trickle.
         res.headers_mut().insert(
@@ -28,15 +32,25 @@ pub(super) fn answer(view: &View, req: &Request<Incoming>) -> Response<Full<Byte
     res
 }
 
-fn route(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let change = CHANGES.contains(&path);
+    let (allowed, allow) = if change {
+        (req.method() == Method::POST, "POST")
+    } else {
+        (
+            req.method() == Method::GET || req.method() == Method::HEAD,
+            "GET, HEAD",
+        )
+    };
+    if !allowed {
         let mut res = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            format!("method {} not allowed: GET or HEAD\n", req.method()),
+            format!("method {} not allowed on {path}: {allow}\n", req.method()),
         );
         res.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            .insert(header::ALLOW, header::HeaderValue::from_static(allow));
         return res;
     }
     if !req.body().is_end_stream() {
@@ -45,6 +59,15 @@ fn route(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
             "the admin endpoint takes no request body\n".into(),
         );
+    }
+    if change {
+        if let Some(refused) = refusal(view, peer, req) {
+            return refused;
+        }
+        return match path {
+            "/reload" => reload(view),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        };
     }
     let (status, kind, body) = match req.uri().path() {
         "/status" => (StatusCode::OK, "application/json", status_json(view)),
@@ -69,10 +92,62 @@ fn route(view: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /status, /metrics, /healthz\n".into(),
+            "not found: try GET /status, /metrics, /healthz or POST /reload\n".into(),
         ),
     };
     reply(status, kind, body)
+}
+
+/// Why a change may not be made, as the answer to give (`None`: it may). Changes over a
+/// Unix socket are allowed (its mode is the check); over TCP they need the master's
+/// `--admin-token` as a Bearer token.
+fn refusal(view: &View, peer: Peer, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    if peer == Peer::Unix {
+        return None;
+    }
+    let Some(token) = &view.token else {
+        return Some(reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "changes over TCP need a master started with --admin-token (or an --admin Unix socket)\n".into(),
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if presented.is_some_and(|p| token.matches(p)) {
+        return None;
+    }
+    tracing::warn!("admin: change refused: missing or wrong token");
+    let mut res = reply(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        "missing or wrong admin token (Authorization: Bearer TOKEN)\n".into(),
+    );
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Some(res)
+}
+
+/// `POST /reload`: queue a rolling reload, exactly as SIGHUP does.
+fn reload(view: &View) -> Response<Full<Bytes>> {
+    use tokio::sync::mpsc::error::TrySendError;
+    let said = match view.reload.try_send(()) {
+        Ok(()) => "rolling reload requested",
+        Err(TrySendError::Full(())) => "a reload is already pending; coalesced",
+        Err(TrySendError::Closed(())) => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "stopping\n".into(),
+            )
+        }
+    };
+    tracing::info!("admin: {said}");
+    reply(StatusCode::ACCEPTED, "text/plain", format!("{said}\n"))
 }
 
 fn reply(status: StatusCode, kind: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -90,7 +165,7 @@ fn status_json(view: &View) -> String {
         "mode": view.config.mode.as_str(),
         "workers_wanted": view.config.workers,
         "in_rotation": view.proxy.backends.len(),
-        "workers": view.registry.workers(),
+        "workers": workers_json(view),
         "spawns_per_slot": view.registry.spawns(),
         "connections": {
             "open": view.conns.tracker.len(),
@@ -106,6 +181,39 @@ fn status_json(view: &View) -> String {
         },
     });
     format!("{v:#}\n")
+}
+
+/// Every live worker as the registry has it, with what the rows of `balancer status` need
+/// besides: its uptime, its slot's restarts and last exit, and its connections (while it is
+/// in rotation; `null` otherwise).
+fn workers_json(view: &View) -> Vec<serde_json::Value> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let slots = view.registry.slots();
+    let backends = view.proxy.backends.snapshot();
+    view.registry
+        .workers()
+        .into_iter()
+        .map(|w| {
+            let slot = slots.get(w.slot).cloned().unwrap_or_default();
+            let backend = backends.iter().find(|b| b.key == w.instance);
+            let mut v = serde_json::to_value(&w).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("uptime_secs".into(), now.saturating_sub(w.started).into());
+                o.insert("restarts".into(), slot.spawns.saturating_sub(1).into());
+                o.insert("last_exit".into(), slot.last_exit.into());
+                o.insert(
+                    "connections".into(),
+                    match backend {
+                        Some(b) => serde_json::json!({"active": b.active(), "total": b.served()}),
+                        None => serde_json::Value::Null,
+                    },
+                );
+            }
+            v
+        })
+        .collect()
 }
 
 fn metrics(view: &View) -> String {

@@ -1,8 +1,9 @@
-//! The operator subcommands (`balancer health`, and the rest as they come): thin clients of
-//! a running master's admin endpoint. Each parses its flags (in [`crate::cli`]), makes one
+//! The operator subcommands (`balancer health`, `status`, `reload`): thin clients of a
+//! running master's admin endpoint. Each parses its flags (in [`crate::cli`]), makes one
 //! request over TCP or a Unix socket, and renders the answer; none of them knows anything
 //! the master does not say. Errors are one line for `main` to print, and a non-zero exit.
 
+mod status;
 mod transport;
 
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::admin::AdminAddr;
-use crate::cli::ClientArgs;
+use crate::cli::{ClientArgs, StatusArgs};
 pub use transport::Reply;
 
 /// A master's admin endpoint, as the subcommands reach it.
@@ -70,4 +71,35 @@ impl Endpoint {
 pub fn health(args: &ClientArgs) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_args(args)?;
     endpoint.get_ok("/healthz").map(|_| ())
+}
+
+/// `balancer status`: the workers as a table, or `/status` as it came with `--json`.
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let endpoint = Endpoint::from_args(&args.client)?;
+    let body = endpoint.get_ok("/status")?;
+    let text = if args.json {
+        body
+    } else {
+        status::Status::parse(&body)?.render()
+    };
+    print(&text)
+}
+
+/// `balancer reload`: a rolling reload of every worker, as SIGHUP; prints what the master
+/// said (requested, or coalesced with one already pending).
+pub fn reload(args: &ClientArgs) -> anyhow::Result<()> {
+    let endpoint = Endpoint::from_args(args)?;
+    let reply = endpoint.call(hyper::Method::POST, "/reload")?;
+    let said = endpoint.expect_ok("/reload", reply)?;
+    print(&said)
+}
+
+/// Writes `text` to stdout; a closed stdout (`| head`) is not an error worth a panic.
+fn print(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }

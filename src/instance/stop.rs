@@ -144,10 +144,11 @@ impl Worker {
             expected,
             self.output.last_error(),
         );
-        self.ctx.registry.gone(self.key);
+        let reason = format!("{reason} ({})", describe(status));
+        self.ctx.registry.gone(self.key, &reason);
         Ending {
             was_ready: self.admission.admitted(),
-            reason: format!("{reason} ({})", describe(status)),
+            reason,
             last_stderr: Some(self.output.explain()),
         }
     }

@@ -167,6 +167,13 @@ fn admin_serves_only_get_and_head() {
             );
         }
     }
+    let (status, head, _) = exchange(
+        admin,
+        "GET /reload HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .expect("GET /reload");
+    assert_eq!(status, 405, "{head}");
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
     // A body is never read: the answer closes the connection.
     let (status, head, _) = exchange(
         admin,

@@ -50,3 +50,139 @@ fn health_fails_with_one_line_without_a_master() {
     let run = run_client(&["health", "--admin", "not-an-address"]);
     assert_one_error_line(&run, "expected IP:PORT");
 }
+
+/// Pids in the rows of a `balancer status` table (the second column; the summary line and
+/// the header are skipped).
+fn table_pids(table: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = table
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+#[test]
+fn unix_admin_socket_is_0600_serves_status_and_reload_and_is_removed_at_exit() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = TempDir::new("ops-unix-admin");
+    let sock = dir.path().join("admin.sock");
+    // A socket file left by a master that was killed: replaced, not refused.
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("a stale socket"));
+    let sock_arg = sock.display().to_string();
+    let mut b = Balancer::start(&["--cpus", "2", "--admin", &sock_arg]);
+    b.expect_line(0, "`admin endpoint listening`", STARTUP, |l| {
+        is_event(l, "admin endpoint listening") && field(l, "addr") == Some(sock_arg.as_str())
+    });
+    let meta = std::fs::symlink_metadata(&sock).expect("the admin socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{meta:?}");
+    wait_all_ready(&b, 2);
+
+    // A second master on the same socket is refused; the first keeps it.
+    let mut second = Balancer::start(&["--cpus", "1", "--admin", &sock_arg]);
+    let status = second.expect_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{}", second.dump());
+    assert!(
+        second
+            .lines()
+            .iter()
+            .any(|l| l.contains("another master is serving on")),
+        "{}",
+        second.dump()
+    );
+
+    let run = run_client(&["status", "--admin", &sock_arg]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let mut serving = ready_pids(&b);
+    serving.sort_unstable();
+    assert_eq!(table_pids(&run.stdout), serving, "{}", run.stdout);
+    assert!(
+        run.stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|h| h.starts_with("SLOT  PID")),
+        "{}",
+        run.stdout
+    );
+    let json = run_client(&["status", "--json", "--admin", &sock_arg]);
+    assert_eq!(json.code, Some(0), "{json:?}");
+    assert!(json.stdout.trim_start().starts_with('{') && json.stdout.contains("\"workers\""));
+
+    // No token needed on the socket: its mode is the check.
+    let run = run_client(&["reload", "--admin", &sock_arg]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout.trim(), "rolling reload requested", "{run:?}");
+    b.expect_line(0, "`rolling reload done`", READY_TIMEOUT, |l| {
+        is_event(l, "rolling reload done")
+    });
+    let table = run_client(&["status", "--admin", &sock_arg]).stdout;
+    let now = table_pids(&table);
+    assert_eq!(now.len(), 2, "{table}");
+    assert!(
+        now.iter().all(|p| !serving.contains(p)),
+        "reload left old workers {serving:?}: {table}"
+    );
+    assert!(table.contains("retired"), "last exit shown: {table}");
+
+    b.signal(libc::SIGTERM);
+    b.expect_exit(EXIT_TIMEOUT);
+    assert!(!sock.exists(), "the admin socket outlived the master");
+}
+
+/// How long a graceful stop with nothing to drain may take.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[test]
+fn tcp_admin_changes_need_the_token_and_reads_do_not() {
+    let b = Balancer::start(&[
+        "--cpus",
+        "1",
+        "--admin",
+        "127.0.0.1:0",
+        "--admin-token",
+        "s3cret-token",
+    ]);
+    let admin = admin_addr(&b).to_string();
+    wait_all_ready(&b, 1);
+    let run = run_client(&["reload", "--admin", &admin]);
+    assert_one_error_line(&run, "401 Unauthorized");
+    let run = run_client(&["reload", "--admin", &admin, "--admin-token", "s3cret-tokex"]);
+    assert_one_error_line(&run, "401 Unauthorized");
+    let run = run_client(&["status", "--admin", &admin]);
+    assert_eq!(run.code, Some(0), "reads need no token: {run:?}");
+    assert!(
+        !b.lines()
+            .iter()
+            .any(|l| is_event(l, "admin: rolling reload requested")),
+        "a refused reload ran:\n{}",
+        b.dump()
+    );
+    let run = run_client(&["reload", "--admin", &admin, "--admin-token", "s3cret-token"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    b.expect_line(0, "`rolling reload done`", READY_TIMEOUT, |l| {
+        is_event(l, "rolling reload done")
+    });
+
+    // Without a token on the master, changes over TCP are refused outright.
+    let plain = Balancer::start(&["--cpus", "1", "--admin", "127.0.0.1:0"]);
+    let admin = admin_addr(&plain).to_string();
+    let run = run_client(&["reload", "--admin", &admin, "--admin-token", "anything"]);
+    assert_one_error_line(&run, "403 Forbidden");
+}
+
+#[test]
+fn non_loopback_tcp_admin_without_a_token_is_refused_at_start() {
+    let mut b = Balancer::start(&["--cpus", "1", "--admin", "0.0.0.0:0"]);
+    let status = b.expect_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{}", b.dump());
+    let lines = b.lines();
+    assert_eq!(lines.len(), 1, "one error line:\n{}", b.dump());
+    assert!(
+        lines[0].starts_with("balancer: error: --admin 0.0.0.0:0 is reachable from other machines"),
+        "{}",
+        b.dump()
+    );
+    assert!(!lines.iter().any(|l| is_event(l, "listening")));
+}
