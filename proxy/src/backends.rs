@@ -105,7 +105,7 @@ impl Backend {
 
 /// Holds one unit of [`Backend::active`] for the life of a forwarded connection.
 #[derive(Debug)]
-pub(crate) struct ActiveGuard(Arc<Backend>);
+pub struct ActiveGuard(Arc<Backend>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {

@@ -10,7 +10,9 @@ pub mod backends;
 pub mod copy;
 pub mod forward;
 pub mod health;
+pub mod http;
 pub mod server;
+pub mod tls;
 
 pub use backends::{Backend, Backends, Policy};
 pub use forward::{forward, ForwardConfig, ForwardError, Forwarded, Transfer};

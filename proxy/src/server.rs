@@ -59,7 +59,7 @@ pub struct Proxy {
     /// One permit per open client connection, shared by every accept loop. When none is
     /// left, the loops stop accepting and new connections wait in the kernel's listen
     /// backlog rather than being accepted and closed: a burst is delayed, not refused.
-    permits: Arc<Semaphore>,
+    pub(crate) permits: Arc<Semaphore>,
     /// Counters.
     pub stats: Stats,
 }
@@ -100,6 +100,26 @@ pub async fn serve(
     stop: CancellationToken,
     conns: Connections,
 ) {
+    let on_conn = Arc::clone(&proxy);
+    accept_loop(listener, &proxy, stop, &conns, move |client, peer| {
+        forward_and_record(Arc::clone(&on_conn), client, peer)
+    })
+    .await;
+}
+
+/// The accept loop shared by the tcp and http paths: waits for a connection on `listener`,
+/// takes a permit, accepts it (backing off on resource exhaustion) and runs `handle` for it
+/// on a task in `conns`, holding the permit until it finishes or `conns.abort` ends it.
+pub(crate) async fn accept_loop<H, F>(
+    listener: std::net::TcpListener,
+    proxy: &Proxy,
+    stop: CancellationToken,
+    conns: &Connections,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     // SAFETY: `listener` is an open socket owned by the AsyncFd from here on, and
     // `as_raw_fd` of a `std::net::TcpListener` always returns that same fd.
     let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
@@ -159,11 +179,15 @@ pub async fn serve(
             }
         };
         proxy.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let proxy = Arc::clone(&proxy);
         let abort = conns.abort.clone();
-        conns
-            .tracker
-            .spawn(serve_one(proxy, client, peer, permit, abort));
+        let task = handle(client, peer);
+        conns.tracker.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
+                () = task => {}
+            }
+        });
     }
 }
 
@@ -204,8 +228,14 @@ async fn serve_one(
     let _permit = permit;
     tokio::select! {
         _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
-        result = forward(client, &proxy.backends, &proxy.forward) => record(&proxy.stats, peer, result),
+        () = forward_and_record(proxy, client, peer) => {}
     }
+}
+
+/// Forwards one tcp-path connection and counts how it ended.
+async fn forward_and_record(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) {
+    let result = forward(client, &proxy.backends, &proxy.forward).await;
+    record(&proxy.stats, peer, result);
 }
 
 /// One `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`: the new socket is ready for tokio without a

@@ -1,0 +1,312 @@
+//! The client side of the HTTP path: the accept loop (shared with the tcp path), TLS if
+//! terminated, one hyper-util auto connection per client (HTTP/1.1, or HTTP/2 where ALPN
+//! chose `h2`), and the per-request handler that rewrites the request, sends it through
+//! the tower stack and turns the result into the client's response.
+//!
+//! Stopping: when `stop` is cancelled, every connection is told to shut down gracefully
+//! (hyper closes an idle HTTP/1 connection at once, lets a busy one finish its response
+//! with `Connection: close`, and sends HTTP/2 clients a GOAWAY); `conns.abort` ends
+//! whatever is left at the end of the grace period.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, HOST};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tower::retry::Retry;
+use tower::timeout::Timeout;
+use tower::ServiceExt;
+
+use crate::server::{accept_loop, Connections};
+use crate::tls::ClientStream;
+
+use super::client::{self, Balance, Routed};
+use super::error::{self, ProxyError};
+use super::headers::{self, Origin};
+use super::metrics::{Finish, Tracked};
+use super::replay::ReplayBody;
+use super::retry::Replay;
+use super::upgrade;
+use super::watch::{self, Clock, Expired, Watched};
+use super::Http;
+
+/// How long writing the 408 to a slow client may take before it is simply closed.
+const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Concurrent HTTP/2 streams per client connection: as many requests in flight as a
+/// browser opens, bounded so one connection cannot take every backend slot.
+const H2_MAX_STREAMS: u32 = 256;
+
+/// The body of every response to a client: a backend's, or one of the proxy's own.
+pub type ProxyBody = Tracked<Either<Incoming, Full<Bytes>>>;
+
+/// The per-request tower stack: the whole exchange (retries included) under
+/// `--request-timeout`, retries by [`Replay`], the backend pick and send by [`Balance`].
+type Stack = Timeout<Retry<Replay, Balance>>;
+
+/// What one proxy thread's connections share.
+struct Thread {
+    http: Arc<Http>,
+    stack: Stack,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+    conns: Connections,
+}
+
+/// Serves HTTP on `listener` until `stop` is cancelled, then shuts each connection down
+/// gracefully; connection tasks go in `conns` (as in [`crate::serve`]). Several loops
+/// (threads) may share one [`Http`]; each has its own pool of backend connections.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    http: Arc<Http>,
+    stop: CancellationToken,
+    conns: Connections,
+) {
+    let config = &http.config;
+    let pool = client::pool(config, http.proxy.forward.connect_timeout);
+    let balance = Balance::new(Arc::clone(&http.proxy.backends), pool);
+    let retry = Retry::new(Replay::new(config.max_replays, Arc::clone(&http)), balance);
+    let stack = Timeout::new(retry, config.request_timeout);
+    let mut h1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+    h1.http1()
+        .max_buf_size(config.max_head.max(8192))
+        .header_read_timeout(None)
+        .keep_alive(true);
+    let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+    h2.http2()
+        .max_header_list_size(u32::try_from(config.max_head).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    let thread = Arc::new(Thread {
+        http: Arc::clone(&http),
+        stack,
+        h1,
+        h2,
+        stop: stop.clone(),
+        conns: conns.clone(),
+    });
+    accept_loop(listener, &http.proxy, stop, &conns, move |tcp, peer| {
+        let thread = Arc::clone(&thread);
+        async move { connection(thread, tcp, peer).await }
+    })
+    .await;
+}
+
+/// Per-connection state the request handler needs.
+struct Conn {
+    thread: Arc<Thread>,
+    origin: Origin,
+    clock: Arc<Clock>,
+}
+
+async fn connection(thread: Arc<Thread>, tcp: TcpStream, peer: SocketAddr) {
+    let config = &thread.http.config;
+    let stream = match &thread.http.tls {
+        None => ClientStream::Plain(tcp),
+        // The handshake is part of the head: a client that stalls it is cut alike.
+        Some(tls) => match tokio::time::timeout(config.header_timeout, tls.accept(tcp)).await {
+            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+            Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "tls handshake failed"),
+            Err(_) => return tracing::debug!(%peer, "tls handshake timed out"),
+        },
+    };
+    let h2 = stream.alpn() == Some(b"h2");
+    let origin = Origin {
+        client: peer,
+        proto: if thread.http.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        trusted: config.trusted_proxies.contains(peer.ip()),
+    };
+    let clock = Arc::new(Clock::new(!h2));
+    let (io, rescue) = Watched::new(stream, Arc::clone(&clock));
+    let conn_state = Arc::new(Conn {
+        thread: Arc::clone(&thread),
+        origin,
+        clock: Arc::clone(&clock),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let conn = Arc::clone(&conn_state);
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let builder = if h2 { &thread.h2 } else { &thread.h1 };
+    let mut served = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    let mut draining = thread.stop.is_cancelled();
+    if draining {
+        served.as_mut().graceful_shutdown();
+    }
+    let expired = loop {
+        tokio::select! {
+            done = served.as_mut() => {
+                if let Err(e) = done {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                break None;
+            }
+            () = thread.stop.cancelled(), if !draining => {
+                draining = true;
+                served.as_mut().graceful_shutdown();
+            }
+            e = watch::expired(&clock, config.header_timeout, config.idle_timeout) => break Some(e),
+        }
+    };
+    drop(served);
+    match expired {
+        Some(Expired::Head) => {
+            thread
+                .http
+                .stats
+                .header_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, "request head not complete within --header-timeout, 408");
+            let stream = rescue.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(mut s) = stream {
+                let _ = tokio::time::timeout(REJECT_WRITE_TIMEOUT, async {
+                    s.write_all(error::request_timeout_bytes()).await?;
+                    s.shutdown().await
+                })
+                .await;
+            }
+        }
+        Some(Expired::Idle) => tracing::debug!(%peer, "idle keep-alive connection closed"),
+        None => {}
+    }
+}
+
+/// One request: rewrite, send through the stack, answer.
+async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let http = &conn.thread.http;
+    let config = &http.config;
+    conn.clock.request_started();
+    let mut finish = Finish {
+        stats: Arc::clone(http),
+        clock: Arc::clone(&conn.clock),
+        started: Instant::now(),
+        client: conn.origin.client,
+        method: req.method().clone(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+        status: StatusCode::OK,
+        backend: None,
+        _active: None,
+    };
+    if let Some(max) = config.max_body {
+        let announced = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > max) {
+            return failed(ProxyError::BodyTooLarge, finish);
+        }
+    }
+    let client_upgrade = upgrade::requested(&req).then(|| hyper::upgrade::on(&mut req));
+    let host = headers::host_of(req.headers(), req.uri());
+    if let Some(h) = &host {
+        // Backends speak HTTP/1.1: an HTTP/2 request's authority becomes its Host.
+        req.headers_mut().insert(HOST, h.clone());
+    }
+    headers::strip_hop_by_hop(req.headers_mut(), client_upgrade.is_some());
+    headers::set_forwarded(req.headers_mut(), &conn.origin, host.as_ref());
+    *req.version_mut() = Version::HTTP_11;
+    let (parts, body) = req.into_parts();
+    let body = ReplayBody::new(body, config.replay_buffer, config.max_body);
+    let probe = body.replay();
+    let sent = conn
+        .thread
+        .stack
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await;
+    let routed = match sent {
+        Ok(routed) => routed,
+        Err(e) => {
+            let err = match e.downcast::<ProxyError>() {
+                Ok(e) => *e,
+                Err(_elapsed) => ProxyError::Timeout,
+            };
+            let err = if probe.too_large() {
+                ProxyError::BodyTooLarge
+            } else if probe.client_failed() {
+                ProxyError::ClientBody
+            } else {
+                err
+            };
+            return failed(err, finish);
+        }
+    };
+    let Routed {
+        mut response,
+        backend,
+        active,
+    } = routed;
+    finish.backend = Some(backend.addr);
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    match (switching, client_upgrade) {
+        (true, Some(client)) => {
+            upgrade::splice(
+                client,
+                &mut response,
+                &conn.thread.conns,
+                active,
+                Arc::clone(http),
+            );
+        }
+        (true, None) => {
+            // A 101 nobody asked for cannot be passed on.
+            let err = error::answer(
+                StatusCode::BAD_GATEWAY,
+                "backend switched protocols unasked",
+            );
+            finish.status = StatusCode::BAD_GATEWAY;
+            return err.map(|b| Tracked::new(Either::Right(b), finish));
+        }
+        (false, _) => finish._active = Some(active),
+    }
+    headers::strip_hop_by_hop(response.headers_mut(), switching);
+    finish.status = response.status();
+    response.map(|b| Tracked::new(Either::Left(b), finish))
+}
+
+/// The answer for a failed request, with its one log line.
+fn failed(err: ProxyError, mut finish: Finish) -> Response<ProxyBody> {
+    let resp = err.response();
+    finish.status = resp.status();
+    tracing::warn!(
+        client = %finish.client,
+        method = %finish.method,
+        path = %finish.path,
+        status = finish.status.as_u16(),
+        error = %ErrorChain(&err),
+        "request failed"
+    );
+    resp.map(|b| Tracked::new(Either::Right(b), finish))
+}
+
+/// An error with its sources, `a: b: c`.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
