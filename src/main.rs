@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod health;
 mod instance;
+mod orphans;
 mod output;
 mod ownership;
 mod signals;
@@ -87,6 +88,11 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     let socket_activated = activated.is_some();
     let watchdog = systemd::watchdog_interval();
     let config = Arc::new(Config::try_from(cli)?);
+    // Before any worker exists: whatever a worker starts and leaves behind comes back to the
+    // master to be stopped and reaped (see `orphans`).
+    if let Err(e) = orphans::become_subreaper() {
+        tracing::warn!(error = %e, "could not become a child subreaper; processes that workers leave behind may outlive the master");
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The admin endpoint's connections (and the one it refuses at a time) are fds the data
     // path must not count on.

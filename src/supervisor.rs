@@ -21,6 +21,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// rare crash after a long life restarts at once.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
+/// How often processes that workers left behind and that have exited are reaped: a zombie
+/// holds only a pid meanwhile.
+const ORPHAN_REAP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A request to a slot to replace its worker; answered with why it could not.
 type ReloadRequest = oneshot::Sender<Result<(), String>>;
 
@@ -36,9 +40,16 @@ pub async fn run(ctx: Arc<Context>, stop: StopTokens, mut reloads: mpsc::Receive
         slot_reloads.push(tx);
         slots.spawn(run_slot(slot, Arc::clone(&ctx), stop.clone(), rx));
     }
+    // Processes that workers left behind and that exit by themselves are reaped by pid (see
+    // `orphans`); the ones still running are stopped when a worker ends and at the end.
+    let mut reap = tokio::time::interval(ORPHAN_REAP_INTERVAL);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.graceful.cancelled() => break,
+            _ = reap.tick() => {
+                ctx.orphans.reap_exited();
+            }
             request = reloads.recv() => {
                 if request.is_none() {
                     break;
@@ -57,6 +68,19 @@ pub async fn run(ctx: Arc<Context>, stop: StopTokens, mut reloads: mpsc::Receive
         }
     }
     while slots.join_next().await.is_some() {}
+    // Every worker is reaped: whatever is still re-parented to the master goes now.
+    let patience = if stop.force.is_cancelled() {
+        Duration::ZERO
+    } else {
+        crate::orphans::LEFTOVER_STOP_TIMEOUT
+    };
+    let stopped = ctx.orphans.stop_leftovers(None, patience).await;
+    if stopped > 0 {
+        tracing::info!(
+            processes = stopped,
+            "stopped processes that workers left behind"
+        );
+    }
 }
 
 /// Replaces every slot's worker, one slot at a time; stops at the first slot whose new
@@ -117,7 +141,11 @@ async fn run_slot(
         let good_start = ending.was_ready || started.elapsed() >= STABLE_AFTER;
         let delay = backoff.next(good_start);
         if !delay.is_zero() {
-            tracing::warn!(slot, delay = ?delay, failures = backoff.failures, reason = %ending.reason, "worker failed before becoming ready; respawning after backoff");
+            if ending.daemonized {
+                tracing::warn!(slot, delay = ?delay, failures = backoff.failures, "worker daemonized; respawning after backoff");
+            } else {
+                tracing::warn!(slot, delay = ?delay, failures = backoff.failures, reason = %ending.reason, "worker failed before becoming ready; respawning after backoff");
+            }
             if !ctx.all_were_ready() && ctx.in_rotation() == 0 {
                 // Nothing has ever served: say plainly why, once per failure.
                 let last = ending

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use proxy::{Backends, Connections, Proxy};
 
 use crate::config::Config;
+use crate::orphans::Orphans;
 use crate::status::Registry;
 
 /// How instances are told to stop.
@@ -40,6 +41,8 @@ pub struct Context {
     pub shared_listener: Option<Arc<std::net::TcpListener>>,
     /// Worker states, for the admin endpoint.
     pub registry: Arc<Registry>,
+    /// The master's adopted children: what workers left behind, told apart from workers.
+    pub orphans: Orphans,
     /// Source of unique backend keys (one per worker instance).
     next_key: AtomicU64,
     /// Workers in rotation right now.
@@ -66,6 +69,7 @@ impl Context {
             listen,
             shared_listener,
             registry,
+            orphans: Orphans::default(),
             next_key: AtomicU64::new(1),
             in_rotation: AtomicUsize::new(0),
             announced_all_ready: AtomicBool::new(false),

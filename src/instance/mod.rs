@@ -44,6 +44,10 @@ pub struct Ending {
     /// The line of its stderr that explains its end (with `--worker-output prefix`), or why
     /// there is none to show.
     pub last_stderr: Option<String>,
+    /// Its process exited 0 and left processes running (it forked and let the parent exit,
+    /// the classic daemon start): not a crash, but balancer cannot supervise what it left,
+    /// which was stopped.
+    pub daemonized: bool,
 }
 
 /// A running worker instance, driven by its own task.
@@ -97,6 +101,7 @@ impl Instance {
                 was_ready: false,
                 reason: Reason::TaskFailed(e.to_string()).to_string(),
                 last_stderr: None,
+                daemonized: false,
             },
         }
     }

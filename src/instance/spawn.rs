@@ -47,6 +47,7 @@ impl Worker {
                     was_ready: false,
                     reason: Reason::SpawnFailed(e.to_string()).to_string(),
                     last_stderr: None,
+                    daemonized: false,
                 });
             }
         };
@@ -55,6 +56,8 @@ impl Worker {
             pid,
             ipc,
         } = spawned;
+        // Its instance reaps it: the orphan reaper must never wait for it.
+        ctx.orphans.started(pid);
         let key = ctx.next_key();
         tracing::info!(slot, pid, "worker spawned");
         ctx.registry.spawned(key, slot, pid);

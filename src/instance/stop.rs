@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use worker::protocol::{MasterMessage, Mode};
 
 use crate::child;
+use crate::orphans::LEFTOVER_STOP_TIMEOUT;
 
 use super::context::StopTokens;
 use super::run::{End, Worker};
@@ -134,9 +135,17 @@ impl Worker {
                 self.give_to_others(d.into_unanswered().collect());
             }
         }
+        self.ctx.orphans.reaped(self.pid);
+        let daemonized = reason == Reason::Exited
+            && status.success()
+            && !expected
+            && self.ctx.orphans.any_leftovers();
+        // Its last lines first (a process it started may be writing them), then what it
+        // left behind is stopped.
         if !expected {
             self.output.settle().await;
         }
+        self.stop_leftovers(daemonized).await;
         log_exit(
             self.slot,
             self.pid,
@@ -144,12 +153,46 @@ impl Worker {
             expected,
             self.output.last_error(),
         );
-        let reason = format!("{reason} ({})", describe(status));
+        let reason = match daemonized {
+            true => format!("daemonized ({})", describe(status)),
+            false => format!("{reason} ({})", describe(status)),
+        };
         self.ctx.registry.gone(self.key, &reason);
         Ending {
             was_ready: self.admission.admitted(),
             reason,
             last_stderr: Some(self.output.explain()),
+            daemonized,
+        }
+    }
+
+    /// Stops what the worker left behind once it is reaped: the rest of its process group
+    /// (SIGKILL too, although its leader is dead) and every other process re-parented to the
+    /// master outside a live worker's group (see [`crate::orphans`]).
+    async fn stop_leftovers(&self, daemonized: bool) {
+        let (slot, pid) = (self.slot, self.pid);
+        if daemonized {
+            tracing::warn!(
+                slot,
+                pid,
+                hint =
+                    "balancer supervises the process it starts: run the program in the foreground",
+                "worker daemonized"
+            );
+        }
+        let patience = if self.stop.force.is_cancelled() {
+            Duration::ZERO
+        } else {
+            LEFTOVER_STOP_TIMEOUT
+        };
+        let stopped = self.ctx.orphans.stop_leftovers(Some(pid), patience).await;
+        if stopped > 0 {
+            tracing::info!(
+                slot,
+                pid,
+                processes = stopped,
+                "stopped processes the worker left behind"
+            );
         }
     }
 

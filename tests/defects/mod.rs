@@ -2,4 +2,5 @@
 //! with a test that failed on the code before its fix.
 
 mod half_close;
+mod orphans;
 mod startup;
