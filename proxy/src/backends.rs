@@ -1,9 +1,15 @@
 //! The backend set and selection: which workers are in rotation, and which one gets the next
 //! connection.
 //!
-//! The set is an immutable `Vec` behind an [`ArcSwap`]: the per-connection path (`pick`)
-//! takes no lock, only an atomic load and an atomic add; the rare writers (a worker entering
-//! or leaving rotation) copy the vector and swap it in under a mutex of their own.
+//! The set is an immutable pair of `Vec`s behind an [`ArcSwap`]: the per-connection path
+//! (`pick`) takes no lock, only an atomic load and an atomic add; the rare writers (a worker
+//! entering or leaving rotation) copy the vectors and swap them in under a mutex of their own.
+//!
+//! Backends marked down (failing health checks, alive) are kept aside rather than dropped:
+//! when *every* backend is down, connections go to all of them (Envoy's panic threshold, at
+//! 0 % healthy). Overload makes every backend look sick at once; failing every client then
+//! would turn a slowdown into an outage, while a truly dead backend refuses at once and the
+//! client is offered to the next.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -50,6 +56,10 @@ pub struct Backend {
     /// response timeout (reset by a connection it answered). Another passive failure: a
     /// backend that accepts and reads but never answers passes a TCP check.
     response_failures: AtomicU32,
+    /// Connections that got at least one byte from the backend, ever: passive proof of life,
+    /// read by the supervisor so that a worker failing its checks under load (answering the
+    /// clients it gets) is not replaced as hung.
+    answered: AtomicU64,
 }
 
 impl Backend {
@@ -75,8 +85,14 @@ impl Backend {
         self.response_failures.load(Ordering::Relaxed)
     }
 
+    /// Connections this backend has answered (see the field's doc).
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn record_response(&self, answered: bool) {
         if answered {
+            self.answered.fetch_add(1, Ordering::Relaxed);
             if self.response_failures.load(Ordering::Relaxed) != 0 {
                 self.response_failures.store(0, Ordering::Relaxed);
             }
@@ -113,10 +129,32 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The backends in rotation (`up`) and those marked down but still alive (`down`).
+#[derive(Debug, Default)]
+struct Sets {
+    up: Vec<Arc<Backend>>,
+    down: Vec<Arc<Backend>>,
+}
+
+impl Sets {
+    /// What picks choose from: the backends up, or in panic (none up) all the down ones.
+    fn candidates(&self) -> &[Arc<Backend>] {
+        if self.up.is_empty() {
+            &self.down
+        } else {
+            &self.up
+        }
+    }
+
+    fn panicking(&self) -> bool {
+        self.up.is_empty() && !self.down.is_empty()
+    }
+}
+
 /// The set of backends in rotation.
 #[derive(Debug, Default)]
 pub struct Backends {
-    set: ArcSwap<Vec<Arc<Backend>>>,
+    set: ArcSwap<Sets>,
     next: AtomicUsize,
     policy: Policy,
     /// Serialises writers; readers never take it.
@@ -164,39 +202,87 @@ impl Backends {
             served: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
             response_failures: AtomicU32::new(0),
+            answered: AtomicU64::new(0),
         });
-        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next: Vec<_> = self
-            .set
-            .load()
-            .iter()
-            .filter(|b| b.key != key)
-            .cloned()
-            .collect();
-        next.push(Arc::clone(&backend));
-        next.sort_by_key(|b| (b.slot, b.key));
-        self.set.store(Arc::new(next));
+        self.update(|sets| {
+            sets.up.retain(|b| b.key != key);
+            sets.down.retain(|b| b.key != key);
+            sets.up.push(Arc::clone(&backend));
+            sets.up.sort_by_key(|b| (b.slot, b.key));
+        });
         backend
     }
 
-    /// Takes a worker instance out of rotation. Returns it if it was in.
+    /// Takes a worker instance out of the set altogether (it is gone, or going). Returns it
+    /// if it was in, up or down.
     pub fn remove(&self, key: u64) -> Option<Arc<Backend>> {
+        let mut found = None;
+        self.update(|sets| {
+            for list in [&mut sets.up, &mut sets.down] {
+                if let Some(i) = list.iter().position(|b| b.key == key) {
+                    found = Some(list.remove(i));
+                }
+            }
+        });
+        found
+    }
+
+    /// Takes a worker instance out of rotation but keeps it aside: it gets connections
+    /// again only if every backend is down (panic). Returns it if it was up.
+    pub fn mark_down(&self, key: u64) -> Option<Arc<Backend>> {
+        let mut found = None;
+        self.update(|sets| {
+            if let Some(i) = sets.up.iter().position(|b| b.key == key) {
+                let b = sets.up.remove(i);
+                found = Some(Arc::clone(&b));
+                sets.down.push(b);
+                sets.down.sort_by_key(|b| (b.slot, b.key));
+            }
+        });
+        found
+    }
+
+    /// Copies the sets, applies `change`, swaps the result in, and logs a change of panic.
+    fn update(&self, change: impl FnOnce(&mut Sets)) {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.set.load_full();
-        let found = current.iter().find(|b| b.key == key).cloned()?;
-        let next: Vec<_> = current.iter().filter(|b| b.key != key).cloned().collect();
+        let mut next = Sets {
+            up: current.up.clone(),
+            down: current.down.clone(),
+        };
+        change(&mut next);
+        match (current.panicking(), next.panicking()) {
+            (false, true) => tracing::warn!(
+                down = next.down.len(),
+                "every backend is down: sending to all of them until one is up (panic mode)"
+            ),
+            (true, false) if next.up.is_empty() => {
+                tracing::warn!("panic mode over: no backend left")
+            }
+            (true, false) => tracing::info!(up = next.up.len(), "panic mode over: a backend is up"),
+            _ => {}
+        }
         self.set.store(Arc::new(next));
-        Some(found)
     }
 
-    /// Whether the instance `key` is in rotation.
+    /// Whether the instance `key` is in rotation (up).
     pub fn contains(&self, key: u64) -> bool {
-        self.set.load().iter().any(|b| b.key == key)
+        self.set.load().up.iter().any(|b| b.key == key)
     }
 
-    /// How many backends are in rotation.
+    /// How many backends are in rotation (up).
     pub fn len(&self) -> usize {
-        self.set.load().len()
+        self.set.load().up.len()
+    }
+
+    /// How many backends are marked down but kept aside for panic mode.
+    pub fn down(&self) -> usize {
+        self.set.load().down.len()
+    }
+
+    /// Whether every backend is down, so picks choose among the down ones.
+    pub fn panicking(&self) -> bool {
+        self.set.load().panicking()
     }
 
     /// Whether no backend is in rotation.
@@ -204,12 +290,13 @@ impl Backends {
         self.len() == 0
     }
 
-    /// A consistent copy of the set, for status pages and tests.
-    pub fn snapshot(&self) -> Arc<Vec<Arc<Backend>>> {
-        self.set.load_full()
+    /// A copy of the backends in rotation (up), for status pages and tests.
+    pub fn snapshot(&self) -> Vec<Arc<Backend>> {
+        self.set.load().up.clone()
     }
 
-    /// Chooses the backend for a new connection, or `None` when the set is empty.
+    /// Chooses the backend for a new connection, or `None` when the set is empty. Chooses
+    /// among the backends up, or in panic mode among all the down ones.
     pub fn pick(&self) -> Option<Arc<Backend>> {
         self.pick_excluding(&[])
     }
@@ -217,7 +304,8 @@ impl Backends {
     /// Like [`pick`](Self::pick), skipping the keys in `tried` (a retry after a refused
     /// connect must not land on the same worker). Bounded: one pass over the set at most.
     pub fn pick_excluding(&self, tried: &[u64]) -> Option<Arc<Backend>> {
-        let set = self.set.load();
+        let sets = self.set.load();
+        let set = sets.candidates();
         let n = set.len();
         if n == 0 {
             return None;
@@ -290,6 +378,28 @@ mod tests {
         let third = b.pick_excluding(&[first.key, second.key]).unwrap();
         assert!(third.key != first.key && third.key != second.key);
         assert!(b.pick_excluding(&[100, 101, 102]).is_none());
+    }
+
+    #[test]
+    fn all_down_is_panic_mode_and_one_up_ends_it() {
+        let b = set(Policy::RoundRobin, 2);
+        assert!(b.mark_down(100).is_some());
+        // One up: only it gets connections.
+        assert!((0..4).all(|_| b.pick().unwrap().key == 101));
+        assert!(!b.panicking());
+        assert!(b.mark_down(101).is_some());
+        // None up: all the down ones share the connections.
+        assert!(b.panicking() && b.is_empty() && b.down() == 2);
+        let mut keys: Vec<_> = (0..2).map(|_| b.pick().unwrap().key).collect();
+        keys.sort();
+        assert_eq!(keys, vec![100, 101]);
+        // Back up (re-inserted by a passing check): panic over, the other one waits.
+        b.insert(101, 1, addr(1001));
+        assert!(!b.panicking() && b.down() == 1);
+        assert!((0..4).all(|_| b.pick().unwrap().key == 101));
+        // Gone for good: out of both lists.
+        assert!(b.remove(100).is_some() && b.down() == 0);
+        assert!(b.remove(101).is_some() && b.pick().is_none() && !b.panicking());
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub enum Forwarded {
         /// The worker's slot.
         slot: usize,
     },
+    /// The client closed before it sent a byte and before a backend was connected: there
+    /// was nothing to deliver, so no backend was bothered (a connect-and-close flood costs
+    /// the workers nothing).
+    Abandoned,
 }
 
 /// Forwards `client` to a backend from `backends`: hands the socket over to a hand-off
@@ -104,6 +108,9 @@ pub async fn forward(
     backends: &Backends,
     config: &ForwardConfig,
 ) -> Result<Forwarded, ForwardError> {
+    if peek(&client) == Peek::Closed {
+        return Ok(Forwarded::Abandoned);
+    }
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
     let (_active, backend, upstream) = loop {
@@ -143,7 +150,11 @@ pub async fn forward(
         let active = backend.open();
         let connect =
             tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr));
-        match connect.await {
+        let connected = tokio::select! {
+            c = connect => c,
+            () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+        };
+        match connected {
             Ok(Ok(stream)) => {
                 backend.record_connect(true);
                 break (active, backend, stream);
@@ -154,10 +165,16 @@ pub async fn forward(
                 // hold its descriptor while every other accepted client waits for one too.
                 return Err(ForwardError::OutOfDescriptors(e));
             }
-            Ok(Err(e)) => last_error = Some(e),
+            Ok(Err(e)) => {
+                backend.record_connect(false);
+                last_error = Some(e);
+            }
+            // A connect that times out found the worker's accept queue full (loopback drops
+            // the SYN), or the worker stopped: load, or a stall the active checks see. It is
+            // not counted as a passive failure: counting it took every worker of an
+            // overloaded set out of rotation at once. A refusal (nobody listens) still counts.
             Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),
         }
-        backend.record_connect(false);
         tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
         tried.push(backend.key);
     };
@@ -165,34 +182,86 @@ pub async fn forward(
     let _ = upstream.set_nodelay(true);
     let activity = Activity::default();
     let copy = crate::copy::bidirectional(&client, &upstream, &activity);
-    let (to_backend, to_client) = tokio::select! {
-        copied = copy => match copied {
-            Ok(totals) => totals,
-            Err(e) => {
-                // One side reset (or the stream broke): the other side must learn it as a
-                // reset too, not as a clean end that makes a truncated answer look whole.
-                abort(&client);
-                abort(&upstream);
-                return Err(ForwardError::Copy(e));
-            }
-        },
+    let outcome = tokio::select! {
+        copied = copy => copied.map_err(|e| {
+            // One side reset (or the stream broke): the other side must learn it as a reset
+            // too, not as a clean end that makes a truncated answer look whole.
+            abort(&client);
+            abort(&upstream);
+            ForwardError::Copy(e)
+        }),
         expired = watch(&activity, config.idle_timeout, config.response_timeout) => {
-            return Err(match expired {
+            Err(match expired {
                 Expired::Idle(t) => ForwardError::Idle(t),
-                Expired::Response(t) => {
-                    backend.record_response(false);
-                    ForwardError::NoResponse(t)
-                }
-            });
+                Expired::Response(t) => ForwardError::NoResponse(t),
+            })
         }
     };
-    if activity.answered() {
-        backend.record_response(true);
+    // Passive health: an answer proves life however the connection ended (a client that
+    // left before reading it included).
+    match &outcome {
+        Err(ForwardError::NoResponse(_)) => backend.record_response(false),
+        _ if activity.answered() => backend.record_response(true),
+        _ => {}
     }
+    let (to_backend, to_client) = outcome?;
     Ok(Forwarded::Copied(Transfer {
         to_backend,
         to_client,
     }))
+}
+
+/// What a client has sent so far, seen without reading it.
+#[derive(Debug, PartialEq, Eq)]
+enum Peek {
+    /// Nothing yet.
+    Nothing,
+    /// Bytes wait to be read.
+    Data,
+    /// It closed (FIN or RST) without sending anything.
+    Closed,
+}
+
+/// One `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte: whether the client already left.
+fn peek(client: &TcpStream) -> Peek {
+    let mut byte = 0u8;
+    // SAFETY: the fd is open for the duration of the call; `byte` is valid for one byte.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Peek::Closed,
+        n if n > 0 => Peek::Data,
+        _ => match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Peek::Nothing,
+            _ => Peek::Closed,
+        },
+    }
+}
+
+/// Resolves if the client closes without sending a byte; pends forever once it has sent
+/// some (those bytes are the backend's, whatever happens next).
+async fn closed_without_data(client: &TcpStream) {
+    loop {
+        if client.readable().await.is_err() {
+            return;
+        }
+        match peek(client) {
+            Peek::Closed => return,
+            Peek::Data => return std::future::pending().await,
+            Peek::Nothing => {
+                // Readiness was stale: clear it and wait again.
+                let _ = client.try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
+    }
 }
 
 /// Makes the coming close of `stream` send RST instead of FIN (`SO_LINGER` on, 0 s), and
@@ -319,15 +388,28 @@ mod tests {
         let mut slots = Vec::new();
         for _ in 0..2 {
             let (mut client, task) = proxied(std::sync::Arc::clone(&backends)).await;
+            client.write_all(b"x").await.unwrap();
             client.shutdown().await.unwrap();
             slots.push(match task.await.unwrap() {
                 Ok(Forwarded::Copied(_)) => 1,
                 Ok(Forwarded::HandedOff { slot }) => slot,
-                Err(e) => panic!("{e}"),
+                other => panic!("{other:?}"),
             });
         }
         assert_eq!(slots, vec![1, 1]);
         assert!(rx.recv().await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_left_without_a_byte_costs_no_backend_connect() {
+        let (addr, _echo) = echo_backend().await;
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        let backend = backends.insert(1, 0, addr);
+        let (client, task) = proxied(std::sync::Arc::clone(&backends)).await;
+        drop(client);
+        assert!(matches!(task.await.unwrap(), Ok(Forwarded::Abandoned)));
+        assert_eq!(backend.connect_failures(), 0);
+        assert_eq!(backend.active(), 0);
     }
 
     #[tokio::test]

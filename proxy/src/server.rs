@@ -45,6 +45,8 @@ pub struct Stats {
     pub response_timeouts: AtomicU64,
     /// Connections handed over to hand-off workers.
     pub handed_off: AtomicU64,
+    /// Clients that closed before sending anything, while no backend was connected yet.
+    pub abandoned: AtomicU64,
     /// `accept()` errors.
     pub accept_errors: AtomicU64,
 }
@@ -292,6 +294,7 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
     let counter = match &result {
         Ok(Forwarded::Copied(_)) => &stats.completed,
         Ok(Forwarded::HandedOff { .. }) => &stats.handed_off,
+        Ok(Forwarded::Abandoned) => &stats.abandoned,
         Err(ForwardError::NoBackend) => &stats.no_backend,
         Err(ForwardError::AllFailed { .. } | ForwardError::OutOfDescriptors(_)) => {
             &stats.connect_failed
@@ -306,6 +309,7 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
             tracing::debug!(%peer, to_backend = t.to_backend, to_client = t.to_client, "connection done")
         }
         Ok(Forwarded::HandedOff { slot }) => tracing::debug!(%peer, slot, "connection handed off"),
+        Ok(Forwarded::Abandoned) => tracing::debug!(%peer, "client left before a backend"),
         Err(e @ (ForwardError::Copy(_) | ForwardError::Idle(_) | ForwardError::NoResponse(_))) => {
             tracing::debug!(%peer, error = %e, "connection closed")
         }

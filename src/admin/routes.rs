@@ -165,6 +165,8 @@ fn status_json(view: &View) -> String {
         "mode": view.config.mode.as_str(),
         "workers_wanted": view.config.workers,
         "in_rotation": view.proxy.backends.len(),
+        "down_alive": view.proxy.backends.down(),
+        "panic": view.proxy.backends.panicking(),
         "workers": workers_json(view),
         "spawns_per_slot": view.registry.spawns(),
         "connections": {
@@ -172,6 +174,7 @@ fn status_json(view: &View) -> String {
             "accepted": s.accepted.load(Ordering::Relaxed),
             "completed": s.completed.load(Ordering::Relaxed),
             "handed_off": s.handed_off.load(Ordering::Relaxed),
+            "abandoned": s.abandoned.load(Ordering::Relaxed),
             "no_backend": s.no_backend.load(Ordering::Relaxed),
             "connect_failed": s.connect_failed.load(Ordering::Relaxed),
             "copy_failed": s.copy_failed.load(Ordering::Relaxed),

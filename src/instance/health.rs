@@ -28,6 +28,8 @@ pub(super) struct Health {
     probe: Option<AbortOnDrop>,
     /// A result waiting to be recorded once the current event is handled.
     result: Option<bool>,
+    /// The backend's count of answered connections at the last recorded check.
+    answered: u64,
 }
 
 impl Health {
@@ -39,6 +41,7 @@ impl Health {
             ticker: None,
             ping: (0, None),
             probe: None,
+            answered: 0,
             result: None,
         }
     }
@@ -187,9 +190,22 @@ impl Worker {
             }
             Flip::None => {}
         }
+        let answered = self.rotation.answered();
+        let answering = answered != std::mem::replace(&mut self.health.answered, answered);
         if !self.health.tally.is_up() && self.health.tally.down_failures() >= health.fall {
-            tracing::warn!(slot, pid, "worker unresponsive; replacing it");
-            return ControlFlow::Break(End::running(Reason::Unresponsive));
+            if answering {
+                // It fails its checks but answers the clients it gets (in panic mode, all of
+                // them): overloaded, not hung. Replacing it would turn a slowdown into an
+                // outage (under a flood every worker fails its checks at once).
+                tracing::debug!(
+                    slot,
+                    pid,
+                    "worker failing checks but answering clients; kept"
+                );
+            } else {
+                tracing::warn!(slot, pid, "worker unresponsive; replacing it");
+                return ControlFlow::Break(End::running(Reason::Unresponsive));
+            }
         }
         ControlFlow::Continue(())
     }

@@ -79,12 +79,23 @@ impl Rotation {
 
     /// Takes the worker out of rotation (no-op if it is not in it). `stopping`: the master
     /// is stopping, so an empty rotation is expected and not warned about.
+    ///
+    /// A worker that goes down (failing checks) stays in the set aside, marked down, for the
+    /// proxy's panic mode; any other reason removes it, also one already down.
     pub(super) fn leave(&mut self, why: Reason, stopping: bool) {
+        let down = why.state_out_of_rotation() == State::Down;
         if !self.in_rotation {
+            if !down {
+                self.ctx.backends.remove(self.key);
+            }
             return;
         }
         self.in_rotation = false;
-        self.ctx.backends.remove(self.key);
+        if down {
+            self.ctx.backends.mark_down(self.key);
+        } else {
+            self.ctx.backends.remove(self.key);
+        }
         self.publish(why.state_out_of_rotation(), &why);
         let left = self.ctx.left_rotation();
         tracing::info!(
@@ -94,7 +105,7 @@ impl Rotation {
             in_rotation = left,
             "worker out of rotation"
         );
-        if left == 0 && !stopping {
+        if left == 0 && !stopping && self.ctx.backends.down() == 0 {
             tracing::warn!("no worker in rotation: new connections fail until one is ready");
         }
     }
@@ -108,6 +119,11 @@ impl Rotation {
     /// Connections still open to this worker.
     pub(super) fn open_connections(&self) -> usize {
         self.backend.as_ref().map_or(0, |b| b.active())
+    }
+
+    /// Connections this worker has answered so far (passive liveness).
+    pub(super) fn answered(&self) -> u64 {
+        self.backend.as_ref().map_or(0, |b| b.answered())
     }
 
     /// Passive health: connects through the proxy that failed in a row, and connections

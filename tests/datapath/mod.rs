@@ -2,6 +2,7 @@
 //! protocol): real backends written for each case (python workers speaking the IPC protocol
 //! by hand, or plain listeners the test owns), the real binary in front, and real clients.
 
+mod overload;
 mod resets;
 mod timeouts;
 
@@ -43,9 +44,16 @@ def say(text):
 /// Starts `balancer ARGS -- python3 -c WORKER_HEAD+body`, and waits until its one worker is in
 /// rotation. Returns the master and the worker's own address (from `worker ready`).
 fn start_python(args: &[&str], body: &str) -> (Balancer, SocketAddr) {
+    start_python_n(1, args, body)
+}
+
+/// Like [`start_python`] with `n` workers; waits until all are in rotation, and returns the
+/// first one's address.
+fn start_python_n(n: usize, args: &[&str], body: &str) -> (Balancer, SocketAddr) {
     let script = format!("{WORKER_HEAD}{body}");
     let python = python3().to_str().expect("UTF-8 python path").to_owned();
-    let mut all: Vec<&str> = vec!["--listen", "127.0.0.1:0", "--cpus", "1"];
+    let cpus = n.to_string();
+    let mut all: Vec<&str> = vec!["--listen", "127.0.0.1:0", "--cpus", &cpus];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--", &python, "-S", "-c", &script]);
     let b = Balancer::start_exact(&all);
@@ -53,5 +61,6 @@ fn start_python(args: &[&str], body: &str) -> (Balancer, SocketAddr) {
     let addr = field(&line, "addr")
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no addr in {line:?}"));
+    wait_all_ready(&b, n);
     (b, addr)
 }
