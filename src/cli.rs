@@ -130,6 +130,18 @@ pub struct Cli {
     )]
     pub admin_token: Option<String>,
 
+    // Operations (ops): config file and its check.
+    /// Read settings from this TOML file: every long flag is a key (`listen = ":8080"`, `cpus
+    /// = 4`, `command = ["node", "app.js"]`); flags and BALANCER_* variables override it.
+    /// SIGHUP reads it again.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Check the flags and --config file, print `configuration ok` and exit 0 (or print the
+    /// error and exit 1); binds nothing, starts nothing.
+    #[arg(short = 't', long)]
+    pub check: bool,
+
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,

@@ -12,6 +12,7 @@ mod child;
 mod cli;
 mod client;
 mod config;
+mod config_file;
 mod health;
 mod instance;
 mod orphans;
@@ -27,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use bind::Bound;
@@ -41,7 +41,14 @@ use signals::{Intent, Signals};
 const ABORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match config_file::parse(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("balancer: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.subcommand {
         Some(Sub::Worker) => worker::builtin::run().map_err(anyhow::Error::from),
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Some(Sub::Health(ref args)) => client::health(args),
         Some(Sub::Status(ref args)) => client::status(args),
         Some(Sub::Reload(ref args)) => client::reload(args),
+        None if cli.check => Config::try_from(&cli).map(|_| println!("configuration ok")),
         None => run_master(&cli),
     };
     match result {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod client;
+mod config;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
