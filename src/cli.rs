@@ -129,6 +129,27 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    // --- Upstreams (#11): backends balancer did not spawn. ---
+    /// A backend balancer did not spawn, in the same rotation as the workers: HOST:PORT,
+    /// with HOST an IP address ([v6] in brackets) or a DNS name whose every A/AAAA record is
+    /// a backend. Repeatable; with `--cpus 0`, balancer is a pure reverse proxy.
+    #[arg(
+        long = "upstream",
+        value_name = "HOST:PORT",
+        env = "BALANCER_UPSTREAMS",
+        value_delimiter = ','
+    )]
+    pub upstreams: Vec<String>,
+
+    /// A DNS server for upstream names (IP:PORT, or IP for port 53). Repeatable. Default: the
+    /// nameservers of /etc/resolv.conf (Docker's embedded DNS, Kubernetes cluster DNS).
+    #[arg(long = "resolver", value_name = "IP:PORT")]
+    pub resolvers: Vec<String>,
+
+    /// How often upstream names are looked up again (sooner when their records' TTL is
+    /// shorter, never more than once a second).
+    #[arg(long, default_value = "5s")]
+    pub resolve_interval: String,
 
     // Operations (ops): config file and its check.
     /// Read settings from this TOML file: every long flag is a key (`listen = ":8080"`, `cpus

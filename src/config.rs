@@ -78,6 +78,8 @@ pub struct Config {
     pub admin_token: Option<crate::admin::Token>,
     /// Where worker output goes.
     pub worker_output: WorkerOutput,
+    /// Remote backends (`--upstream`, `--resolver`, `--resolve-interval`).
+    pub upstream: crate::upstream::Settings,
 }
 
 impl TryFrom<&Cli> for Config {
@@ -85,7 +87,7 @@ impl TryFrom<&Cli> for Config {
 
     fn try_from(cli: &Cli) -> anyhow::Result<Self> {
         let (listen, listen_name) = parse_listen(&cli.listen)?;
-        Ok(Self {
+        let config = Self {
             listen,
             listen_name,
             workers: parse_cpus(&cli.cpus)?,
@@ -136,7 +138,10 @@ impl TryFrom<&Cli> for Config {
                 .filter(|d| !d.is_zero()),
             response_timeout: Some(parse_duration("--response-timeout", &cli.response_timeout)?)
                 .filter(|d| !d.is_zero()),
-        })
+            upstream: parse_upstream(cli)?,
+        };
+        check_upstreams(&config)?;
+        Ok(config)
     }
 }
 
@@ -152,6 +157,60 @@ fn parse_admin(cli: &Cli) -> anyhow::Result<Option<crate::admin::AdminAddr>> {
         bail!("--admin {addr} is reachable from other machines: set --admin-token (or bind 127.0.0.1, or a Unix socket path)");
     }
     Ok(Some(addr))
+}
+
+// --- Upstreams (#11). ---
+
+fn parse_upstream(cli: &Cli) -> anyhow::Result<crate::upstream::Settings> {
+    let upstreams = cli
+        .upstreams
+        .iter()
+        .map(|raw| crate::upstream::spec::parse(raw.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let resolvers = cli
+        .resolvers
+        .iter()
+        .map(|raw| parse_resolver(raw.trim()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(crate::upstream::Settings {
+        upstreams,
+        resolvers,
+        resolve_interval: parse_nonzero_duration("--resolve-interval", &cli.resolve_interval)?,
+    })
+}
+
+/// `IP:PORT`, `[v6]:PORT`, or a bare IP for port 53.
+fn parse_resolver(raw: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    match raw.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(a),
+        _ => bail!("--resolver {raw:?}: expected IP:PORT (e.g. 127.0.0.11:53, [::1]:53) or IP"),
+    }
+}
+
+/// What remote backends need of the rest: a mode where the master accepts clients, and
+/// workers or upstreams to send them to.
+fn check_upstreams(config: &Config) -> anyhow::Result<()> {
+    let upstreams = &config.upstream.upstreams;
+    if config.workers == 0 && upstreams.is_empty() {
+        bail!(
+            "--cpus 0: at least one worker is needed (or an --upstream, for a pure reverse proxy)"
+        );
+    }
+    if !upstreams.is_empty() && matches!(config.mode, Mode::Shared | Mode::ReusePort) {
+        bail!(
+            "--upstream needs --mode proxy or handoff: in {} mode the workers accept clients themselves",
+            config.mode
+        );
+    }
+    if let Some(fixed) = upstreams.iter().find_map(|u| u.fixed()) {
+        if fixed == config.listen {
+            bail!("--upstream {fixed}: that is balancer's own --listen address");
+        }
+    }
+    Ok(())
 }
 
 fn parse_health(cli: &Cli) -> anyhow::Result<HealthConfig> {
@@ -248,7 +307,7 @@ fn parse_cpus(raw: &str) -> anyhow::Result<usize> {
         return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
     }
     match raw.parse::<usize>() {
-        Ok(0) => bail!("--cpus 0: at least one worker is needed"),
+        // 0 is valid with an --upstream (see `check_upstreams`).
         Ok(n) if n <= MAX_WORKERS => Ok(n),
         _ => bail!("--cpus {raw:?}: expected `auto` or a whole number from 1 to {MAX_WORKERS}"),
     }
@@ -357,7 +416,7 @@ mod tests {
     fn cpus_forms() {
         assert!(parse_cpus("auto").unwrap() >= 1);
         assert_eq!(parse_cpus("3").unwrap(), 3);
-        assert!(parse_cpus("0").is_err());
+        assert_eq!(parse_cpus("0").unwrap(), 0);
         assert!(parse_cpus("-1").is_err());
         assert!(parse_cpus("two").is_err());
         assert!(parse_cpus("100000").is_err());
@@ -372,6 +431,46 @@ mod tests {
         );
         assert!(parse_duration("--grace", "soon").is_err());
         assert!(parse_nonzero_duration("--ready-timeout", "0s").is_err());
+    }
+
+    #[test]
+    fn resolver_forms() {
+        assert_eq!(
+            parse_resolver("127.0.0.11").unwrap(),
+            "127.0.0.11:53".parse().unwrap()
+        );
+        assert_eq!(parse_resolver("[::1]:5353").unwrap().port(), 5353);
+        assert!(parse_resolver("1.2.3.4:0").is_err());
+        assert!(parse_resolver("dns.example:53").is_err());
+    }
+
+    #[test]
+    fn cpus_zero_needs_an_upstream() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("balancer").chain(args.iter().copied()))
+                .unwrap();
+            Config::try_from(&cli)
+        };
+        let err = parse(&["--cpus", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--cpus 0"), "{err}");
+        let pure = parse(&["--cpus", "0", "--upstream", "127.0.0.2:8080"]).unwrap();
+        assert_eq!((pure.workers, pure.upstream.upstreams.len()), (0, 1));
+        let mixed = parse(&[
+            "--cpus",
+            "2",
+            "--upstream",
+            "app:80",
+            "--upstream",
+            "[::1]:81",
+        ])
+        .unwrap();
+        assert_eq!(mixed.upstream.upstreams.len(), 2);
+        assert!(parse(&["--cpus", "0", "--upstream", "app"]).is_err());
+        assert!(parse(&["--cpus", "0", "--upstream", "app:0"]).is_err());
+        assert!(parse(&["--cpus", "0", "--upstream", "app:65536"]).is_err());
+        assert!(parse(&["--mode", "shared", "--upstream", "app:80"]).is_err());
+        assert!(parse(&["--upstream", "app:80", "--resolve-interval", "0s"]).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod signals;
 mod status;
 mod supervisor;
 mod systemd;
+mod upstream;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -148,13 +149,16 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         } else {
             (start_proxy(bound.proxy_listeners)?, None)
         };
-        tracing::info!(addr = %local, workers = config.workers, mode = %config.mode, max_conns, socket_activated, "listening");
+        tracing::info!(addr = %local, workers = config.workers, upstreams = config.upstream.upstreams.len(), mode = %config.mode, max_conns, socket_activated, "listening");
         if !socket_activated {
             log_listen_name(&config, local);
         }
 
         let stop = StopTokens::default();
         let registry = Arc::new(status::Registry::new(config.workers));
+        // Upstreams (#11): remote backends in the same rotation.
+        let upstream_table = Arc::new(upstream::Table::default());
+        let upstreams = upstream::Upstreams::new(config.upstream.clone())?;
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         if let Some(addr) = &config.admin {
             let listener = admin::Listener::bind(addr)?;
@@ -167,9 +171,17 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
                 registry: Arc::clone(&registry),
                 reload: reload.clone(),
                 token: config.admin_token.clone(),
+                upstreams: Arc::clone(&upstream_table),
             };
             tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
         }
+        let upstream_task = tokio::spawn(upstreams.run(
+            Arc::clone(&backends),
+            config.health.clone(),
+            config.grace,
+            upstream_table,
+            stop.graceful.clone(),
+        ));
         let ctx = instance::Context::new(
             Arc::clone(&config),
             Arc::clone(&proxy),
@@ -245,6 +257,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
                 let _ = supervisor.await;
             }
         }
+        let _ = upstream_task.await;
         for t in proxy_threads {
             let _ = t.join();
         }

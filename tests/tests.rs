@@ -12,6 +12,7 @@ mod faults;
 mod ops;
 mod redispatch;
 mod systemd;
+mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

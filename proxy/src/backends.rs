@@ -1,5 +1,5 @@
-//! The backend set and selection: which workers are in rotation, and which one gets the next
-//! connection.
+//! The backend set and selection: which backends (local workers and remote `--upstream`
+//! addresses alike) are in rotation, and which one gets the next connection.
 //!
 //! The set is an immutable pair of `Vec`s behind an [`ArcSwap`]: the per-connection path
 //! (`pick`) takes no lock, only an atomic load and an atomic add; the rare writers (a worker
@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// How the next backend is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,14 +32,18 @@ pub enum Policy {
     LeastConn,
 }
 
-/// One worker in rotation.
+/// One backend in rotation: a local worker or a remote address.
 #[derive(Debug)]
 pub struct Backend {
     /// Unique per worker *instance*: a replacement in the same slot gets a new key, so a late
     /// `remove` for the old instance never takes the new one out.
     pub key: u64,
-    /// The supervisor's slot number, for logs.
+    /// The supervisor's slot number, for logs; for a remote backend, its number among the
+    /// remote backends (order and logs only).
     pub slot: usize,
+    /// For a remote backend, the `--upstream` it was found through (`app:8080`); `None` for
+    /// a local worker. Only logs and status read it: the rotation treats both alike.
+    pub upstream: Option<Arc<str>>,
     /// Where the worker accepts connections (for a hand-off backend: the client address,
     /// for logs).
     pub addr: SocketAddr,
@@ -60,9 +65,50 @@ pub struct Backend {
     /// read by the supervisor so that a worker failing its checks under load (answering the
     /// clients it gets) is not replaced as hung.
     answered: AtomicU64,
+    /// Cancelled to close every connection still open to this backend (a remote backend
+    /// whose address left DNS, once `--grace` is over). Local workers are stopped instead.
+    closing: CancellationToken,
 }
 
 impl Backend {
+    /// A remote backend at `addr`, found through `upstream`, not yet in any rotation (see
+    /// [`Backends::put`]).
+    pub fn remote(key: u64, index: usize, upstream: Arc<str>, addr: SocketAddr) -> Self {
+        Self::new(key, index, Some(upstream), addr, None)
+    }
+
+    fn new(
+        key: u64,
+        slot: usize,
+        upstream: Option<Arc<str>>,
+        addr: SocketAddr,
+        handoff: Option<mpsc::Sender<TcpStream>>,
+    ) -> Self {
+        Self {
+            key,
+            slot,
+            upstream,
+            addr,
+            handoff,
+            active: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            connect_failures: AtomicU32::new(0),
+            response_failures: AtomicU32::new(0),
+            answered: AtomicU64::new(0),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Closes every connection still forwarded to this backend (they end as aborted).
+    pub fn close_connections(&self) {
+        self.closing.cancel();
+    }
+
+    /// Resolves once [`close_connections`](Self::close_connections) is called.
+    pub async fn closed(&self) {
+        self.closing.cancelled().await;
+    }
+
     /// Open connections forwarded to this backend right now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -117,6 +163,20 @@ impl Backend {
         self.served.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(self))
     }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.upstream {
+            Some(name) => write!(f, "{name} ({})", self.addr),
+            None => write!(f, "slot {} ({})", self.slot, self.addr),
+        }
+    }
+}
+
+/// Rotation order: workers first, by slot; then remote backends.
+fn order(b: &Arc<Backend>) -> (bool, usize, u64) {
+    (b.upstream.is_some(), b.slot, b.key)
 }
 
 /// Holds one unit of [`Backend::active`] for the life of a forwarded connection.
@@ -193,24 +253,24 @@ impl Backends {
         addr: SocketAddr,
         handoff: Option<mpsc::Sender<TcpStream>>,
     ) -> Arc<Backend> {
-        let backend = Arc::new(Backend {
-            key,
-            slot,
-            addr,
-            handoff,
-            active: AtomicUsize::new(0),
-            served: AtomicU64::new(0),
-            connect_failures: AtomicU32::new(0),
-            response_failures: AtomicU32::new(0),
-            answered: AtomicU64::new(0),
-        });
+        let backend = Arc::new(Backend::new(key, slot, None, addr, handoff));
+        self.put(Arc::clone(&backend));
+        backend
+    }
+
+    /// Puts `backend` into rotation (replacing any entry with the same key, up or down). A
+    /// backend that comes back after being down is put again as the same entry, so its open
+    /// connections stay counted; its record of failed connects and responses starts clean.
+    pub fn put(&self, backend: Arc<Backend>) {
+        backend.connect_failures.store(0, Ordering::Relaxed);
+        backend.response_failures.store(0, Ordering::Relaxed);
+        let key = backend.key;
         self.update(|sets| {
             sets.up.retain(|b| b.key != key);
             sets.down.retain(|b| b.key != key);
-            sets.up.push(Arc::clone(&backend));
-            sets.up.sort_by_key(|b| (b.slot, b.key));
+            sets.up.push(backend);
+            sets.up.sort_by_key(order);
         });
-        backend
     }
 
     /// Takes a worker instance out of the set altogether (it is gone, or going). Returns it
@@ -236,7 +296,7 @@ impl Backends {
                 let b = sets.up.remove(i);
                 found = Some(Arc::clone(&b));
                 sets.down.push(b);
-                sets.down.sort_by_key(|b| (b.slot, b.key));
+                sets.down.sort_by_key(order);
             }
         });
         found
@@ -400,6 +460,40 @@ mod tests {
         // Gone for good: out of both lists.
         assert!(b.remove(100).is_some() && b.down() == 0);
         assert!(b.remove(101).is_some() && b.pick().is_none() && !b.panicking());
+    }
+
+    #[test]
+    fn remote_backends_share_the_rotation_and_keep_their_counts() {
+        let b = set(Policy::RoundRobin, 2);
+        let remote = Arc::new(Backend::remote(1 << 63, 0, "app:8080".into(), addr(3000)));
+        b.put(Arc::clone(&remote));
+        assert_eq!(b.len(), 3);
+        // Workers first, then the remote backend.
+        assert_eq!(b.snapshot()[2].key, 1 << 63);
+        let mut picked: Vec<_> = (0..3).map(|_| b.pick().unwrap().key).collect();
+        picked.sort();
+        assert_eq!(picked, vec![100, 101, 1 << 63]);
+        assert_eq!(remote.to_string(), "app:8080 (127.0.0.1:3000)");
+        // Out and back in as the same entry: an open connection stays counted, the failed
+        // connects are forgotten.
+        let guard = remote.open();
+        remote.record_connect(false);
+        assert!(b.remove(1 << 63).is_some());
+        b.put(Arc::clone(&remote));
+        assert_eq!(remote.connect_failures(), 0);
+        assert_eq!(b.snapshot()[2].active(), 1);
+        drop(guard);
+        assert_eq!(remote.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_a_backend_wakes_its_connections() {
+        let remote = Backend::remote(1, 0, "app:1".into(), addr(1));
+        let waiter = remote.closed();
+        remote.close_connections();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("closed() resolves once close_connections() is called");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub enum ForwardError {
     /// The backend sent nothing for the response timeout after the client sent bytes.
     #[error("no response from the backend within {0:?}")]
     NoResponse(Duration),
+    /// The backend was retired (a remote address gone from DNS) and its grace ran out.
+    #[error("backend retired")]
+    Closed,
 }
 
 /// Bytes moved by one forwarded connection.
@@ -196,6 +199,7 @@ pub async fn forward(
                 Expired::Response(t) => ForwardError::NoResponse(t),
             })
         }
+        _ = backend.closed() => return Err(ForwardError::Closed),
     };
     // Passive health: an answer proves life however the connection ended (a client that
     // left before reading it included).
@@ -410,6 +414,25 @@ mod tests {
         assert!(matches!(task.await.unwrap(), Ok(Forwarded::Abandoned)));
         assert_eq!(backend.connect_failures(), 0);
         assert_eq!(backend.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_closed_backend_ends_its_connections() {
+        let (addr, _echo) = echo_backend().await;
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        let remote = std::sync::Arc::new(crate::Backend::remote(1, 0, "app:1".into(), addr));
+        backends.put(std::sync::Arc::clone(&remote));
+        let (mut client, task) = proxied(backends).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(remote.active(), 1);
+        remote.close_connections();
+        assert!(matches!(task.await.unwrap(), Err(ForwardError::Closed)));
+        assert_eq!(remote.active(), 0);
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
     }
 
     #[tokio::test]

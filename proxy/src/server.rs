@@ -299,7 +299,7 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
         Err(ForwardError::AllFailed { .. } | ForwardError::OutOfDescriptors(_)) => {
             &stats.connect_failed
         }
-        Err(ForwardError::Copy(_)) => &stats.copy_failed,
+        Err(ForwardError::Copy(_) | ForwardError::Closed) => &stats.copy_failed,
         Err(ForwardError::Idle(_)) => &stats.idle_closed,
         Err(ForwardError::NoResponse(_)) => &stats.response_timeouts,
     };
@@ -310,7 +310,12 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
         }
         Ok(Forwarded::HandedOff { slot }) => tracing::debug!(%peer, slot, "connection handed off"),
         Ok(Forwarded::Abandoned) => tracing::debug!(%peer, "client left before a backend"),
-        Err(e @ (ForwardError::Copy(_) | ForwardError::Idle(_) | ForwardError::NoResponse(_))) => {
+        Err(
+            e @ (ForwardError::Copy(_)
+            | ForwardError::Idle(_)
+            | ForwardError::NoResponse(_)
+            | ForwardError::Closed),
+        ) => {
             tracing::debug!(%peer, error = %e, "connection closed")
         }
         Err(e) => tracing::warn!(%peer, error = %e, "client closed without a backend"),

@@ -76,6 +76,8 @@ pub struct View {
     pub reload: mpsc::Sender<()>,
     /// What changes over TCP need.
     pub token: Option<Token>,
+    /// Remote backends and upstream names (#11).
+    pub upstreams: Arc<crate::upstream::Table>,
 }
 
 /// The `--admin-token` secret; its `Debug` does not show it.

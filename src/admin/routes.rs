@@ -169,6 +169,7 @@ fn status_json(view: &View) -> String {
         "panic": view.proxy.backends.panicking(),
         "workers": workers_json(view),
         "spawns_per_slot": view.registry.spawns(),
+        "upstreams": view.upstreams.status_json(),
         "connections": {
             "open": view.conns.tracker.len(),
             "accepted": s.accepted.load(Ordering::Relaxed),
@@ -294,5 +295,6 @@ fn metrics(view: &View) -> String {
             .count();
         let _ = writeln!(out, "balancer_workers{{state=\"{state}\"}} {n}");
     }
+    view.upstreams.write_metrics(&mut out);
     out
 }

@@ -1,0 +1,129 @@
+//! Remote backends: the `--upstream` addresses and names balancer did not spawn.
+//!
+//! One source, many backends: a local slot and an upstream name are both sources of
+//! addresses, and `proxy::Backends` is the one rotation; it never knows which kind an entry
+//! is. The master owns discovery ([`discovery`], with [`dns`]) and the health decisions of
+//! each remote backend ([`remote`], with the workers' [`Tally`](crate::health::Tally)).
+//! [`table`] is what `/status` and `/metrics` show.
+
+pub mod discovery;
+pub mod dns;
+pub mod remote;
+pub mod spec;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use proxy::Backends;
+
+use crate::health::{Check, HealthConfig};
+
+pub use spec::{Host, UpstreamSpec};
+pub use table::Table;
+
+/// Set in every remote backend's key: workers' keys count up from 1 and never reach it, so
+/// the two kinds of entry never collide in the one rotation.
+const REMOTE_KEY: u64 = 1 << 63;
+
+/// Settings for remote backends, from the validated config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Every `--upstream`.
+    pub upstreams: Vec<UpstreamSpec>,
+    /// `--resolver` servers (empty: /etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
+    /// `--resolve-interval`.
+    pub resolve_interval: Duration,
+}
+
+/// What every remote backend's task shares.
+#[derive(Debug)]
+pub struct Context {
+    /// The rotation.
+    pub backends: Arc<Backends>,
+    /// Active-check settings (the workers' own).
+    pub health: HealthConfig,
+    /// The check every remote backend gets (`--health-check`, with `auto` and `ipc` meaning
+    /// TCP: a remote backend has no IPC channel).
+    pub check: Check,
+    /// How long a retired backend's connections may take to finish.
+    pub grace: Duration,
+    /// Time between two lookups of a name (sooner when the TTL is shorter).
+    pub resolve_interval: Duration,
+    /// Status and metrics.
+    pub table: Arc<Table>,
+    /// Cancelled when the master stops: every backend leaves rotation.
+    pub stop: CancellationToken,
+    keys: AtomicU64,
+    indexes: AtomicUsize,
+}
+
+impl Context {
+    fn next_key(&self) -> u64 {
+        REMOTE_KEY | self.keys.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn next_index(&self) -> usize {
+        self.indexes.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The remote side of the master, ready to run.
+#[derive(Debug)]
+pub struct Upstreams {
+    settings: Settings,
+    dns: Option<dns::Dns>,
+}
+
+impl Upstreams {
+    /// Sets up the resolver when any upstream is a name. Call on the runtime it will run on.
+    pub fn new(settings: Settings) -> Result<Self, dns::SetupError> {
+        let names = settings
+            .upstreams
+            .iter()
+            .any(|u| matches!(u.host, Host::Name(_)));
+        let dns = if names {
+            let dns = dns::Dns::new(&settings.resolvers)?;
+            tracing::info!(servers = ?dns.servers, interval = ?settings.resolve_interval, "resolving upstream names");
+            Some(dns)
+        } else {
+            None
+        };
+        Ok(Self { settings, dns })
+    }
+
+    /// Follows every upstream until `stop` is cancelled, then takes their backends out of
+    /// rotation.
+    pub async fn run(
+        self,
+        backends: Arc<Backends>,
+        health: HealthConfig,
+        grace: Duration,
+        table: Arc<Table>,
+        stop: CancellationToken,
+    ) {
+        let check = health.kind.resolve(false, false, true);
+        let ctx = Arc::new(Context {
+            backends,
+            health,
+            check,
+            grace,
+            resolve_interval: self.settings.resolve_interval,
+            table,
+            stop,
+            keys: AtomicU64::new(1),
+            indexes: AtomicUsize::new(0),
+        });
+        let mut sources = JoinSet::new();
+        for spec in self.settings.upstreams {
+            sources.spawn(discovery::follow(Arc::clone(&ctx), spec, self.dns.clone()));
+        }
+        while sources.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,366 @@
+//! Remote backends (#11): `--upstream` addresses and DNS names in the rotation, with real
+//! backends on 127.0.0.x and a real DNS server on 127.0.0.1 whose answers the tests change.
+
+mod servers;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::helper::*;
+use servers::{backends_on_one_port, Backend, Dns, Mode};
+
+/// From start to the first backend up: one check, at once, on loopback.
+const UP: Duration = Duration::from_secs(15);
+/// How soon a change of records must be followed ("within a few seconds"): the lookup
+/// interval is 1 s here, the first check of a new address is immediate.
+const FOLLOW: Duration = Duration::from_secs(8);
+/// Time for a flip: `--health-fall 2` at `--health-interval 200ms`, with slack for a
+/// loaded machine.
+const FLIP: Duration = Duration::from_secs(10);
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// The body of one `GET /`: the tag of the backend that answered.
+fn tag(addr: SocketAddr) -> String {
+    get_ok(addr, "/")
+}
+
+/// Waits for `upstream backend up` for `backend` at or after line `from`.
+fn expect_up(b: &Balancer, from: usize, backend: SocketAddr, timeout: Duration) -> usize {
+    let want = backend.to_string();
+    b.expect_line(
+        from,
+        &format!("`upstream backend up` for {want}"),
+        timeout,
+        |l| is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str()),
+    )
+    .0
+}
+
+/// The admin endpoint's address, from its log line.
+fn admin_addr(b: &Balancer) -> SocketAddr {
+    let (_, line) = b.expect_line(0, "the admin line", UP, |l| {
+        is_event(l, "admin endpoint listening")
+    });
+    field(&line, "addr")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no addr in {line:?}"))
+}
+
+fn status(admin: SocketAddr) -> serde_json::Value {
+    let body = get_ok(admin, "/status");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+}
+
+/// Sends `n` requests; returns the tags that answered, panicking on any failure.
+fn tags(addr: SocketAddr, n: usize) -> HashSet<String> {
+    (0..n).map(|_| tag(addr)).collect()
+}
+
+/// Like [`tags`], `None` if any request failed: while a whole set of records is replaced,
+/// the old addresses leave at once and the new ones join after their first check.
+fn try_tags(addr: SocketAddr, n: usize) -> Option<HashSet<String>> {
+    (0..n)
+        .map(|_| match get(addr, "/") {
+            Ok((200, body)) => Some(body),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn pure_reverse_proxy_survives_a_backend_dying_and_takes_it_back() {
+    let a = Backend::start(SocketAddr::new(ip(2), 0), "a").unwrap();
+    let b = Backend::start(SocketAddr::new(ip(3), 0), "b").unwrap();
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    let bal = Balancer::start(&[
+        "--cpus",
+        "0",
+        "--upstream",
+        &a_addr.to_string(),
+        "--upstream",
+        &b_addr.to_string(),
+        "--health-interval",
+        "200ms",
+        "--health-fall",
+        "2",
+        "--health-rise",
+        "2",
+    ]);
+    let addr = bal.addr();
+    expect_up(&bal, 0, a_addr, UP);
+    expect_up(&bal, 0, b_addr, UP);
+    assert_eq!(
+        tags(addr, 4),
+        HashSet::from(["a".to_owned(), "b".to_owned()])
+    );
+
+    // A dies: every request from now on is served (a refused connect goes to the next).
+    let mark = bal.lines().len();
+    drop(a);
+    for i in 0..20 {
+        assert_eq!(tag(addr), "b", "request {i} after a died");
+    }
+    let want = a_addr.to_string();
+    let (down, _) = bal.expect_line(mark, "`upstream backend down` for a", FLIP, |l| {
+        is_event(l, "upstream backend down") && field(l, "addr") == Some(want.as_str())
+    });
+    for i in 0..10 {
+        assert_eq!(tag(addr), "b", "request {i} while a is down");
+    }
+
+    // A comes back on the same address: it returns after `rise` passing checks.
+    let a = Backend::start(a_addr, "a").unwrap();
+    let (up, line) = bal.expect_line(down, "`upstream backend up` for a again", FLIP, |l| {
+        is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str())
+    });
+    assert_eq!(
+        field(&line, "reason"),
+        Some("health checks passing"),
+        "{line}"
+    );
+    assert_eq!(
+        tags(addr, 4),
+        HashSet::from(["a".to_owned(), "b".to_owned()])
+    );
+    // One line per flip: exactly one down and one up for a since it died.
+    let flips = bal.lines()[mark..=up]
+        .iter()
+        .filter(|l| field(l, "addr") == Some(want.as_str()))
+        .filter(|l| is_event(l, "upstream backend down") || is_event(l, "upstream backend up"))
+        .count();
+    assert_eq!(flips, 2, "{}", bal.dump());
+    assert!(
+        !bal.lines().iter().any(|l| looks_like_panic(l)),
+        "{}",
+        bal.dump()
+    );
+    drop((a, b));
+}
+
+#[test]
+fn mixed_pool_balances_over_workers_and_an_upstream() {
+    let remote = Backend::start(SocketAddr::new(ip(6), 0), "remote").unwrap();
+    let bal = Balancer::start(&["--cpus", "2", "--upstream", &remote.addr.to_string()]);
+    let addr = bal.addr();
+    wait_all_ready(&bal, 2);
+    expect_up(&bal, 0, remote.addr, UP);
+    // Round-robin over three backends: three requests in a row reach all three.
+    let answers: Vec<String> = (0..3).map(|_| tag(addr)).collect();
+    assert_eq!(
+        answers.iter().filter(|t| *t == "remote").count(),
+        1,
+        "{answers:?}"
+    );
+    let workers: HashSet<u32> = answers
+        .iter()
+        .filter(|t| *t != "remote")
+        .map(|body| body_pid(body))
+        .collect();
+    assert_eq!(workers.len(), 2, "{answers:?}");
+}
+
+#[test]
+fn dns_records_are_followed_and_the_last_good_set_kept() {
+    let dns = Dns::start();
+    dns.set("app.test", &[ip(2)]);
+    let backends = backends_on_one_port(&[ip(2), ip(3), ip(4)]);
+    let port = backends[0].addr.port();
+    let upstream = format!("app.test:{port}");
+    let bal = Balancer::start(&[
+        "--cpus",
+        "0",
+        "--upstream",
+        &upstream,
+        "--resolver",
+        &dns.addr.to_string(),
+        "--resolve-interval",
+        "1s",
+        "--health-interval",
+        "200ms",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let addr = bal.addr();
+    let admin = admin_addr(&bal);
+    expect_up(&bal, 0, SocketAddr::new(ip(2), port), UP);
+    assert_eq!(tags(addr, 3), HashSet::from(["127.0.0.2".to_owned()]));
+
+    // The records change: .2 leaves, .3 and .4 join, within a few seconds.
+    let mark = bal.lines().len();
+    let changed = Instant::now();
+    dns.set("app.test", &[ip(3), ip(4)]);
+    let want: HashSet<String> = HashSet::from(["127.0.0.3".into(), "127.0.0.4".into()]);
+    let followed = wait_until(FOLLOW, || try_tags(addr, 6).as_ref() == Some(&want));
+    assert!(
+        followed,
+        "records not followed within {FOLLOW:?}:\n{}",
+        bal.dump()
+    );
+    eprintln!("records followed after {:?}", changed.elapsed());
+    bal.expect_line(mark, "`upstream records changed`", FOLLOW, |l| {
+        is_event(l, "upstream records changed")
+    });
+    bal.expect_line(mark, "`upstream backend retired` for .2", FOLLOW, |l| {
+        is_event(l, "upstream backend retired")
+            && field(l, "addr") == Some(&*format!("127.0.0.2:{port}"))
+    });
+
+    // The name stops resolving (NXDOMAIN): the last good set keeps serving.
+    let (failing, line) = {
+        dns.mode(Mode::NxDomain);
+        bal.expect_line(mark, "`lookup failing` (NXDOMAIN)", FOLLOW, |l| {
+            is_event(l, "upstream name lookup failing")
+        })
+    };
+    assert!(line.contains("no such name"), "{line}");
+    assert_eq!(tags(addr, 6), want, "the last good set after NXDOMAIN");
+
+    // A silent server: a new state, logged once; still served.
+    dns.mode(Mode::Silent);
+    let (silent, line) =
+        bal.expect_line(failing + 1, "`lookup failing` (timeout)", FOLLOW * 2, |l| {
+            is_event(l, "upstream name lookup failing")
+        });
+    assert!(line.contains("timed out"), "{line}");
+    assert_eq!(tags(addr, 6), want, "the last good set while DNS is silent");
+
+    // Garbage answers: nothing crashes or hangs; still served.
+    let before = dns.queries();
+    dns.mode(Mode::Garbage);
+    assert!(
+        wait_until(FOLLOW * 2, || dns.queries() >= before + 2),
+        "no lookups in garbage mode:\n{}",
+        bal.dump()
+    );
+    assert_eq!(
+        tags(addr, 6),
+        want,
+        "the last good set while DNS answers garbage"
+    );
+    let s = status(admin);
+    assert_eq!(s["upstreams"]["names"][0]["resolution"], "failing", "{s:#}");
+    let up: Vec<&str> = s["upstreams"]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter(|b| b["state"] == "up")
+        .map(|b| b["addr"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(up.len(), 2, "{s:#}");
+    assert!(
+        s["upstreams"]["backends"][0]["source"] == upstream.as_str(),
+        "{s:#}"
+    );
+    // One line per change of state: the same failure again is not logged again.
+    let timeouts = bal.lines()[silent..]
+        .iter()
+        .filter(|l| is_event(l, "upstream name lookup failing") && l.contains("timed out"))
+        .count();
+    assert_eq!(timeouts, 1, "{}", bal.dump());
+
+    // It resolves again, to .2 only.
+    dns.set("app.test", &[ip(2)]);
+    dns.mode(Mode::Records(1));
+    bal.expect_line(silent, "`upstream name resolved` again", FOLLOW * 2, |l| {
+        is_event(l, "upstream name resolved")
+    });
+    let only_2 = HashSet::from(["127.0.0.2".to_owned()]);
+    let back = wait_until(FOLLOW, || try_tags(addr, 3).as_ref() == Some(&only_2));
+    assert!(back, "not back to .2:\n{}", bal.dump());
+    let metrics = get_ok(admin, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "balancer_upstream_resolved{{upstream=\"{upstream}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        !bal.lines().iter().any(|l| looks_like_panic(l)),
+        "{}",
+        bal.dump()
+    );
+}
+
+#[test]
+fn a_name_that_does_not_resolve_at_start_is_not_fatal() {
+    let dns = Dns::start();
+    dns.mode(Mode::NxDomain);
+    let backend = Backend::start(SocketAddr::new(ip(5), 0), "late").unwrap();
+    let mut bal = Balancer::start(&[
+        "--cpus",
+        "0",
+        "--upstream",
+        &format!("late.test:{}", backend.addr.port()),
+        "--resolver",
+        &dns.addr.to_string(),
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let addr = bal.addr();
+    let admin = admin_addr(&bal);
+    bal.expect_line(0, "`does not resolve yet`", UP, |l| {
+        is_event(l, "upstream name does not resolve yet")
+    });
+    assert_eq!(get(admin, "/healthz").expect("GET /healthz").0, 503);
+    // A client is closed, not served and not left hanging.
+    assert!(
+        !matches!(get(addr, "/"), Ok((200, _))),
+        "served with no backend"
+    );
+    assert!(bal.is_running());
+
+    // The application's name appears: balancer follows within a lookup or two.
+    dns.set("late.test", &[ip(5)]);
+    dns.mode(Mode::Records(1));
+    expect_up(&bal, 0, backend.addr, FOLLOW);
+    assert_eq!(get(admin, "/healthz").expect("GET /healthz").0, 200);
+    assert_eq!(tag(addr), "late");
+}
+
+#[test]
+fn bad_upstream_input_gets_one_line() {
+    for (args, wanted) in [
+        (&["--cpus", "0"][..], "--upstream"),
+        (&["--cpus", "0", "--upstream", "app"][..], "no port"),
+        (&["--cpus", "0", "--upstream", "app:0"][..], "1 to 65535"),
+        (
+            &["--cpus", "0", "--upstream", "app:65536"][..],
+            "1 to 65535",
+        ),
+        (
+            &["--cpus", "0", "--upstream", "10.0.0.5:99999"][..],
+            "1 to 65535",
+        ),
+        (&["--cpus", "0", "--upstream", "::1:80"][..], "brackets"),
+        (
+            &["--cpus", "0", "--upstream", "bad name:80"][..],
+            "DNS name",
+        ),
+        (
+            &["--cpus", "0", "--upstream", "app:80", "--resolver", "nope"][..],
+            "--resolver",
+        ),
+        (
+            &[
+                "--cpus",
+                "0",
+                "--upstream",
+                "app:80",
+                "--resolve-interval",
+                "0s",
+            ][..],
+            "--resolve-interval",
+        ),
+        (
+            &["--mode", "shared", "--upstream", "app:80"][..],
+            "--mode proxy",
+        ),
+    ] {
+        let line = crate::fatal_error_loopback(args);
+        assert!(line.contains(wanted), "{args:?}: {line}");
+    }
+}

@@ -1,0 +1,254 @@
+//! What the upstream tests run beside balancer: small HTTP backends on 127.0.0.x addresses
+//! that say who they are, and a real DNS server on 127.0.0.1 whose answers the test changes.
+//!
+//! The DNS server is built on hickory-proto's message types (the wire format is not
+//! hand-written); it serves one zone from memory over UDP, and can be told to answer
+//! NXDOMAIN, to answer bytes that are not DNS, or to stay silent. Both kinds of server run
+//! on threads that stop and are joined when the value is dropped.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_resolver::proto::rr::rdata::{A, AAAA};
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
+
+/// How long a backend waits for a request before giving up on the connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An HTTP/1.1 server that answers every request with `200` and its tag as the body.
+pub struct Backend {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Binds `addr` (port 0 picks one) and serves until dropped.
+    pub fn start(addr: SocketAddr, tag: &str) -> std::io::Result<Backend> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, tag) = (Arc::clone(&stop), tag.to_owned());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(stream) = conn {
+                    let tag = tag.clone();
+                    std::thread::spawn(move || answer(stream, &tag));
+                }
+            }
+        });
+        Ok(Backend {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept; the listener closes when the thread returns.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, tag: &str) {
+    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{tag}",
+        tag.len()
+    );
+}
+
+/// Binds one backend per address in `ips`, all on the same port (an upstream name has one
+/// port for all its records). Tries a few ports in case one is taken on some address.
+pub fn backends_on_one_port(ips: &[IpAddr]) -> Vec<Backend> {
+    for _ in 0..20 {
+        let first = Backend::start(SocketAddr::new(ips[0], 0), &ips[0].to_string())
+            .expect("binding a backend");
+        let port = first.addr.port();
+        let mut all = vec![first];
+        for ip in &ips[1..] {
+            match Backend::start(SocketAddr::new(*ip, port), &ip.to_string()) {
+                Ok(b) => all.push(b),
+                Err(e) if e.kind() == ErrorKind::AddrInUse => break,
+                Err(e) => panic!("binding {ip}:{port}: {e}"),
+            }
+        }
+        if all.len() == ips.len() {
+            return all;
+        }
+    }
+    panic!("no port free on all of {ips:?}");
+}
+
+/// How the DNS server answers.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// The zone's records, with this TTL.
+    Records(u32),
+    /// NXDOMAIN for everything.
+    NxDomain,
+    /// Bytes that are not a DNS message.
+    Garbage,
+    /// Nothing at all.
+    Silent,
+}
+
+#[derive(Debug)]
+struct Zone {
+    mode: Mode,
+    /// By lower-case name without the final dot.
+    records: HashMap<String, Vec<IpAddr>>,
+    queries: u64,
+}
+
+/// A DNS server on `127.0.0.1:0` (UDP).
+pub struct Dns {
+    pub addr: SocketAddr,
+    zone: Arc<Mutex<Zone>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Dns {
+    pub fn start() -> Dns {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("binding the DNS server");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let addr = socket.local_addr().expect("local addr");
+        let zone = Arc::new(Mutex::new(Zone {
+            mode: Mode::Records(1),
+            records: HashMap::new(),
+            queries: 0,
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (z, flag) = (Arc::clone(&zone), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || serve(&socket, &z, &flag));
+        Dns {
+            addr,
+            zone,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `name`'s A/AAAA records from now on (an empty list: the name exists, no records).
+    pub fn set(&self, name: &str, ips: &[IpAddr]) {
+        self.lock().records.insert(key(name), ips.to_vec());
+    }
+
+    /// How every query is answered from now on.
+    pub fn mode(&self, mode: Mode) {
+        self.lock().mode = mode;
+    }
+
+    /// Queries received so far.
+    pub fn queries(&self) -> u64 {
+        self.lock().queries
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Zone> {
+        self.zone.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(socket: &UdpSocket, zone: &Mutex<Zone>, stop: &AtomicBool) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => continue,
+        };
+        let Ok(query) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        let reply = {
+            let mut zone = zone.lock().unwrap_or_else(|p| p.into_inner());
+            zone.queries += 1;
+            respond(&zone, &query)
+        };
+        if let Some(bytes) = reply {
+            let _ = socket.send_to(&bytes, from);
+        }
+    }
+}
+
+fn respond(zone: &Zone, query: &Message) -> Option<Vec<u8>> {
+    let id = query.metadata.id;
+    let ttl = match zone.mode {
+        Mode::Silent => return None,
+        Mode::Garbage => return Some(b"\x13\x37 this is not a DNS message".to_vec()),
+        Mode::NxDomain => {
+            let mut m = Message::error_msg(id, OpCode::Query, ResponseCode::NXDomain);
+            m.metadata.recursion_available = true;
+            m.add_queries(query.queries.clone());
+            return m.to_vec().ok();
+        }
+        Mode::Records(ttl) => ttl,
+    };
+    let mut m = Message::new(id, MessageType::Response, OpCode::Query);
+    m.metadata.recursion_desired = query.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.metadata.authoritative = true;
+    m.add_queries(query.queries.clone());
+    let mut known = false;
+    for q in &query.queries {
+        let Some(ips) = zone.records.get(&key(&q.name.to_ascii())) else {
+            continue;
+        };
+        known = true;
+        for ip in ips {
+            let rdata = match (ip, q.query_type) {
+                (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
+                (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
+                _ => continue,
+            };
+            m.add_answer(Record::from_rdata(q.name.clone(), ttl, rdata));
+        }
+    }
+    if !known {
+        m.metadata.response_code = ResponseCode::NXDomain;
+    }
+    m.to_vec().ok()
+}
+
+fn key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
