@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::helper::*;
-use servers::{backends_on_one_port, Backend, Dns, Mode};
+use servers::{backends_on_one_port, Backend, Dns, Echo, Mode};
 
 /// From start to the first backend up: one check, at once, on loopback.
 const UP: Duration = Duration::from_secs(15);
@@ -283,6 +283,77 @@ fn dns_records_are_followed_and_the_last_good_set_kept() {
         "{}",
         bal.dump()
     );
+}
+
+#[test]
+fn a_vanished_record_drains_its_open_connections_within_grace() {
+    use std::io::{Read, Write};
+    let dns = Dns::start();
+    dns.set("hold.test", &[ip(7)]);
+    let echo = Echo::start(SocketAddr::new(ip(7), 0)).unwrap();
+    let port = echo.addr.port();
+    let next = Backend::start(SocketAddr::new(ip(8), port), "127.0.0.8")
+        .expect("the same port on 127.0.0.8");
+    let bal = Balancer::start(&[
+        "--cpus",
+        "0",
+        "--upstream",
+        &format!("hold.test:{port}"),
+        "--resolver",
+        &dns.addr.to_string(),
+        "--resolve-interval",
+        "1s",
+        "--health-interval",
+        "200ms",
+        "--grace",
+        "2s",
+    ]);
+    let addr = bal.addr();
+    expect_up(&bal, 0, echo.addr, UP);
+    let mut open = std::net::TcpStream::connect(addr).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut echoed = [0u8; 4];
+    open.write_all(b"ping").unwrap();
+    open.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    // The record moves to .8: .7 leaves rotation at once, its open connection goes on.
+    dns.set("hold.test", &[ip(8)]);
+    let want = echo.addr.to_string();
+    let (retired, line) = bal.expect_line(0, "`upstream backend retired` for .7", FOLLOW, |l| {
+        is_event(l, "upstream backend retired") && field(l, "addr") == Some(want.as_str())
+    });
+    assert_eq!(field(&line, "open_connections"), Some("1"), "{line}");
+    expect_up(&bal, 0, next.addr, FOLLOW);
+    assert_eq!(tags(addr, 3), HashSet::from(["127.0.0.8".to_owned()]));
+    open.write_all(b"more").unwrap();
+    open.read_exact(&mut echoed).unwrap();
+    assert_eq!(
+        &echoed, b"more",
+        "the retired backend's connection still works"
+    );
+
+    // After --grace it is closed.
+    bal.expect_line(retired, "the grace line", FOLLOW, |l| {
+        is_event(
+            l,
+            "grace period over; closing the retired backend's connections",
+        )
+    });
+    let mut rest = Vec::new();
+    // EOF or a reset, but not the 10 s read timeout: balancer closed it.
+    if let Err(e) = open.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the retired backend's connection was not closed: {e}"
+        );
+    }
+    assert!(rest.is_empty(), "{rest:?}");
+    drop((echo, next));
 }
 
 #[test]

@@ -85,6 +85,55 @@ fn answer(mut stream: TcpStream, tag: &str) {
     );
 }
 
+/// A TCP server that echoes every byte back until the client closes: a long-lived
+/// connection for the drain tests.
+pub struct Echo {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn start(addr: SocketAddr) -> std::io::Result<Echo> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(mut stream) = conn {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = stream.read(&mut buf) {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Ok(Echo {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Binds one backend per address in `ips`, all on the same port (an upstream name has one
 /// port for all its records). Tries a few ports in case one is taken on some address.
 pub fn backends_on_one_port(ips: &[IpAddr]) -> Vec<Backend> {
