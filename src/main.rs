@@ -80,8 +80,13 @@ fn init_logging(verbose: u8, quiet: u8) {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter =
-        EnvFilter::try_from_env("BALANCER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_env("BALANCER_LOG").unwrap_or_else(|_| {
+        // hickory logs every odd DNS packet at warn; the upstream discovery logs each
+        // change of a name's state once, which is what an operator needs.
+        EnvFilter::new(format!(
+            "{default},hickory_proto=error,hickory_net=error,hickory_resolver=error"
+        ))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

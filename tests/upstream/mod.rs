@@ -261,6 +261,12 @@ fn dns_records_are_followed_and_the_last_good_set_kept() {
         .filter(|l| is_event(l, "upstream name lookup failing") && l.contains("timed out"))
         .count();
     assert_eq!(timeouts, 1, "{}", bal.dump());
+    // The resolver's own complaints about each bad packet stay out of the log.
+    assert!(
+        !bal.lines().iter().any(|l| l.contains("wrong message id")),
+        "{}",
+        bal.dump()
+    );
 
     // It resolves again, to .2 only.
     dns.set("app.test", &[ip(2)]);
@@ -354,6 +360,48 @@ fn a_vanished_record_drains_its_open_connections_within_grace() {
     }
     assert!(rest.is_empty(), "{rest:?}");
     drop((echo, next));
+}
+
+#[test]
+fn a_short_ttl_brings_lookups_sooner_but_never_more_than_once_a_second() {
+    let dns = Dns::start();
+    dns.set("ttl.test", &[ip(9)]);
+    let backends = backends_on_one_port(&[ip(9), ip(10)]);
+    let port = backends[0].addr.port();
+    // A 60 s interval: only the records' 1 s TTL can make the change show within seconds.
+    let bal = Balancer::start(&[
+        "--cpus",
+        "0",
+        "--upstream",
+        &format!("ttl.test:{port}"),
+        "--resolver",
+        &dns.addr.to_string(),
+        "--resolve-interval",
+        "60s",
+        "--health-interval",
+        "200ms",
+    ]);
+    let addr = bal.addr();
+    expect_up(&bal, 0, backends[0].addr, UP);
+    dns.set("ttl.test", &[ip(10)]);
+    let only_10 = HashSet::from(["127.0.0.10".to_owned()]);
+    assert!(
+        wait_until(FOLLOW, || try_tags(addr, 3).as_ref() == Some(&only_10)),
+        "a 1 s TTL not followed under a 60 s interval:\n{}",
+        bal.dump()
+    );
+
+    // TTL 0: lookups at most once a second (one lookup is an A and an AAAA query).
+    dns.mode(Mode::Records(0));
+    let (before, started) = (dns.queries(), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (queries, took) = (dns.queries() - before, started.elapsed());
+    let most = 2 * (took.as_secs() + 2);
+    assert!(
+        queries <= most,
+        "{queries} queries in {took:?} with TTL 0 (at most {most})"
+    );
+    assert!(queries >= 2, "no lookups at all in {took:?} with TTL 0");
 }
 
 #[test]
