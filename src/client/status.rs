@@ -21,6 +21,34 @@ pub struct Status {
     in_rotation: Option<u64>,
     #[serde(default)]
     workers: Vec<Worker>,
+    #[serde(default)]
+    upstreams: Option<Upstreams>,
+}
+
+/// Remote backends (`--upstream`), when there are any.
+#[derive(Debug, Deserialize)]
+pub struct Upstreams {
+    #[serde(default)]
+    backends: Vec<Remote>,
+}
+
+/// One remote backend's row.
+#[derive(Debug, Deserialize)]
+pub struct Remote {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    addr: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    checks_passed: u64,
+    #[serde(default)]
+    checks_failed: u64,
+    #[serde(default)]
+    connections: u64,
+    #[serde(default)]
+    reason: String,
 }
 
 /// One row.
@@ -106,28 +134,58 @@ impl Status {
                 ]
             })
             .collect();
-        let mut widths = header.map(str::len);
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let mut line = |cells: &[&str]| {
-            let mut text = String::new();
-            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-                if i + 1 == cells.len() {
-                    text.push_str(cell);
-                } else {
-                    let _ = write!(text, "{cell:<w$}  ");
-                }
-            }
-            let _ = writeln!(out, "{}", text.trim_end());
-        };
-        line(&header);
-        for row in &rows {
-            line(&row.each_ref().map(String::as_str));
+        write_table(&mut out, &header, &rows);
+        let remotes = self.upstreams.as_ref().map_or(&[][..], |u| &u.backends[..]);
+        if !remotes.is_empty() {
+            let header = [
+                "UPSTREAM",
+                "ADDRESS",
+                "STATE",
+                "CHECKS OK/FAILED",
+                "ACTIVE",
+                "REASON",
+            ];
+            let rows: Vec<[String; 6]> = remotes
+                .iter()
+                .map(|r| {
+                    [
+                        r.name.clone(),
+                        r.addr.clone(),
+                        r.state.clone(),
+                        format!("{}/{}", r.checks_passed, r.checks_failed),
+                        r.connections.to_string(),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect();
+            write_table(&mut out, &header, &rows);
         }
         out
+    }
+}
+
+/// A header and rows in columns as wide as their widest cell; the last column is not padded.
+fn write_table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<w$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    line(header);
+    for row in rows {
+        line(&row.each_ref().map(String::as_str));
     }
 }
 
@@ -191,5 +249,34 @@ mod tests {
         let row: Vec<&str> = lines[3].split_whitespace().collect();
         assert_eq!(row, ["1", "42", "starting", "-", "-", "-", "-", "-", "-"]);
         assert!(Status::parse("not json").is_err());
+    }
+
+    #[test]
+    fn renders_remote_backends_after_workers() {
+        let s = Status::parse(
+            r#"{"listen":"127.0.0.1:80","mode":"proxy","workers_wanted":0,"workers":[],
+            "upstreams":{"names":[],"backends":[{"name":"app:8080#1","addr":"10.0.0.5:8080",
+            "state":"up","checks_passed":7,"checks_failed":1,"connections":3,
+            "reason":"first check passed"}]}}"#,
+        )
+        .unwrap();
+        let text = s.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[2].starts_with("UPSTREAM"), "{text}");
+        let row: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "app:8080#1",
+                "10.0.0.5:8080",
+                "up",
+                "7/1",
+                "3",
+                "first",
+                "check",
+                "passed"
+            ]
+        );
     }
 }
