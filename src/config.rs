@@ -195,9 +195,9 @@ fn parse_resolver(raw: &str) -> anyhow::Result<SocketAddr> {
 fn check_upstreams(config: &Config) -> anyhow::Result<()> {
     let upstreams = &config.upstream.upstreams;
     if config.workers == 0 && upstreams.is_empty() {
-        bail!(
-            "--cpus 0: at least one worker is needed (or an --upstream, for a pure reverse proxy)"
-        );
+        // Not "--cpus 0: …": a config file would blame its `cpus` key alone for what is
+        // about two flags.
+        bail!("nothing to balance: --cpus 0 spawns no worker, so at least one --upstream is needed (a pure reverse proxy)");
     }
     if !upstreams.is_empty() && matches!(config.mode, Mode::Shared | Mode::ReusePort) {
         bail!(

@@ -441,6 +441,27 @@ fn a_name_that_does_not_resolve_at_start_is_not_fatal() {
 }
 
 #[test]
+fn upstreams_come_from_a_config_file_too() {
+    let dir = TempDir::new("upstream-config");
+    let file = dir.path().join("balancer.toml");
+    std::fs::write(
+        &file,
+        "cpus = 0\nupstream = [\"127.0.0.2:8080\", \"app:80\"]\nresolve-interval = \"2s\"\n",
+    )
+    .unwrap();
+    let mut b = Balancer::start_exact(&["--config", file.to_str().unwrap(), "--check"]);
+    let exit = b.expect_exit(Duration::from_secs(15));
+    assert!(exit.success(), "{exit:?}:\n{}", b.dump());
+    assert!(
+        b.stdout_lines()
+            .iter()
+            .any(|l| l.contains("configuration ok")),
+        "{:?}",
+        b.stdout_lines()
+    );
+}
+
+#[test]
 fn bad_upstream_input_gets_one_line() {
     for (args, wanted) in [
         (&["--cpus", "0"][..], "--upstream"),
