@@ -12,6 +12,7 @@ use tokio::process::{Child, Command};
 
 use crate::cli::WorkerOutput;
 use crate::config::WorkerProgram;
+use worker::activation::{ENV_LISTEN_FDNAMES, ENV_LISTEN_FDS, ENV_LISTEN_PID, LISTEN_FDS_START};
 use worker::protocol::{Mode, ENV_IPC_FD, ENV_LISTEN, ENV_MODE, ENV_WORKER_ID};
 
 /// Hidden subcommand: set `LISTEN_PID` to this process's pid, then exec the rest.
@@ -56,8 +57,6 @@ pub struct SpawnSpec<'a> {
     pub listen_fd: Option<RawFd>,
 }
 
-/// The fd that systemd's socket-activation convention puts the first socket at.
-const SD_LISTEN_FDS_START: RawFd = 3;
 /// The child's end of the channel is moved at or above this fd, so it never sits on fd 3.
 const IPC_FD_MIN: RawFd = 10;
 
@@ -140,7 +139,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         cmd.env("PORT", listen.port().to_string());
     }
     if listen_fd.is_some() {
-        cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "balancer");
+        cmd.env(ENV_LISTEN_FDS, "1")
+            .env(ENV_LISTEN_FDNAMES, "balancer");
     }
     let (stdout, stderr) = match output {
         WorkerOutput::Prefix => (Stdio::piped(), Stdio::piped()),
@@ -177,10 +177,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             if let Some(fd) = listen_fd {
                 // dup2 leaves the new fd without close-on-exec; if the listener already is
                 // fd 3, clear the flag instead.
-                let r = if fd == SD_LISTEN_FDS_START {
+                let r = if fd == LISTEN_FDS_START {
                     libc::fcntl(fd, libc::F_SETFD, 0)
                 } else {
-                    libc::dup2(fd, SD_LISTEN_FDS_START)
+                    libc::dup2(fd, LISTEN_FDS_START)
                 };
                 if r < 0 {
                     return Err(io::Error::last_os_error());
@@ -235,6 +235,6 @@ pub fn exec_with_listen_pid(command: &[String]) -> io::Error {
     };
     std::process::Command::new(program)
         .args(args)
-        .env("LISTEN_PID", std::process::id().to_string())
+        .env(ENV_LISTEN_PID, std::process::id().to_string())
         .exec()
 }

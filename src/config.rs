@@ -1,7 +1,7 @@
 //! Validated configuration: [`Config::try_from`] turns raw [`Cli`] flags into plain values,
 //! so everything after start-up can trust them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -248,17 +248,11 @@ fn parse_health(cli: &Cli) -> anyhow::Result<HealthConfig> {
 /// addresses so the log can say which one that is.
 fn parse_listen(raw: &str) -> anyhow::Result<(SocketAddr, Option<ResolvedName>)> {
     let expected = "expected IP:PORT (e.g. 0.0.0.0:8080, [::1]:8080), HOST:PORT (e.g. localhost:8080) or :PORT";
-    if let Some(port) = raw.strip_prefix(':') {
-        let port: u16 = port
-            .parse()
-            .with_context(|| format!("--listen {raw:?}: not a port number"))?;
-        return Ok((
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-            None,
-        ));
-    }
-    if let Ok(addr) = raw.parse() {
+    if let Some(addr) = worker::protocol::parse_listen(raw) {
         return Ok((addr, None));
+    }
+    if raw.starts_with(':') {
+        bail!("--listen {raw:?}: not a port number");
     }
     let Some((host, port)) = raw.rsplit_once(':') else {
         bail!("--listen {raw:?}: {expected}");

@@ -131,7 +131,6 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             response_timeout: config.response_timeout,
-            ..ForwardConfig::default()
         },
         max_conns,
     ));
@@ -216,7 +215,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
                 }
             };
             match intent {
-                Intent::Graceful | Intent::Interrupt => break,
+                Intent::Graceful => break,
                 Intent::Reload => {
                     // A full queue means a reload is already pending: this one coalesces.
                     if reload.try_send(()).is_ok() {

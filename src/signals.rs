@@ -7,10 +7,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 /// What a signal asks the master to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Intent {
-    /// SIGTERM: stop accepting, drain open connections up to `--grace`, stop the workers.
+    /// SIGTERM, or SIGINT from a terminal: stop accepting, drain open connections up to
+    /// `--grace`, stop the workers. A second one stops at once (see `main`).
     Graceful,
-    /// SIGINT: the same, from a terminal; a second one stops at once.
-    Interrupt,
     /// SIGHUP: rolling reload of the workers.
     Reload,
 }
@@ -38,7 +37,7 @@ impl Signals {
     pub async fn next(&mut self) -> Intent {
         tokio::select! {
             _ = self.term.recv() => Intent::Graceful,
-            _ = self.int.recv() => Intent::Interrupt,
+            _ = self.int.recv() => Intent::Graceful,
             _ = self.hup.recv() => Intent::Reload,
         }
     }

@@ -38,15 +38,6 @@ fn who_answers(addr: std::net::SocketAddr) -> u32 {
     body_pid(&get_ok(addr, "/"))
 }
 
-fn assert_no_panic(b: &Balancer) {
-    let lines = b.lines();
-    assert!(
-        !lines.iter().any(|l| looks_like_panic(l)),
-        "panic text in the log:\n{}",
-        b.dump()
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
 // Selection.
 

@@ -326,6 +326,7 @@ impl Backends {
     }
 
     /// Whether the instance `key` is in rotation (up).
+    #[cfg(test)]
     pub fn contains(&self, key: u64) -> bool {
         self.set.load().up.iter().any(|b| b.key == key)
     }

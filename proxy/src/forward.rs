@@ -19,9 +19,6 @@ pub struct ForwardConfig {
     /// connects take microseconds; a long wait means the worker's accept queue is full or the
     /// worker is stopped.
     pub connect_timeout: Duration,
-    /// How many backends one client may be offered before it is closed (`None`: every
-    /// backend in rotation once). While one worker is healthy, a client must reach it.
-    pub max_tries: Option<usize>,
     /// Close the connection after this long with no bytes in either direction (`None`:
     /// never). Frees the fds and buffers of clients that connect and say nothing.
     pub idle_timeout: Option<Duration>,
@@ -35,7 +32,6 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(1),
-            max_tries: None,
             idle_timeout: None,
             response_timeout: None,
         }
@@ -60,7 +56,8 @@ pub enum ForwardError {
     /// The connection was established and then failed mid-stream (reset, broken pipe).
     #[error("copying between client and backend")]
     Copy(#[source] io::Error),
-    /// The master itself had no descriptor left for the connection to a worker.
+    /// The master itself had no descriptor (or socket buffer, or memory) left for the
+    /// connection to a worker.
     #[error("out of file descriptors")]
     OutOfDescriptors(#[source] io::Error),
     /// No bytes moved in either direction for the idle timeout.
@@ -81,10 +78,6 @@ pub struct Transfer {
     pub to_backend: u64,
     /// Backend → client.
     pub to_client: u64,
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// What became of a forwarded connection.
@@ -117,12 +110,6 @@ pub async fn forward(
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
     let (_active, backend, upstream) = loop {
-        if config.max_tries.is_some_and(|max| tried.len() >= max) {
-            return Err(ForwardError::AllFailed {
-                tries: tried.len(),
-                last: last_error.unwrap_or_else(|| io::ErrorKind::NotConnected.into()),
-            });
-        }
         let Some(backend) = backends.pick_excluding(&tried) else {
             return Err(match last_error {
                 Some(last) => ForwardError::AllFailed {
@@ -162,7 +149,7 @@ pub async fn forward(
                 backend.record_connect(true);
                 break (active, backend, stream);
             }
-            Ok(Err(e)) if is_fd_exhaustion(&e) => {
+            Ok(Err(e)) if crate::is_out_of_resources(&e) => {
                 // The master is out of descriptors, not the worker out of service: do not
                 // count it against the worker. The client is closed at once: waiting would
                 // hold its descriptor while every other accepted client waits for one too.

@@ -30,12 +30,7 @@ impl ProbeError {
     /// descriptor or socket buffer): it says nothing about the backend.
     pub fn is_local_exhaustion(&self) -> bool {
         match self {
-            Self::Connect(e) | Self::Io(e) => {
-                matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                )
-            }
+            Self::Connect(e) | Self::Io(e) => crate::is_out_of_resources(e),
             _ => false,
         }
     }

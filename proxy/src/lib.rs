@@ -17,3 +17,13 @@ pub mod tls;
 pub use backends::{Backend, Backends, Policy};
 pub use forward::{forward, ForwardConfig, ForwardError, Forwarded, Transfer};
 pub use server::{serve, Connections, Proxy, Stats};
+
+/// Whether `e` means this process ran out of its own resources (no free file descriptor,
+/// system-wide or its own, no socket buffer, no memory): it says nothing about the peer,
+/// and retrying at once would spin while nothing can change.
+pub fn is_out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

@@ -167,7 +167,7 @@ pub(crate) async fn accept_loop<H, F>(
             },
             Ok(Err(e)) => {
                 proxy.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                if is_resource_exhaustion(&e) {
+                if crate::is_out_of_resources(&e) {
                     tracing::warn!(error = %e, pause = ?backoff, "accept failed, backing off");
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -320,11 +320,4 @@ fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, F
         }
         Err(e) => tracing::warn!(%peer, error = %e, "client closed without a backend"),
     }
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }

@@ -264,10 +264,7 @@ pub async fn forward(
     let mut tried = Vec::new();
     let mut last = None;
     let (_active, mut upstream) = loop {
-        let Some(backend) = backends
-            .pick_excluding(&tried)
-            .filter(|_| config.max_tries.is_none_or(|max| tried.len() < max))
-        else {
+        let Some(backend) = backends.pick_excluding(&tried) else {
             return Err(match last {
                 Some(last) => ForwardError::AllFailed {
                     tries: tried.len(),

@@ -3,7 +3,7 @@
 //! to one, so both read `--admin` the same way.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// An admin endpoint's address.
@@ -23,15 +23,7 @@ impl AdminAddr {
         if raw.contains('/') {
             return Ok(Self::Unix(PathBuf::from(raw)));
         }
-        if let Some(port) = raw.strip_prefix(':') {
-            if let Ok(port) = port.parse::<u16>() {
-                return Ok(Self::Tcp(SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    port,
-                )));
-            }
-        }
-        raw.parse().map(Self::Tcp).map_err(|_| {
+        worker::protocol::parse_listen(raw).map(Self::Tcp).ok_or_else(|| {
             anyhow::anyhow!(
                 "--admin {raw:?}: expected IP:PORT (e.g. 127.0.0.1:9000), :PORT, or a Unix socket path with a / in it (e.g. /run/balancer.sock, ./admin.sock)"
             )

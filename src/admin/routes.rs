@@ -5,12 +5,14 @@
 //! read.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
+
+use proxy::Stats;
 
 use crate::instance::State;
 
@@ -158,8 +160,80 @@ fn reply(status: StatusCode, kind: &'static str, body: String) -> Response<Full<
     res
 }
 
+/// The data path's counters, listed once for `/status` and `/metrics`: the name under
+/// `connections` in `/status`, the metric's name and help, and the value now.
+fn counters(s: &Stats) -> [(&'static str, &'static str, &'static str, u64); 10] {
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    [
+        (
+            "accepted",
+            "balancer_connections_accepted_total",
+            "Client connections accepted.",
+            n(&s.accepted),
+        ),
+        (
+            "completed",
+            "balancer_connections_completed_total",
+            "Proxied connections that finished.",
+            n(&s.completed),
+        ),
+        (
+            "handed_off",
+            "balancer_connections_handed_off_total",
+            "Connections handed to hand-off workers.",
+            n(&s.handed_off),
+        ),
+        (
+            "abandoned",
+            "balancer_connections_abandoned_total",
+            "Clients that closed before sending anything, with no backend connected yet.",
+            n(&s.abandoned),
+        ),
+        (
+            "no_backend",
+            "balancer_connections_no_backend_total",
+            "Clients closed with no worker in rotation.",
+            n(&s.no_backend),
+        ),
+        (
+            "connect_failed",
+            "balancer_connections_connect_failed_total",
+            "Clients closed after every worker tried failed.",
+            n(&s.connect_failed),
+        ),
+        (
+            "copy_failed",
+            "balancer_connections_reset_total",
+            "Proxied connections that failed mid-stream.",
+            n(&s.copy_failed),
+        ),
+        (
+            "idle_closed",
+            "balancer_connections_idle_closed_total",
+            "Connections closed by --idle-timeout.",
+            n(&s.idle_closed),
+        ),
+        (
+            "response_timeouts",
+            "balancer_connections_response_timeouts_total",
+            "Connections closed by --response-timeout (the worker did not answer).",
+            n(&s.response_timeouts),
+        ),
+        (
+            "accept_errors",
+            "balancer_accept_errors_total",
+            "accept() errors.",
+            n(&s.accept_errors),
+        ),
+    ]
+}
+
 fn status_json(view: &View) -> String {
-    let s = &view.proxy.stats;
+    let mut connections = serde_json::Map::new();
+    connections.insert("open".into(), view.conns.tracker.len().into());
+    for (name, _, _, value) in counters(&view.proxy.stats) {
+        connections.insert(name.into(), value.into());
+    }
     let v = serde_json::json!({
         "listen": view.listen.to_string(),
         "mode": view.config.mode.as_str(),
@@ -170,19 +244,7 @@ fn status_json(view: &View) -> String {
         "workers": workers_json(view),
         "spawns_per_slot": view.registry.spawns(),
         "upstreams": view.upstreams.status_json(),
-        "connections": {
-            "open": view.conns.tracker.len(),
-            "accepted": s.accepted.load(Ordering::Relaxed),
-            "completed": s.completed.load(Ordering::Relaxed),
-            "handed_off": s.handed_off.load(Ordering::Relaxed),
-            "abandoned": s.abandoned.load(Ordering::Relaxed),
-            "no_backend": s.no_backend.load(Ordering::Relaxed),
-            "connect_failed": s.connect_failed.load(Ordering::Relaxed),
-            "copy_failed": s.copy_failed.load(Ordering::Relaxed),
-            "idle_closed": s.idle_closed.load(Ordering::Relaxed),
-            "response_timeouts": s.response_timeouts.load(Ordering::Relaxed),
-            "accept_errors": s.accept_errors.load(Ordering::Relaxed),
-        },
+        "connections": connections,
     });
     format!("{v:#}\n")
 }
@@ -221,7 +283,6 @@ fn workers_json(view: &View) -> Vec<serde_json::Value> {
 }
 
 fn metrics(view: &View) -> String {
-    let s = &view.proxy.stats;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, value: u64| {
         let _ = writeln!(
@@ -229,51 +290,9 @@ fn metrics(view: &View) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     };
-    counter(
-        "balancer_connections_accepted_total",
-        "Client connections accepted.",
-        s.accepted.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_completed_total",
-        "Proxied connections that finished.",
-        s.completed.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_handed_off_total",
-        "Connections handed to hand-off workers.",
-        s.handed_off.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_no_backend_total",
-        "Clients closed with no worker in rotation.",
-        s.no_backend.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_connect_failed_total",
-        "Clients closed after every worker tried failed.",
-        s.connect_failed.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_reset_total",
-        "Proxied connections that failed mid-stream.",
-        s.copy_failed.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_idle_closed_total",
-        "Connections closed by --idle-timeout.",
-        s.idle_closed.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_connections_response_timeouts_total",
-        "Connections closed by --response-timeout (the worker did not answer).",
-        s.response_timeouts.load(Ordering::Relaxed),
-    );
-    counter(
-        "balancer_accept_errors_total",
-        "accept() errors.",
-        s.accept_errors.load(Ordering::Relaxed),
-    );
+    for (_, name, help, value) in counters(&view.proxy.stats) {
+        counter(name, help, value);
+    }
     let spawns: u64 = view.registry.spawns().iter().sum();
     counter(
         "balancer_worker_spawns_total",

@@ -7,8 +7,6 @@
 //! (`fixtures/handoff_worker.py`), which can refuse a connection, die holding one or sit on
 //! one while busy, things Node cannot be made to do on cue.
 
-mod json;
-
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -18,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::helper::*;
-use json::Json;
+use serde_json::Value as Json;
 
 /// How long workers may take from spawn to rotation: Node starts in about 100 ms and python
 /// in about 400 ms alone, but several tests run at once on a 2-core machine, and a start
@@ -182,14 +180,6 @@ fn assert_round_robin(pids: &[u32], answer: impl Fn() -> u32, b: &Balancer) {
     );
 }
 
-fn assert_no_panic(b: &Balancer) {
-    assert!(
-        !b.lines().iter().any(|l| looks_like_panic(l)),
-        "panic text in the log:\n{}",
-        b.dump()
-    );
-}
-
 /// Waits for the master's exit after a stop signal and asserts a clean one: status 0, the
 /// last log line `stopped`, no worker left alive.
 fn assert_clean_exit(b: &mut Balancer, timeout: Duration) {
@@ -224,7 +214,8 @@ fn admin_addr(b: &Balancer) -> SocketAddr {
 /// `GET /status` from the admin endpoint, parsed.
 fn admin_status(admin: SocketAddr) -> Json {
     let body = get_ok(admin, "/status");
-    Json::parse(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+    serde_json::from_str::<Json>(&body)
+        .unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
 }
 
 /// The value of the sample `name` (no labels) in a Prometheus text body.

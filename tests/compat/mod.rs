@@ -77,14 +77,6 @@ fn ready_port(b: &Balancer, pid: u32) -> u16 {
         .port()
 }
 
-fn assert_no_panic(b: &Balancer) {
-    assert!(
-        !b.lines().iter().any(|l| looks_like_panic(l)),
-        "panic text in the log:\n{}",
-        b.dump()
-    );
-}
-
 /// The pid at the end of a worker's body (`... pid 123`, `... pid=123`), or in the built-in
 /// worker's `... at pid: 123, host: h`.
 fn pid_in(body: &str) -> u32 {

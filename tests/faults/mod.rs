@@ -146,14 +146,6 @@ fn exit_status(line: &str) -> &str {
     rest.split(" last_stderr=").next().unwrap_or(rest)
 }
 
-fn assert_no_panic(b: &Balancer) {
-    assert!(
-        !b.lines().iter().any(|l| looks_like_panic(l)),
-        "panic text in the log:\n{}",
-        b.dump()
-    );
-}
-
 /// Prints the one summary line of a scenario (collected into `RESULTS.md`).
 fn summary(scenario: &str, fields: &[(&str, String)]) {
     let mut line = format!("faults: scenario={scenario}");

@@ -449,7 +449,17 @@ pub fn parse_debug_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(seconds))
 }
 
-/// The text a panic leaves on stderr; a user-facing error must never contain it.
+/// Asserts that the master's log has no panic text in it.
+pub fn assert_no_panic(b: &Balancer) {
+    assert!(
+        !b.lines().iter().any(|l| looks_like_panic(l)),
+        "panic text in the log:\n{}",
+        b.dump()
+    );
+}
+
+/// Whether a log line has the text a panic leaves on stderr; a user-facing error must never
+/// contain it.
 pub fn looks_like_panic(line: &str) -> bool {
     line.contains("panicked") || line.contains("RUST_BACKTRACE")
 }

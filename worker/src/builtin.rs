@@ -115,10 +115,7 @@ impl Settings {
             .filter(|v| !v.is_empty())
             .ok_or(BuiltinError::MissingListen)?;
         let bad = || BuiltinError::BadListen(raw.to_owned());
-        let addr = match raw.strip_prefix(':') {
-            Some(port) => SocketAddr::from(([0, 0, 0, 0], port.parse().map_err(|_| bad())?)),
-            None => raw.parse().map_err(|_| bad())?,
-        };
+        let addr = crate::protocol::parse_listen(raw).ok_or_else(bad)?;
         Ok(Self {
             mode,
             listen: Some(addr),

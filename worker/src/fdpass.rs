@@ -316,13 +316,9 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
     }
 
     /// How many received descriptors are waiting to be claimed.
-    pub fn queued_fds(&self) -> usize {
+    #[cfg(test)]
+    fn queued_fds(&self) -> usize {
         self.fds.len()
-    }
-
-    /// The socket this reader reads from.
-    pub fn get_ref(&self) -> &R {
-        &self.stream
     }
 
     /// Stream offset just past the bytes the decoder has consumed (lines returned and bytes

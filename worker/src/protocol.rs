@@ -37,6 +37,18 @@ pub const ENV_MODE: &str = "BALANCER_MODE";
 /// meaning, so workers ignore it in every other mode (they may inherit it).
 pub const ENV_LISTEN: &str = "BALANCER_LISTEN";
 
+/// Reads an address in the forms [`ENV_LISTEN`] (and the master's `--listen`) accept:
+/// `IP:PORT`, `[v6]:PORT`, or `:PORT` for every IPv4 address. `None` for anything else.
+pub fn parse_listen(raw: &str) -> Option<std::net::SocketAddr> {
+    match raw.strip_prefix(':') {
+        Some(port) => Some(std::net::SocketAddr::from((
+            [0, 0, 0, 0],
+            port.parse().ok()?,
+        ))),
+        None => raw.parse().ok(),
+    }
+}
+
 /// Most file descriptors one message may carry. Every message that carries handles today
 /// carries exactly one; the receiver sizes its control buffer for this many and closes the
 /// rest, so a peer cannot make it install an unbounded number of descriptors per read.
