@@ -66,8 +66,9 @@ pub struct Backend {
     /// clients it gets) is not replaced as hung.
     answered: AtomicU64,
     /// Cancelled to close every connection still open to this backend (a remote backend
-    /// whose address left DNS, once `--grace` is over). Local workers are stopped instead.
-    closing: CancellationToken,
+    /// whose address left DNS, once `--grace` is over). `None` for local workers: they are
+    /// stopped instead, and their connections pay nothing for it.
+    closing: Option<CancellationToken>,
 }
 
 impl Backend {
@@ -87,7 +88,6 @@ impl Backend {
         Self {
             key,
             slot,
-            upstream,
             addr,
             handoff,
             active: AtomicUsize::new(0),
@@ -95,18 +95,27 @@ impl Backend {
             connect_failures: AtomicU32::new(0),
             response_failures: AtomicU32::new(0),
             answered: AtomicU64::new(0),
-            closing: CancellationToken::new(),
+            closing: upstream.is_some().then(CancellationToken::new),
+            upstream,
         }
     }
 
     /// Closes every connection still forwarded to this backend (they end as aborted).
     pub fn close_connections(&self) {
-        self.closing.cancel();
+        if let Some(t) = &self.closing {
+            t.cancel();
+        }
     }
 
-    /// Resolves once [`close_connections`](Self::close_connections) is called.
+    /// Resolves once [`close_connections`](Self::close_connections) is called; never for a
+    /// local worker. Each call waits on a child token of its own: a connection's copy loop
+    /// polls this at every wake-up, and a child's lock is that connection's alone, where the
+    /// backend's token would be one lock for all its connections.
     pub async fn closed(&self) {
-        self.closing.cancelled().await;
+        match &self.closing {
+            Some(t) => t.child_token().cancelled_owned().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Open connections forwarded to this backend right now.
