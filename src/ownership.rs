@@ -221,10 +221,25 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         assert!(owns_listening_port(std::process::id(), port));
-        // A pid that holds nothing of ours (init's children scan still works; pid 1 is not
-        // our descendant and does not hold our socket).
+        // An ancestor owns it through its descendants (this process)…
+        assert!(owns_listening_port(1, port));
+        // …a process that is not an ancestor does not: a child of ours, which did not
+        // inherit the socket (std opens it close-on-exec).
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let owned_by_child = owns_listening_port(child.id(), port);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !owned_by_child,
+            "a child without the socket owns port {port}"
+        );
+        // Once closed, nobody does.
         drop(listener);
         assert!(!owns_listening_port(std::process::id(), port));
+        assert!(!owns_listening_port(1, port));
     }
 
     #[test]

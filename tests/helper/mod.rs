@@ -17,6 +17,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The unprivileged user (and group) `nobody`, for tests that need to run without root.
+pub const NOBODY: u32 = 65534;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_balancer");
 
@@ -68,7 +71,18 @@ impl Balancer {
 
     /// Starts `balancer ARGS...` with exactly these arguments (no `--listen` added).
     pub fn start_exact<S: AsRef<OsStr>>(args: &[S]) -> Balancer {
+        Balancer::start_exact_as(args, None)
+    }
+
+    /// [`start_exact`](Self::start_exact), as user and group `uid` if given (the test must
+    /// be root to change them): to see what an unprivileged master does where tests run as
+    /// root.
+    pub fn start_exact_as<S: AsRef<OsStr>>(args: &[S], uid: Option<u32>) -> Balancer {
         let mut cmd = Command::new(BIN);
+        if let Some(uid) = uid {
+            // std drops the supplementary groups too (setgroups) before setuid.
+            cmd.uid(uid).gid(uid);
+        }
         cmd.args(args);
         Balancer::spawn(cmd)
     }

@@ -166,17 +166,22 @@ mod tests {
 
     #[test]
     fn claims_open_descriptors_close_on_exec() {
-        // Two consecutive numbers far above what the other tests use.
+        // Two consecutive numbers far above what the other tests use. Another test thread
+        // may take a number in between: then try again higher up, a bounded number of times.
         let (r, w) = nix::unistd::pipe().expect("pipe");
-        let base = 700;
-        let a = fcntl(r.as_raw_fd(), FcntlArg::F_DUPFD(base)).expect("dup");
-        let b = fcntl(w.as_raw_fd(), FcntlArg::F_DUPFD(a + 1)).expect("dup");
-        if b != a + 1 {
+        let mut base = 700;
+        let a = loop {
+            assert!(base < 1700, "no two consecutive free descriptors above 700");
+            let a = fcntl(r.as_raw_fd(), FcntlArg::F_DUPFD(base)).expect("dup");
+            let b = fcntl(w.as_raw_fd(), FcntlArg::F_DUPFD(a + 1)).expect("dup");
+            if b == a + 1 {
+                break a;
+            }
             // Someone holds a + 1; do not claim a number we do not own.
             // SAFETY: `a` and `b` were just created by this test and are owned by nothing else.
             unsafe { drop((OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b))) };
-            return;
-        }
+            base = b + 1;
+        };
         // SAFETY: `a` and `a + 1` were just created by this test and nothing else owns them.
         let taken = unsafe { claim(a, 2) }.expect("claim");
         assert_eq!(taken.len(), 2);
