@@ -62,6 +62,17 @@ impl Admission {
     pub(super) fn cancel(&mut self) {
         self.task = None;
     }
+
+    /// Stops the probe of a `ready` that named `port`, if one is under way; whether there
+    /// was one.
+    pub(super) fn cancel_probe_of(&mut self, port: u16) -> bool {
+        if self.task.is_some() && self.probing == Some(port) {
+            self.task = None;
+            self.probing = None;
+            return true;
+        }
+        false
+    }
 }
 
 impl Worker {
@@ -118,6 +129,18 @@ impl Worker {
     pub(super) fn on_ready(&mut self, port: Option<u16>, features: &[String]) {
         self.spoke_ipc = true;
         self.supports_ping |= features.iter().any(|f| f == "ping");
+        if port.is_some() && port == self.node.balanced_port {
+            // A cluster worker announcing the port its own `listen()` asked for: that is the
+            // server balancer serves by hand-off (the worker never binds the port itself),
+            // admitted on its `listening`.
+            tracing::debug!(
+                slot = self.slot,
+                pid = self.pid,
+                ?port,
+                "ready names the worker's cluster server; admitted on its listening"
+            );
+            return;
+        }
         // A second `ready` while the first is being probed replaces it if it names another
         // port (a worker correcting itself); the same port again, or any `ready` once
         // admitted, is a duplicate.

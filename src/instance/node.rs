@@ -27,6 +27,9 @@ pub(super) struct Node {
     pub(super) online: bool,
     /// The key of the server balancer serves for this worker.
     balanced_key: Option<String>,
+    /// The port that server's `listen()` asked for: a `ready` naming it means that server
+    /// (the seed's `listen(port); process.send(`${port} ready`)`).
+    pub(super) balanced_port: Option<u16>,
     /// Handles sent outside hand-off that Node will acknowledge.
     pub(super) other_handles_unacked: u32,
 }
@@ -87,7 +90,24 @@ impl Worker {
         server: String,
     ) {
         let balanced = port > 0 && self.node.balanced_key.as_ref().is_none_or(|k| *k == server);
-        match answer_query(&self.ctx, port, address, address_type, balanced) {
+        let answer = answer_query(&self.ctx, port, address, address_type, balanced);
+        if balanced && !matches!(answer, Answer::Refuse(_)) {
+            if let Ok(port) = u16::try_from(port) {
+                self.node.balanced_port = Some(port);
+                // A `ready` for this port that came first (whatever the order of `listen`
+                // and `send`) is not probed as a port of the worker's own: the worker never
+                // binds it; its `listening` admits it.
+                if self.admission.cancel_probe_of(port) {
+                    tracing::debug!(
+                        slot = self.slot,
+                        pid = self.pid,
+                        port,
+                        "ready named the worker's cluster server; admitted on its listening"
+                    );
+                }
+            }
+        }
+        match answer {
             Answer::Key => {
                 let line = self.node.primary.reply_key(seq, &server);
                 self.node.balanced_key = Some(server);

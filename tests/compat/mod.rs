@@ -47,7 +47,7 @@ fn fixture(name: &str) -> String {
 
 /// The `node` executable. Panics when there is none: CI installs `nodejs`, so a missing Node
 /// is a broken environment, not a reason to pass.
-fn node() -> &'static str {
+pub(crate) fn node() -> &'static str {
     static NODE: OnceLock<Option<String>> = OnceLock::new();
     NODE.get_or_init(|| {
         let path = std::env::var_os("PATH")?;

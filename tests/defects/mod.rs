@@ -2,5 +2,6 @@
 //! with a test that failed on the code before its fix.
 
 mod half_close;
+mod node_seed;
 mod orphans;
 mod startup;
