@@ -176,6 +176,10 @@ pub struct Cli {
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 
+    /// `--protocol`, the HTTP path's flags and TLS termination (#12).
+    #[command(flatten)]
+    pub http: HttpArgs,
+
     #[command(subcommand)]
     pub subcommand: Option<Sub>,
 }
@@ -304,4 +308,59 @@ pub enum WorkerOutput {
     Inherit,
     /// Discarded.
     Ignore,
+}
+
+// ---- `--protocol`, HTTP and TLS flags (#12); validated in src/protocol.rs ----
+
+/// `--protocol` and the flags of the HTTP path and of TLS termination.
+#[derive(Debug, clap::Args)]
+pub struct HttpArgs {
+    /// What the master speaks to clients (--mode proxy): `tcp` forwards each connection's
+    /// bytes to one worker; `http` balances each request (--balance per request, least-conn
+    /// counting requests in flight) over pooled keep-alive connections to the workers.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+    pub protocol: ProtocolArg,
+
+    /// http: a worker that takes longer than this to answer gets the client a 504
+    /// (default 60s).
+    #[arg(long, value_name = "DURATION")]
+    pub request_timeout: Option<String>,
+
+    /// http: a client must send a whole request head within this, or gets a 408 and is
+    /// closed (default 10s). --idle-timeout closes idle keep-alive clients.
+    #[arg(long, value_name = "DURATION")]
+    pub header_timeout: Option<String>,
+
+    /// http: largest request body, in bytes (K, M, G suffixes: powers of 1024); larger is
+    /// a 413. Default: no limit.
+    #[arg(long, value_name = "SIZE")]
+    pub max_body: Option<String>,
+
+    /// http: peers whose X-Forwarded-For/-Proto/-Host and Forwarded headers are kept and
+    /// appended to (IP or CIDR, comma-separated). From anyone else they are replaced.
+    #[arg(long, value_name = "CIDR,...")]
+    pub trusted_proxies: Option<String>,
+
+    /// http: log one line per request (client, method, path, status, bytes, duration,
+    /// backend) at info level, target `balancer::access`.
+    #[arg(long)]
+    pub access_log: bool,
+
+    /// Terminate TLS on the listener with this certificate chain (PEM, leaf first). In
+    /// http mode ALPN offers h2 and http/1.1. SIGHUP reloads it (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// See [`HttpArgs::protocol`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    /// Per-connection byte forwarding.
+    Tcp,
+    /// Per-request HTTP balancing.
+    Http,
 }

@@ -80,6 +80,8 @@ pub struct Config {
     pub worker_output: WorkerOutput,
     /// Remote backends (`--upstream`, `--resolver`, `--resolve-interval`).
     pub upstream: crate::upstream::Settings,
+    /// `--protocol`, the HTTP path and TLS (#12).
+    pub data: crate::protocol::DataConfig,
 }
 
 impl TryFrom<&Cli> for Config {
@@ -139,6 +141,11 @@ impl TryFrom<&Cli> for Config {
             response_timeout: Some(parse_duration("--response-timeout", &cli.response_timeout)?)
                 .filter(|d| !d.is_zero()),
             upstream: parse_upstream(cli)?,
+            data: crate::protocol::DataConfig::parse(
+                &cli.http,
+                cli.mode,
+                Some(parse_duration("--idle-timeout", &cli.idle_timeout)?).filter(|d| !d.is_zero()),
+            )?,
         };
         check_upstreams(&config)?;
         Ok(config)

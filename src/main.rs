@@ -18,6 +18,7 @@ mod instance;
 mod orphans;
 mod output;
 mod ownership;
+mod protocol;
 mod signals;
 mod status;
 mod supervisor;
@@ -134,6 +135,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         },
         max_conns,
     ));
+    let data = Arc::new(protocol::DataPath::new(&config.data, Arc::clone(&proxy))?);
     let stop_accepting = tokio_util::sync::CancellationToken::new();
     let conns = Connections::default();
 
@@ -144,7 +146,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
     supervisor_runtime.block_on(async {
         let mut signals = Signals::install().context("installing signal handlers")?;
         let start_proxy = |listeners| {
-            start_proxy_threads(listeners, &proxy, &stop_accepting, &conns).context("starting the proxy threads")
+            start_proxy_threads(listeners, &data, &stop_accepting, &conns).context("starting the proxy threads")
         };
         // Socket-activated, the connection that woke the service is already queued: accept
         // only once a worker can take it, so it waits in the backlog instead of failing.
@@ -153,7 +155,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         } else {
             (start_proxy(bound.proxy_listeners)?, None)
         };
-        tracing::info!(addr = %local, workers = config.workers, upstreams = config.upstream.upstreams.len(), mode = %config.mode, max_conns, socket_activated, "listening");
+        tracing::info!(addr = %local, workers = config.workers, upstreams = config.upstream.upstreams.len(), mode = %config.mode, protocol = %config.data.protocol, tls = config.data.tls.is_some(), max_conns, socket_activated, "listening");
         if !socket_activated {
             log_listen_name(&config, local);
         }
@@ -176,6 +178,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
                 reload: reload.clone(),
                 token: config.admin_token.clone(),
                 upstreams: Arc::clone(&upstream_table),
+                http: data.http().cloned(),
             };
             tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
         }
@@ -217,6 +220,7 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
             match intent {
                 Intent::Graceful => break,
                 Intent::Reload => {
+                    data.reload_tls();
                     // A full queue means a reload is already pending: this one coalesces.
                     if reload.try_send(()).is_ok() {
                         tracing::info!("SIGHUP: rolling reload requested");
@@ -301,7 +305,7 @@ async fn next_stop_signal(signals: &mut Signals) {
 /// connection (of all threads) is done.
 fn start_proxy_threads(
     listeners: Vec<std::net::TcpListener>,
-    proxy: &Arc<Proxy>,
+    data: &Arc<protocol::DataPath>,
     stop_accepting: &tokio_util::sync::CancellationToken,
     conns: &Connections,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
@@ -312,12 +316,12 @@ fn start_proxy_threads(
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (proxy, stop, conns) = (Arc::clone(proxy), stop_accepting.clone(), conns.clone());
+            let (data, stop, conns) = (Arc::clone(data), stop_accepting.clone(), conns.clone());
             std::thread::Builder::new()
                 .name(format!("balancer-proxy-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        proxy::serve(listener, proxy, stop, conns.clone()).await;
+                        data.serve(listener, stop, conns.clone()).await;
                         conns.tracker.wait().await;
                     });
                 })

@@ -290,7 +290,11 @@ fn sockaddr(storage: &libc::sockaddr_storage) -> SocketAddr {
     }
 }
 
-fn record(stats: &Stats, peer: std::net::SocketAddr, result: Result<Forwarded, ForwardError>) {
+pub(crate) fn record(
+    stats: &Stats,
+    peer: std::net::SocketAddr,
+    result: Result<Forwarded, ForwardError>,
+) {
     let counter = match &result {
         Ok(Forwarded::Copied(_)) => &stats.completed,
         Ok(Forwarded::HandedOff { .. }) => &stats.handed_off,

@@ -29,8 +29,15 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::backends::Backends;
-use crate::forward::{ForwardConfig, ForwardError, Transfer};
+use crate::forward::{ForwardConfig, ForwardError, Forwarded, Transfer};
+use crate::server::{accept_loop, record, Connections, Proxy};
+
+/// How long a tcp-mode client may take to finish its TLS handshake: as long as an HTTP
+/// client may take to send its head, so a stalled handshake holds a permit no longer.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a certificate or key could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +249,34 @@ impl AsyncWrite for ClientStream {
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// The tcp path with TLS terminated: accepts on `listener` like [`crate::serve`] and, for
+/// each client, runs the handshake and forwards the decrypted bytes ([`forward`]).
+pub async fn serve(
+    listener: std::net::TcpListener,
+    proxy: Arc<Proxy>,
+    tls: Arc<Tls>,
+    stop: CancellationToken,
+    conns: Connections,
+) {
+    let shared = Arc::clone(&proxy);
+    accept_loop(listener, &proxy, stop, &conns, move |client, peer| {
+        let (proxy, tls) = (Arc::clone(&shared), Arc::clone(&tls));
+        async move {
+            let result = forward(
+                &tls,
+                client,
+                peer,
+                &proxy.backends,
+                &proxy.forward,
+                HANDSHAKE_TIMEOUT,
+            )
+            .await;
+            record(&proxy.stats, peer, result.map(Forwarded::Copied));
+        }
+    })
+    .await;
 }
 
 /// The tcp path with TLS: runs the handshake (within `handshake_timeout`), connects to a

@@ -78,6 +78,8 @@ pub struct View {
     pub token: Option<Token>,
     /// Remote backends and upstream names (#11).
     pub upstreams: Arc<crate::upstream::Table>,
+    /// The HTTP path's request counters (`--protocol http`), for /metrics.
+    pub http: Option<Arc<proxy::http::Http>>,
 }
 
 /// The `--admin-token` secret; its `Debug` does not show it.

@@ -315,5 +315,20 @@ fn metrics(view: &View) -> String {
         let _ = writeln!(out, "balancer_workers{{state=\"{state}\"}} {n}");
     }
     view.upstreams.write_metrics(&mut out);
+    if let Some(http) = &view.http {
+        // --protocol http: requests by status class, the latency histogram, and requests
+        // in flight per backend.
+        http.stats.render(&mut out);
+        let _ = writeln!(out, "# HELP balancer_backend_requests_in_flight Requests in flight per backend.\n# TYPE balancer_backend_requests_in_flight gauge");
+        for b in view.proxy.backends.snapshot().iter() {
+            let _ = writeln!(
+                out,
+                "balancer_backend_requests_in_flight{{slot=\"{}\",addr=\"{}\"}} {}",
+                b.slot,
+                b.addr,
+                b.active()
+            );
+        }
+    }
     out
 }

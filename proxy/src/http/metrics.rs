@@ -165,7 +165,7 @@ impl<B> Tracked<B> {
                 bytes = self.bytes,
                 duration_ms = took.as_secs_f64() * 1e3,
                 backend = %f.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
-                "request"
+                "access"
             );
         }
     }
