@@ -315,9 +315,11 @@ impl<R: AsRef<UnixStream>> FdReader<R> {
         None
     }
 
-    /// How many received descriptors are waiting to be claimed.
-    #[cfg(test)]
-    fn queued_fds(&self) -> usize {
+    /// How many received descriptors are waiting to be claimed. For tests and the fuzz
+    /// target (`fuzz/fuzz_targets/fd_reader.rs`, built with `--cfg fuzzing`), which check the
+    /// queue's bound.
+    #[cfg(any(test, fuzzing))]
+    pub fn queued_fds(&self) -> usize {
         self.fds.len()
     }
 
