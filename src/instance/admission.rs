@@ -82,7 +82,12 @@ impl Worker {
     pub(super) fn admit_unannounced(&mut self) {
         let config = &self.ctx.config;
         let gate = match (config.mode, config.ready, self.admission.assigned_port) {
-            (Mode::Proxy, ReadyArg::Port, Some(port)) => Some(Gate::Probe(port, None)),
+            // With an HTTP check, the port must pass it once before the first client: a
+            // worker that accepts and never answers is not admitted, and fails its start at
+            // the ready timeout (with backoff) instead of taking clients.
+            (Mode::Proxy, ReadyArg::Port, Some(port)) => {
+                Some(Gate::Probe(port, http_check(config)))
+            }
             (Mode::ReusePort, ReadyArg::Port, _) => Some(Gate::Listens),
             (_, ReadyArg::Spawn, _) => Some(Gate::Trust),
             _ => None,
@@ -225,6 +230,16 @@ pub(super) enum Gate {
     /// Nothing to check: shared mode, where a worker that is not yet accepting takes no
     /// connections, or `--ready spawn`.
     Trust,
+}
+
+/// The HTTP path a `--ready port` worker must answer before admission, when its checks are
+/// HTTP.
+fn http_check(config: &crate::config::Config) -> Option<String> {
+    let builtin = config.program == WorkerProgram::Builtin;
+    match config.health.kind.resolve(builtin, false, true) {
+        Check::Http(path) => Some(path),
+        _ => None,
+    }
 }
 
 /// The gate for a `ready` message, or why the message cannot be admitted.

@@ -4,4 +4,5 @@
 mod half_close;
 mod node_seed;
 mod orphans;
+mod ready_port;
 mod startup;
