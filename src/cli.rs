@@ -208,6 +208,20 @@ pub enum Sub {
     Status(StatusArgs),
     /// Replace every worker, one at a time, as SIGHUP does.
     Reload(ClientArgs),
+    /// Change the number of workers: N, +K or -K (as SIGTTIN/SIGTTOU by one). A removed
+    /// worker leaves rotation and drains before it stops.
+    Scale(ScaleArgs),
+}
+
+/// `balancer scale`.
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    /// N (exactly), +K (more) or -K (fewer).
+    #[arg(allow_hyphen_values = true, value_name = "N|+K|-K")]
+    pub workers: String,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `balancer status`.

@@ -13,6 +13,7 @@ mod cli;
 mod client;
 mod config;
 mod config_file;
+mod control;
 mod health;
 mod instance;
 mod orphans;
@@ -39,6 +40,9 @@ use instance::StopTokens;
 use proxy::{Backends, Connections, ForwardConfig, Proxy};
 use signals::{Intent, Signals};
 
+/// Scale requests queued for the supervisor (signals and admin requests); more are dropped
+/// with a warning. A reload in progress does not hold them up.
+const SCALE_QUEUE: usize = 16;
 /// After the grace period, how long aborted connections get to be torn down.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -61,8 +65,9 @@ fn main() -> ExitCode {
         Some(Sub::Health(ref args)) => client::health(args),
         Some(Sub::Status(ref args)) => client::status(args),
         Some(Sub::Reload(ref args)) => client::reload(args),
+        Some(Sub::Scale(ref args)) => client::scale(args),
         None if cli.check => Config::try_from(&cli).map(|_| println!("configuration ok")),
-        None => run_master(&cli),
+        None => run_master(&cli, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,7 +101,7 @@ fn init_logging(verbose: u8, quiet: u8) {
         .init();
 }
 
-fn run_master(cli: &Cli) -> anyhow::Result<()> {
+fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     // First, before anything opens a file or starts a thread: a socket-activated master
     // serves on the listener systemd passed (fd 3), and the watchdog variables are taken.
     let activated = systemd::inherited_listener()?;
@@ -166,38 +171,48 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
         let upstream_table = Arc::new(upstream::Table::default());
         let upstreams = upstream::Upstreams::new(config.upstream.clone())?;
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
-        if let Some(addr) = &config.admin {
-            let listener = admin::Listener::bind(addr)?;
-            tracing::info!(addr = %listener.local(), "admin endpoint listening");
-            let view = admin::View {
-                config: Arc::clone(&config),
-                listen: local,
-                proxy: Arc::clone(&proxy),
-                conns: conns.clone(),
-                registry: Arc::clone(&registry),
-                reload: reload.clone(),
-                token: config.admin_token.clone(),
-                upstreams: Arc::clone(&upstream_table),
-                http: data.http().cloned(),
-            };
-            tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
-        }
         let upstream_task = tokio::spawn(upstreams.run(
             Arc::clone(&backends),
             config.health.clone(),
             config.grace,
-            upstream_table,
+            Arc::clone(&upstream_table),
             stop.graceful.clone(),
         ));
-        let ctx = instance::Context::new(
+        let (scale, scales) = tokio::sync::mpsc::channel(SCALE_QUEUE);
+        let ctx = Arc::new(instance::Context::new(
             Arc::clone(&config),
             Arc::clone(&proxy),
             conns.clone(),
             local,
             bound.shared_listener,
             Arc::clone(&registry),
-        );
-        let mut supervisor = tokio::spawn(supervisor::run(Arc::new(ctx), stop.clone(), reloads));
+        ));
+        if let Some(addr) = &config.admin {
+            let listener = admin::Listener::bind(addr)?;
+            tracing::info!(addr = %listener.local(), "admin endpoint listening");
+            let view = admin::View {
+                config: Arc::clone(&config),
+                ctx: Arc::clone(&ctx),
+                listen: local,
+                proxy: Arc::clone(&proxy),
+                conns: conns.clone(),
+                registry: Arc::clone(&registry),
+                reload: reload.clone(),
+                scale: scale.clone(),
+                token: config.admin_token.clone(),
+                upstreams: Arc::clone(&upstream_table),
+                http: data.http().cloned(),
+            };
+            tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
+        }
+        let controls = control::Controls {
+            args,
+            has_file: cli.config.is_some(),
+            ctx: Arc::clone(&ctx),
+            reload,
+            scale,
+        };
+        let mut supervisor = tokio::spawn(supervisor::run(ctx, stop.clone(), reloads, scales));
 
         if let Some(interval) = watchdog {
             tokio::spawn(systemd::watchdog(interval));
@@ -221,13 +236,10 @@ fn run_master(cli: &Cli) -> anyhow::Result<()> {
                 Intent::Graceful => break,
                 Intent::Reload => {
                     data.reload_tls();
-                    // A full queue means a reload is already pending: this one coalesces.
-                    if reload.try_send(()).is_ok() {
-                        tracing::info!("SIGHUP: rolling reload requested");
-                    } else {
-                        tracing::info!("SIGHUP: a reload is already pending; coalesced");
-                    }
+                    controls.on_hangup();
                 }
+                Intent::ScaleUp => controls.request_scale(control::ScaleTo::Up(1), "SIGTTIN"),
+                Intent::ScaleDown => controls.request_scale(control::ScaleTo::Down(1), "SIGTTOU"),
             }
         }
 
@@ -294,9 +306,10 @@ fn log_listen_name(config: &Config, local: std::net::SocketAddr) {
     }
 }
 
-/// Resolves on the next SIGTERM or SIGINT (SIGHUP is ignored while stopping).
+/// Resolves on the next SIGTERM or SIGINT (SIGHUP, SIGTTIN and SIGTTOU are ignored while
+/// stopping).
 async fn next_stop_signal(signals: &mut Signals) {
-    while signals.next().await == Intent::Reload {}
+    while signals.next().await != Intent::Graceful {}
 }
 
 /// Runs one proxy thread per listener, each with its own current-thread runtime: a

@@ -10,8 +10,12 @@ pub enum Intent {
     /// SIGTERM, or SIGINT from a terminal: stop accepting, drain open connections up to
     /// `--grace`, stop the workers. A second one stops at once (see `main`).
     Graceful,
-    /// SIGHUP: rolling reload of the workers.
+    /// SIGHUP: rolling reload of the workers (re-reading `--config` first).
     Reload,
+    /// SIGTTIN: one worker more (as in Gunicorn).
+    ScaleUp,
+    /// SIGTTOU: one worker fewer.
+    ScaleDown,
 }
 
 /// The master's signal handlers. Installed before any worker is spawned, so an early
@@ -21,15 +25,19 @@ pub struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    ttin: Signal,
+    ttou: Signal,
 }
 
 impl Signals {
-    /// Installs handlers for SIGTERM, SIGINT and SIGHUP.
+    /// Installs handlers for SIGTERM, SIGINT, SIGHUP, SIGTTIN and SIGTTOU.
     pub fn install() -> io::Result<Self> {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
         })
     }
 
@@ -39,6 +47,8 @@ impl Signals {
             _ = self.term.recv() => Intent::Graceful,
             _ = self.int.recv() => Intent::Graceful,
             _ = self.hup.recv() => Intent::Reload,
+            _ = self.ttin.recv() => Intent::ScaleUp,
+            _ = self.ttou.recv() => Intent::ScaleDown,
         }
     }
 }

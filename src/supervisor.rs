@@ -1,16 +1,20 @@
-//! The supervisor: keeps one worker alive in each of N slots, and replaces them one slot at
-//! a time on a rolling reload.
+//! The supervisor: keeps one worker alive in each of N slots, replaces them one slot at a
+//! time on a rolling reload, and adds or removes slots when scaled.
 //!
 //! Each slot is one task that reads straight through (see `docs/LIFECYCLE.md`): start an
 //! [`Instance`] → it runs until it ends → respawn after backoff. A reload asks each slot in
 //! turn to start a second instance, wait until it is admitted, then retire the old one.
+//! Scaling up starts slots N, N+1, …; scaling down retires the highest slots: each worker
+//! leaves rotation, drains (up to `--grace`) and stops, and its slot ends without a respawn.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
+use crate::control::{ScaleRequest, Scaled};
 use crate::instance::{Context, Instance, StopTokens};
 
 /// First respawn delay for a worker that died before becoming ready.
@@ -28,46 +32,69 @@ const ORPHAN_REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// A request to a slot to replace its worker; answered with why it could not.
 type ReloadRequest = oneshot::Sender<Result<(), String>>;
 
-/// Runs `ctx.config.workers` slots until `stop.graceful` is cancelled and every worker has been
+/// A running slot, as the supervisor steers it.
+#[derive(Debug)]
+struct SlotHandle {
+    /// Asks it to replace its worker (a rolling reload's step).
+    reload: mpsc::Sender<ReloadRequest>,
+    /// Scaled away: retire the worker and end the slot.
+    remove: CancellationToken,
+}
+
+/// Runs `ctx.desired()` slots until `stop.graceful` is cancelled and every worker has been
 /// stopped and reaped. Each message on `reloads` asks for a rolling reload; requests that
-/// arrive during a reload are coalesced into one more. Must run on a thread that lives as
-/// long as the master (see [`crate::child::spawn`]).
-pub async fn run(ctx: Arc<Context>, stop: StopTokens, mut reloads: mpsc::Receiver<()>) {
-    let mut slots = JoinSet::new();
-    let mut slot_reloads = Vec::new();
-    for slot in 0..ctx.config.workers {
-        let (tx, rx) = mpsc::channel::<ReloadRequest>(1);
-        slot_reloads.push(tx);
-        slots.spawn(run_slot(slot, Arc::clone(&ctx), stop.clone(), rx));
+/// arrive during a reload are coalesced into one more. Each message on `scales` changes the
+/// number of slots, also during a reload. Must run on a thread that lives as long as the
+/// master (see [`crate::child::spawn`]).
+pub async fn run(
+    ctx: Arc<Context>,
+    stop: StopTokens,
+    mut reloads: mpsc::Receiver<()>,
+    mut scales: mpsc::Receiver<ScaleRequest>,
+) {
+    let mut tasks = JoinSet::new();
+    let mut slots: Vec<SlotHandle> = Vec::new();
+    for _ in 0..ctx.desired() {
+        add_slot(&mut slots, &mut tasks, &ctx, &stop);
     }
     // Processes that workers left behind and that exit by themselves are reaped by pid (see
     // `orphans`); the ones still running are stopped when a worker ends and at the end.
     let mut reap = tokio::time::interval(ORPHAN_REAP_INTERVAL);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reloading: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+        None;
     loop {
         tokio::select! {
             _ = stop.graceful.cancelled() => break,
             _ = reap.tick() => {
                 ctx.orphans.reap_exited();
             }
-            request = reloads.recv() => {
+            request = reloads.recv(), if reloading.is_none() => {
                 if request.is_none() {
                     break;
                 }
                 // Coalesce: everything already queued is served by this one reload.
                 while reloads.try_recv().is_ok() {}
                 crate::systemd::reloading();
-                tokio::select! {
-                    _ = stop.graceful.cancelled() => break,
-                    _ = rolling_reload(&slot_reloads) => {}
-                }
+                let steps: Vec<_> = slots.iter().map(|s| s.reload.clone()).collect();
+                reloading = Some(Box::pin(rolling_reload(steps)));
+            }
+            () = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
+                reloading = None;
                 // Done or aborted, the service serves again (with the old workers where the
                 // reload stopped).
                 crate::systemd::ready(ctx.in_rotation(), ctx.listen);
             }
+            Some(request) = scales.recv() => {
+                let answer = scale(&request, &mut slots, &mut tasks, &ctx, &stop);
+                if let Some(reply) = request.reply {
+                    let _ = reply.send(answer);
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    while slots.join_next().await.is_some() {}
+    while tasks.join_next().await.is_some() {}
     // Every worker is reaped: whatever is still re-parented to the master goes now.
     let patience = if stop.force.is_cancelled() {
         Duration::ZERO
@@ -83,15 +110,66 @@ pub async fn run(ctx: Arc<Context>, stop: StopTokens, mut reloads: mpsc::Receive
     }
 }
 
+/// Starts slot number `slots.len()`.
+fn add_slot(
+    slots: &mut Vec<SlotHandle>,
+    tasks: &mut JoinSet<()>,
+    ctx: &Arc<Context>,
+    stop: &StopTokens,
+) {
+    let (reload, rx) = mpsc::channel::<ReloadRequest>(1);
+    let remove = CancellationToken::new();
+    let slot = slots.len();
+    tasks.spawn(run_slot(
+        slot,
+        Arc::clone(ctx),
+        stop.clone(),
+        rx,
+        remove.clone(),
+    ));
+    slots.push(SlotHandle { reload, remove });
+}
+
+/// Carries out one scale request: adds slots, or removes the highest ones (each retires its
+/// worker: out of rotation, drained, stopped). Never fewer than one slot while there are no
+/// remote upstreams: there would be nothing to serve.
+fn scale(
+    request: &ScaleRequest,
+    slots: &mut Vec<SlotHandle>,
+    tasks: &mut JoinSet<()>,
+    ctx: &Arc<Context>,
+    stop: &StopTokens,
+) -> Result<Scaled, String> {
+    let from = slots.len();
+    let min = usize::from(ctx.config().upstream.upstreams.is_empty());
+    let to = request.to.target(from, min).inspect_err(|why| {
+        tracing::warn!(requested_by = request.from, reason = %why, "scale refused");
+    })?;
+    if to != from {
+        tracing::info!(from, to, requested_by = request.from, "scaling workers");
+    }
+    ctx.set_desired(to);
+    while slots.len() < to {
+        add_slot(slots, tasks, ctx, stop);
+    }
+    while slots.len() > to {
+        if let Some(gone) = slots.pop() {
+            gone.remove.cancel();
+        }
+    }
+    Ok(Scaled { from, to })
+}
+
 /// Replaces every slot's worker, one slot at a time; stops at the first slot whose new
 /// worker does not become ready (its old worker keeps serving).
-async fn rolling_reload(slots: &[mpsc::Sender<ReloadRequest>]) {
+async fn rolling_reload(slots: Vec<mpsc::Sender<ReloadRequest>>) {
     let started = Instant::now();
     tracing::info!(workers = slots.len(), "rolling reload started");
     for (slot, tx) in slots.iter().enumerate() {
         let (reply, answer) = oneshot::channel();
         if tx.send(reply).await.is_err() {
-            return;
+            // Scaled away meanwhile: nothing to replace there.
+            continue;
         }
         match answer.await {
             Ok(Ok(())) => {}
@@ -99,7 +177,8 @@ async fn rolling_reload(slots: &[mpsc::Sender<ReloadRequest>]) {
                 tracing::error!(slot, reason = %why, "rolling reload aborted; the remaining old workers keep serving");
                 return;
             }
-            Err(_) => return,
+            // Scaled away while replacing.
+            Err(_) => continue,
         }
     }
     tracing::info!(elapsed = ?started.elapsed(), "rolling reload done");
@@ -111,14 +190,22 @@ async fn run_slot(
     ctx: Arc<Context>,
     stop: StopTokens,
     mut reloads: mpsc::Receiver<ReloadRequest>,
+    remove: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
-    'respawn: while !stop.graceful.is_cancelled() {
+    'respawn: while !stop.graceful.is_cancelled() && !remove.is_cancelled() {
         let started = Instant::now();
         let mut current = Instance::start(slot, Arc::clone(&ctx), stop.clone());
         let ending = loop {
             tokio::select! {
                 ending = current.finished() => break ending,
+                () = remove.cancelled() => {
+                    // Scaled away: out of rotation, drained up to --grace, stopped.
+                    current.retire();
+                    let ending = current.finished().await;
+                    tracing::info!(slot, reason = %ending.reason, "slot removed by scaling");
+                    return;
+                }
                 Some(reply) = reloads.recv() => {
                     let mut next = Instance::start(slot, Arc::clone(&ctx), stop.clone());
                     if next.wait_ready().await {
@@ -156,6 +243,7 @@ async fn run_slot(
             }
             tokio::select! {
                 _ = stop.graceful.cancelled() => break 'respawn,
+                () = remove.cancelled() => break 'respawn,
                 _ = tokio::time::sleep(delay) => {}
             }
         }

@@ -74,12 +74,16 @@ pub struct View {
     pub registry: Arc<Registry>,
     /// Asks the supervisor for a rolling reload (a full queue: one is already pending).
     pub reload: mpsc::Sender<()>,
+    /// Asks the supervisor to change the worker count.
+    pub scale: mpsc::Sender<crate::control::ScaleRequest>,
     /// What changes over TCP need.
     pub token: Option<Token>,
     /// Remote backends and upstream names (#11).
     pub upstreams: Arc<crate::upstream::Table>,
     /// The HTTP path's request counters (`--protocol http`), for /metrics.
     pub http: Option<Arc<proxy::http::Http>>,
+    /// The supervisor's shared state (the desired worker count).
+    pub ctx: Arc<crate::instance::Context>,
 }
 
 /// The `--admin-token` secret; its `Debug` does not show it.
@@ -96,6 +100,12 @@ impl Token {
     fn matches(&self, presented: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
         self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other.0.as_bytes())
     }
 }
 
@@ -165,7 +175,7 @@ where
     let activity = Arc::clone(&stream.last);
     let service = hyper::service::service_fn(move |req| {
         let view = view.clone();
-        async move { Ok::<_, std::convert::Infallible>(routes::answer(&view, peer, &req)) }
+        async move { Ok::<_, std::convert::Infallible>(routes::answer(&view, peer, &req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

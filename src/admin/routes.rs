@@ -1,7 +1,7 @@
 //! What the admin endpoint answers: `GET /status` (JSON), `GET /metrics` (Prometheus text),
 //! `GET /healthz` (200 while at least one worker is in rotation, else 503, for an
 //! orchestrator's readiness probe), and the changes `POST /reload` (a rolling reload, as
-//! SIGHUP). Reads take `GET` or `HEAD`, changes `POST` (`405` otherwise); no request body is
+//! SIGHUP) and `POST /scale?workers=N` (or `+K`, `-K`: as SIGTTIN/SIGTTOU, by any amount). Reads take `GET` or `HEAD`, changes `POST` (`405` otherwise); no request body is
 //! read.
 
 use std::fmt::Write as _;
@@ -19,11 +19,18 @@ use crate::instance::State;
 use super::{Peer, View};
 
 /// Paths that change something: `POST` only, and authorized (see [`refusal`]).
-const CHANGES: [&str; 1] = ["/reload"];
+const CHANGES: [&str; 2] = ["/reload", "/scale"];
+/// How long `POST /scale` waits for the supervisor's answer (it answers at once unless the
+/// master is stopping).
+const SCALE_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The response to `req`, which came over `peer`.
-pub(super) fn answer(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let mut res = route(view, peer, req);
+pub(super) async fn answer(
+    view: &View,
+    peer: Peer,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let mut res = route(view, peer, req).await;
     if !req.body().is_end_stream() {
         // The body is never read: closing after the answer leaves nothing to trickle.
         res.headers_mut().insert(
@@ -34,7 +41,7 @@ pub(super) fn answer(view: &View, peer: Peer, req: &Request<Incoming>) -> Respon
     res
 }
 
-fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let change = CHANGES.contains(&path);
     let (allowed, allow) = if change {
@@ -68,6 +75,7 @@ fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Byte
         }
         return match path {
             "/reload" => reload(view),
+            "/scale" => scale(view, req.uri().query().unwrap_or("")).await,
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         };
     }
@@ -94,7 +102,8 @@ fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Full<Byte
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try GET /status, /metrics, /healthz or POST /reload\n".into(),
+            "not found: try GET /status, /metrics, /healthz or POST /reload, /scale?workers=N\n"
+                .into(),
         ),
     };
     reply(status, kind, body)
@@ -150,6 +159,73 @@ fn reload(view: &View) -> Response<Full<Bytes>> {
     };
     tracing::info!("admin: {said}");
     reply(StatusCode::ACCEPTED, "text/plain", format!("{said}\n"))
+}
+
+/// `POST /scale?workers=N` (or `+K`, `-K`, with `+` sent as `%2B`): asks the supervisor
+/// and says what it did (`200 workers 2 -> 3`) or why not (`409`).
+async fn scale(view: &View, query: &str) -> Response<Full<Bytes>> {
+    use crate::control::{ScaleRequest, ScaleTo, Scaled};
+    let text = |status, body: String| reply(status, "text/plain", body);
+    let Some(raw) = query_param(query, "workers") else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected POST /scale?workers=N (or +K, -K; + as %2B)\n".into(),
+        );
+    };
+    let to = match ScaleTo::parse(&raw) {
+        Ok(to) => to,
+        Err(why) => return text(StatusCode::BAD_REQUEST, format!("workers={why}\n")),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let request = ScaleRequest {
+        to,
+        from: "admin",
+        reply: Some(tx),
+    };
+    if view.scale.try_send(request).is_err() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many scale requests pending\n".into(),
+        );
+    }
+    match tokio::time::timeout(SCALE_ANSWER, rx).await {
+        Ok(Ok(Ok(Scaled { from, to }))) => {
+            text(StatusCode::OK, format!("workers {from} -> {to}\n"))
+        }
+        Ok(Ok(Err(why))) => text(StatusCode::CONFLICT, format!("{why}\n")),
+        _ => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the supervisor did not answer (stopping?)\n".into(),
+        ),
+    }
+}
+
+/// The percent-decoded value of `name` in a query string (`+` stays `+`: these are not
+/// form submissions, and `workers=+1` is what a person types).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn reply(status: StatusCode, kind: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -237,7 +313,8 @@ fn status_json(view: &View) -> String {
     let v = serde_json::json!({
         "listen": view.listen.to_string(),
         "mode": view.config.mode.as_str(),
-        "workers_wanted": view.config.workers,
+        "workers_wanted": view.ctx.desired(),
+        "workers_running": view.registry.workers().len(),
         "in_rotation": view.proxy.backends.len(),
         "down_alive": view.proxy.backends.down(),
         "panic": view.proxy.backends.panicking(),
@@ -331,4 +408,26 @@ fn metrics(view: &View) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param("workers=3", "workers").as_deref(), Some("3"));
+        assert_eq!(
+            query_param("a=1&workers=%2B2", "workers").as_deref(),
+            Some("+2")
+        );
+        assert_eq!(query_param("workers=+1", "workers").as_deref(), Some("+1"));
+        assert_eq!(query_param("workers=-1", "workers").as_deref(), Some("-1"));
+        assert_eq!(query_param("workersx=1", "workers"), None);
+        assert_eq!(query_param("", "workers"), None);
+        assert_eq!(
+            query_param("workers=%zz", "workers").as_deref(),
+            Some("%zz")
+        );
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::admin::AdminAddr;
-use crate::cli::{ClientArgs, StatusArgs};
+use crate::cli::{ClientArgs, ScaleArgs, StatusArgs};
 pub use transport::Reply;
 
 /// A master's admin endpoint, as the subcommands reach it.
@@ -91,6 +91,18 @@ pub fn reload(args: &ClientArgs) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_args(args)?;
     let reply = endpoint.call(hyper::Method::POST, "/reload")?;
     let said = endpoint.expect_ok("/reload", reply)?;
+    print(&said)
+}
+
+/// `balancer scale N|+K|-K`: prints what the master did (`workers 2 -> 3`).
+pub fn scale(args: &ScaleArgs) -> anyhow::Result<()> {
+    // Checked here too, so a typo fails without a round trip; the master judges the count.
+    crate::control::ScaleTo::parse(&args.workers).map_err(|e| anyhow::anyhow!("scale {e}"))?;
+    let endpoint = Endpoint::from_args(&args.client)?;
+    let value = args.workers.trim().replace('+', "%2B");
+    let path = format!("/scale?workers={value}");
+    let reply = endpoint.call(hyper::Method::POST, &path)?;
+    let said = endpoint.expect_ok("/scale", reply)?;
     print(&said)
 }
 

@@ -80,7 +80,7 @@ impl Worker {
     /// `--ready port` (proxy), a socket on the client port (reuseport), or nothing at all
     /// under `--ready spawn`.
     pub(super) fn admit_unannounced(&mut self) {
-        let config = &self.ctx.config;
+        let config = self.ctx.config();
         let gate = match (config.mode, config.ready, self.admission.assigned_port) {
             // With an HTTP check, the port must pass it once before the first client: a
             // worker that accepts and never answers is not admitted, and fails its start at
@@ -120,7 +120,7 @@ impl Worker {
     fn admit(&mut self, gate: Gate, patience: Duration) {
         let (tx, timeout, listen) = (
             self.events_tx.clone(),
-            self.ctx.config.health.timeout,
+            self.ctx.config().health.timeout,
             self.ctx.listen,
         );
         let pid = self.pid;
@@ -160,7 +160,7 @@ impl Worker {
             return;
         }
         self.admission.probing = port;
-        let config = &self.ctx.config;
+        let config = self.ctx.config();
         let builtin = config.program == WorkerProgram::Builtin;
         let gate = gate_for_ready(
             config.mode,
@@ -198,7 +198,7 @@ impl Worker {
         if self.delivery.is_some() {
             self.rotation.handoff = Some(self.handoff_tx.clone());
         }
-        let config = &self.ctx.config;
+        let config = self.ctx.config();
         let builtin = config.program == WorkerProgram::Builtin;
         // A hand-off worker is admitted with the client address, which is the master's own:
         // only IPC or liveness checks reach the worker itself.
@@ -213,7 +213,7 @@ impl Worker {
 
     /// Not admitted within `--ready-timeout`: replaced.
     pub(super) fn on_ready_timeout(&mut self) -> ControlFlow<End> {
-        let timeout = self.ctx.config.ready_timeout;
+        let timeout = self.ctx.config().ready_timeout;
         tracing::warn!(slot = self.slot, pid = self.pid, timeout = ?timeout, "worker did not become ready within --ready-timeout; replacing it");
         ControlFlow::Break(End::running(Reason::ReadyTimeout(timeout)))
     }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use proxy::{Backends, Connections, Proxy};
@@ -27,8 +28,11 @@ pub struct StopTokens {
 /// State shared by all slots and instances.
 #[derive(Debug)]
 pub struct Context {
-    /// The validated configuration.
-    pub config: Arc<Config>,
+    /// The validated configuration; replaced when SIGHUP re-reads `--config` (new instances
+    /// start with the new one; see [`Context::config`]).
+    config: ArcSwap<Config>,
+    /// How many slots the supervisor keeps: `--cpus`, then whatever scaling set.
+    desired: AtomicUsize,
     /// The backend set the proxy reads (the proxy's own).
     pub backends: Arc<Backends>,
     /// The data path, for connections the master serves itself after a hand-off failed.
@@ -62,7 +66,8 @@ impl Context {
         registry: Arc<Registry>,
     ) -> Self {
         Self {
-            config,
+            desired: AtomicUsize::new(config.workers),
+            config: ArcSwap::new(config),
             backends: Arc::clone(&proxy.backends),
             proxy,
             conns,
@@ -74,6 +79,26 @@ impl Context {
             in_rotation: AtomicUsize::new(0),
             announced_all_ready: AtomicBool::new(false),
         }
+    }
+
+    /// The configuration in force (a new instance reads it once at spawn and keeps it).
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Puts `config` in force for every instance started from now on.
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.config.store(config);
+    }
+
+    /// How many slots the supervisor keeps now.
+    pub fn desired(&self) -> usize {
+        self.desired.load(Ordering::Relaxed)
+    }
+
+    /// Scaling changed the number of slots.
+    pub fn set_desired(&self, n: usize) {
+        self.desired.store(n, Ordering::Relaxed);
     }
 
     /// A backend key no other instance has.
@@ -99,7 +124,7 @@ impl Context {
     /// Logs "all workers ready" when `now` workers in rotation is every slot: at info the
     /// first time, at debug after (a worker back from a health flip or a reload).
     pub(super) fn note_all_ready(&self, now: usize) {
-        if now == self.config.workers {
+        if now == self.desired() {
             if self.announced_all_ready.swap(true, Ordering::Relaxed) {
                 tracing::debug!(workers = now, "all workers ready");
             } else {

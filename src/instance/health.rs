@@ -74,7 +74,7 @@ impl Worker {
     /// A check is due: passive failures first, then the active check.
     pub(super) async fn on_tick(&mut self) {
         let (slot, pid) = (self.slot, self.pid);
-        let fall = self.ctx.config.health.fall;
+        let fall = self.ctx.config().health.fall;
         let (connects, responses) = self.rotation.passive_failures();
         if self.health.tally.is_up()
             && connects.max(responses) >= fall
@@ -98,7 +98,7 @@ impl Worker {
                 self.rotation.leave(Reason::ResponsesTimingOut, false);
             }
         }
-        let timeout = self.ctx.config.health.timeout;
+        let timeout = self.ctx.config().health.timeout;
         match (&self.health.check, self.admission.addr) {
             (Some(Check::Ipc), _) => {
                 let ping = &mut self.health.ping;
@@ -154,7 +154,7 @@ impl Worker {
         if let (expected, Some(sent)) = self.health.ping {
             if seq == expected {
                 self.health.ping.1 = None;
-                self.health.result = Some(sent.elapsed() <= self.ctx.config.health.timeout);
+                self.health.result = Some(sent.elapsed() <= self.ctx.config().health.timeout);
             }
         }
     }
@@ -166,7 +166,7 @@ impl Worker {
             return ControlFlow::Continue(());
         };
         let (slot, pid) = (self.slot, self.pid);
-        let health = &self.ctx.config.health;
+        let health = &self.ctx.config().health;
         match self.health.tally.record(ok) {
             Flip::Down => {
                 tracing::warn!(

@@ -57,7 +57,7 @@ impl Worker {
             }
             Act::Listening { key: server } => {
                 if self.node.balanced_key.as_ref() == Some(&server) && self.may_admit() {
-                    if matches!(self.ctx.config.mode, Mode::Proxy | Mode::Handoff) {
+                    if matches!(self.ctx.config().mode, Mode::Proxy | Mode::Handoff) {
                         let format = handoff::Format::NodeCluster { key: server };
                         self.delivery = Some(Delivery::new(format));
                     }
@@ -176,13 +176,13 @@ fn answer_query(
     };
     let listen = ctx.listen;
     if balanced {
-        match ctx.config.mode {
+        match ctx.config().mode {
             Mode::Proxy | Mode::Handoff => return Answer::Key,
             _ if port != listen.port() => {
                 return Answer::Refuse(format!(
                     "it asked for port {port}, but balancer serves port {} in {} mode (use --listen :{port} or --mode handoff)",
                     listen.port(),
-                    ctx.config.mode
+                    ctx.config().mode
                 ))
             }
             Mode::Shared => {

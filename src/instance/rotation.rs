@@ -57,7 +57,7 @@ impl Rotation {
             return;
         }
         let ctx = Arc::clone(&self.ctx);
-        if self.handoff.is_none() && addr == ctx.listen && ctx.config.mode == Mode::Handoff {
+        if self.handoff.is_none() && addr == ctx.listen && ctx.config().mode == Mode::Handoff {
             // It would send every client back into the master. Config validation rules this
             // out; this keeps a future path from looping.
             tracing::error!(slot = self.slot, pid = self.pid, %addr, "refusing a backend at the master's own address");

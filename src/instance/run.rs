@@ -157,7 +157,7 @@ impl Worker {
     /// The first steps after spawn: the shared listener in shared mode, and admission at
     /// once where nothing will be announced.
     async fn begin(&mut self) {
-        if self.ctx.config.mode == Mode::Shared && !self.ctx.config.node_cluster {
+        if self.ctx.config().mode == Mode::Shared && !self.ctx.config().node_cluster {
             self.listener_sends += 1;
             self.send_listener().await;
         }
@@ -260,7 +260,7 @@ impl Worker {
             self.node.other_handles_unacked -= 1;
         } else if let Some(d) = self.delivery.as_mut() {
             d.handle_acked();
-        } else if self.ctx.config.mode == Mode::Shared && self.may_admit() {
+        } else if self.ctx.config().mode == Mode::Shared && self.may_admit() {
             // Shared mode: a Node worker takes the listener and never says `ready`; the
             // acknowledgement is its readiness.
             self.admit_announced(Gate::Trust);
@@ -272,7 +272,7 @@ impl Worker {
         if self.on_connection_nack().await {
             return;
         }
-        if self.ctx.config.mode == Mode::Shared && self.listener_sends <= MAX_RESENDS {
+        if self.ctx.config().mode == Mode::Shared && self.listener_sends <= MAX_RESENDS {
             self.listener_sends += 1;
             self.send_listener().await;
         } else {

@@ -38,7 +38,7 @@ impl Worker {
         retire: mpsc::Receiver<()>,
         state: watch::Sender<State>,
     ) -> Result<Self, Ending> {
-        let config = Arc::clone(&ctx.config);
+        let config = ctx.config().clone();
         let (spawned, assigned_port) = match spawn_process(slot, &ctx) {
             Ok(s) => s,
             Err(e) => {
@@ -100,7 +100,7 @@ impl Worker {
 
 /// Spawns the worker process, with a port chosen for it under `--ready port`.
 fn spawn_process(slot: usize, ctx: &Context) -> std::io::Result<(Spawned, Option<u16>)> {
-    let config = &ctx.config;
+    let config = ctx.config();
     let port = match (config.mode, config.ready) {
         (Mode::Proxy, ReadyArg::Port) => Some(child::free_port()?),
         _ => None,

@@ -37,7 +37,7 @@ impl Worker {
         // Retired before it was ever in rotation: it drains nothing, but is draining all the
         // same.
         self.rotation.publish(State::Draining, &Reason::Retired);
-        self.drain_deadline = Some(tokio::time::Instant::now() + self.ctx.config.grace);
+        self.drain_deadline = Some(tokio::time::Instant::now() + self.ctx.config().grace);
         tracing::info!(
             slot = self.slot,
             pid = self.pid,
@@ -105,7 +105,7 @@ impl Worker {
             std::iter::from_fn(|| self.handoff_rx.try_recv().ok()).collect();
         self.give_to_others(queued);
         let owns_connections =
-            self.ctx.config.mode != Mode::Proxy || self.rotation.handoff.is_some();
+            self.ctx.config().mode != Mode::Proxy || self.rotation.handoff.is_some();
         let expected = master_stopping || reason == Reason::Retired;
         // A worker being stopped was sent `shutdown`. One that speaks IPC may take a moment
         // to exit by itself: in proxy mode its connections are already drained, so briefly;
@@ -113,7 +113,7 @@ impl Worker {
         // spoke IPC gets SIGTERM at once.
         let asked = reason.is_requested_stop() && self.admission.admitted();
         let patience = match (asked, self.spoke_ipc, owns_connections) {
-            (true, true, true) => Some(self.ctx.config.grace),
+            (true, true, true) => Some(self.ctx.config().grace),
             (true, true, false) => Some(SHUTDOWN_MESSAGE_TIMEOUT),
             _ => None,
         };
