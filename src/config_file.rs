@@ -35,18 +35,31 @@ pub fn parse(args: &[OsString]) -> anyhow::Result<Cli> {
     let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
         return Cli::from_arg_matches(&matches).map_err(one_line);
     };
-    let from_file = file_args(&path, &matches)?;
+    let mut from_file = file_args(&path, &matches)?;
     let mut merged: Vec<OsString> = args.iter().take(1).cloned().collect();
-    merged.extend(from_file.flags.into_iter().map(OsString::from));
+    merged.extend(from_file.flags.drain(..).map(OsString::from));
     merged.extend(args.iter().skip(1).cloned());
-    if let Some(command) = from_file.command {
+    if let Some(command) = from_file.command.take() {
         merged.push("--".into());
         merged.extend(command.into_iter().map(OsString::from));
     }
-    Cli::command()
+    let cli = Cli::command()
         .try_get_matches_from(&merged)
         .and_then(|m| Cli::from_arg_matches(&m))
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(e)))
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(e)))?;
+    // Validation names the flag and quotes its value: when that value came from the file,
+    // say where. Any other error is left for the caller's own validation to report.
+    if let Err(e) = crate::config::Config::try_from(&cli) {
+        let said = format!("{e:#}");
+        if let Some((_, at, key)) = from_file
+            .located
+            .iter()
+            .find(|(q, _, _)| said.starts_with(q.as_str()))
+        {
+            bail!("{at}: key `{key}`: {said}");
+        }
+    }
+    Ok(cli)
 }
 
 /// What the file adds to the command line.
@@ -56,6 +69,9 @@ struct FileArgs {
     flags: Vec<String>,
     /// The worker command, unless the command line has one.
     command: Option<Vec<String>>,
+    /// `(--flag "value", where, key)` of each one-value key, to place the validation error
+    /// that quotes it (`--grace "soon": ...`) at its line.
+    located: Vec<(String, String, String)>,
 }
 
 fn file_args(path: &Path, given: &ArgMatches) -> anyhow::Result<FileArgs> {
@@ -111,14 +127,16 @@ fn file_args(path: &Path, given: &ArgMatches) -> anyhow::Result<FileArgs> {
         // at its line (an error about other flags is left for the whole configuration).
         let mut alone = vec!["balancer".to_owned()];
         alone.extend(pieces.iter().cloned());
-        let cli = Cli::command()
-            .try_get_matches_from(&alone)
-            .and_then(|m| Cli::from_arg_matches(&m))
-            .map_err(|e| anyhow::anyhow!("{}: key `{}`: {}", at(), key.get_ref(), one_line(e)))?;
-        if let Err(e) = crate::config::Config::try_from(&cli) {
-            let said = format!("{e:#}");
-            if said.starts_with(&format!("--{name} ")) || said.starts_with(&format!("--{name}:")) {
-                bail!("{}: key `{}`: {said}", at(), key.get_ref());
+        if let Err(e) = Cli::command().try_get_matches_from(&alone) {
+            bail!("{}: key `{}`: {}", at(), key.get_ref(), one_line(e));
+        }
+        if let [piece] = pieces.as_slice() {
+            if let Some((_, value)) = piece.split_once('=') {
+                out.located.push((
+                    format!("--{name} {value:?}"),
+                    at(),
+                    key.get_ref().to_string(),
+                ));
             }
         }
         out.flags.extend(pieces);
