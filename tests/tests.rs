@@ -9,6 +9,7 @@ mod compat;
 mod datapath;
 mod defects;
 mod faults;
+mod http;
 mod ops;
 mod redispatch;
 mod systemd;
