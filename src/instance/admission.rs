@@ -86,7 +86,7 @@ impl Worker {
             // worker that accepts and never answers is not admitted, and fails its start at
             // the ready timeout (with backoff) instead of taking clients.
             (Mode::Proxy, ReadyArg::Port, Some(port)) => {
-                Some(Gate::Probe(port, http_check(config)))
+                Some(Gate::Probe(port, http_check(&config)))
             }
             (Mode::ReusePort, ReadyArg::Port, _) => Some(Gate::Listens),
             (_, ReadyArg::Spawn, _) => Some(Gate::Trust),
