@@ -63,6 +63,9 @@ for probe in ("readinessProbe", "livenessProbe"):
         sys.exit(f"k8s: error: {probe} is not GET /healthz on the admin port")
 if c["resources"]["limits"].get("cpu") is None or "--cpus" not in args or args[args.index("--cpus") + 1] != "auto":
     sys.exit("k8s: error: the worker count must come from the cpu limit (--cpus auto + limits.cpu)")
+env = {e["name"]: e for e in c.get("env", [])}
+if not args[args.index("--admin") + 1].startswith("127.") and "BALANCER_ADMIN_TOKEN" not in env:
+    sys.exit("k8s: error: a non-loopback --admin needs BALANCER_ADMIN_TOKEN (balancer refuses to start without it)")
 if any(p["targetPort"] not in ports for p in svc["spec"]["ports"]):
     sys.exit("k8s: error: the Service targets a port the container does not declare")
 print(f"k8s: terminationGracePeriodSeconds {have} >= {need} (preStop {pre_stop} + grace {grace} + stop {WORKER_STOP_TIMEOUT}); probes and ports agree")
