@@ -36,6 +36,7 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
+trap 'echo "demo-test: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 # The app containers' host names (what the built-in worker puts in its answer), comma-separated.
 app_hosts() {
@@ -46,6 +47,9 @@ app_hosts() {
   docker inspect -f '{{if .State.Running}}{{.Config.Hostname}}{{end}}' $ids | grep . | sort | paste -sd, -
 }
 count() { tr ',' '\n' <<<"$1" | grep -c .; }
+# The first app container's id (read whole: `| head` would cut compose off with SIGPIPE,
+# which pipefail turns into a failure).
+first_app() { local ids; ids=$("$demo" ps -q app); echo "${ids%%$'\n'*}"; }
 follow() {
   python3 "$here/traffic.py" follow --port "$BALANCER_DEMO_PORT" --hosts "$1" --timeout 45 \
     || fail "the edge did not follow to $(count "$1") app containers"
@@ -66,7 +70,9 @@ step "image: $((size / 1024)) KiB, $layers layer, user $user"
 hosts=$(app_hosts)
 [ "$(count "$hosts")" -eq 3 ] || fail "expected 3 app containers, found: $hosts"
 # --cpus auto in each app container: as many workers as its `cpus: 2` limit allows here.
-workers=$(docker logs "$("$demo" ps -q app | head -n1)" 2>&1 | sed -n 's/.*listening.* workers=\([0-9]*\).*/\1/p' | head -n1)
+log=$(docker logs "$(first_app)" 2>&1)
+workers=$(sed -n 's/.*listening.* workers=\([0-9]*\).*/\1/p' <<<"$log")
+workers=${workers%%$'\n'*}
 expect=$(( $(nproc) < 2 ? $(nproc) : 2 ))
 [ "$workers" = "$expect" ] || fail "app runs $workers workers; its cpu limit allows $expect"
 step "3 app containers, $workers workers each (cpus: 2 limit, $(nproc) host CPUs)"
@@ -88,7 +94,7 @@ step "scale app to 3, then kill one app container under load"
 "$demo" scale 3 >/dev/null 2>&1
 hosts=$(app_hosts)
 follow "$hosts"
-victim=$("$demo" ps -q app | head -n1)
+victim=$(first_app)
 python3 "$here/traffic.py" kill --port "$BALANCER_DEMO_PORT" --victim "$victim" \
   --concurrency 8 --requests 3000 --seconds 15 \
   || fail "killing one app container cost more than the requests in flight on it"

@@ -7,7 +7,8 @@
 #   deploy/demo.sh ps|logs|scale N
 #
 # COMPOSE_PROJECT_NAME (default balancer-demo) and BALANCER_DEMO_PORT (default 8080) let
-# several copies run side by side. Works with `docker compose` or `docker-compose`.
+# several copies run side by side. BALANCER_IMAGE (default balancer:latest) names the image;
+# BALANCER_DEMO_NO_BUILD=1 uses it as it is. Works with `docker compose` or `docker-compose`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -34,7 +35,7 @@ compose() {
 }
 
 # The id of the edge container, once it exists.
-edge_id() { compose ps -q edge 2>/dev/null | head -n1; }
+edge_id() { local ids; ids=$(compose ps -q edge 2>/dev/null) || true; echo "${ids%%$'\n'*}"; }
 
 wait_healthy() {
   local deadline=$((SECONDS + UP_TIMEOUT)) id status
@@ -55,7 +56,11 @@ wait_healthy() {
 
 up() {
   docker info >/dev/null 2>&1 || die "no Docker daemon answers (is it running? may you use it?)"
-  "$here/build-image.sh" "$BALANCER_IMAGE"
+  if [ -n "${BALANCER_DEMO_NO_BUILD:-}" ]; then
+    docker image inspect "$BALANCER_IMAGE" >/dev/null 2>&1 || die "no image $BALANCER_IMAGE (unset BALANCER_DEMO_NO_BUILD to build it)"
+  else
+    "$here/build-image.sh" "$BALANCER_IMAGE"
+  fi
   compose up -d --remove-orphans
   echo "demo: waiting for the edge to be healthy" >&2
   wait_healthy

@@ -117,8 +117,9 @@ def kill(args):
     elapsed = max(r[1] for r in results) - min(r[0] for r in results)
     print(f"traffic: {len(results)} requests in {elapsed:.1f}s at concurrency {args.concurrency}; "
           f"killed {args.victim[:12]} after {sum(1 for r in results if r[0] < k)} had started; "
-          f"{len(in_flight)} were in flight at the kill")
-    print(f"traffic: failures: {len(failed)} in all, {len(failed_in_flight)} of them in flight at the kill, "
+          f"`docker kill` took {(killed_done - k) * 1000:.0f} ms, and {len(in_flight)} requests "
+          f"were in flight during it")
+    print(f"traffic: failures: {len(failed)} in all, {len(failed_in_flight)} of them in flight during the kill, "
           f"{len(failed_after)} started after it, {len(failed_before)} ended before it")
     print(f"traffic: answers by host: {dict(sorted(hosts.items()))}")
     for r in failed[:5]:
