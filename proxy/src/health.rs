@@ -53,18 +53,29 @@ const MAX_STATUS_LINE: usize = 1024;
 
 /// Succeeds if `GET path` on `addr` answers with a 2xx status line within `timeout`.
 pub async fn http(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), ProbeError> {
-    tokio::time::timeout(timeout, http_exchange(addr, path))
+    http_as(addr, &addr.to_string(), path, timeout).await
+}
+
+/// [`http`] with `host` as the `Host` header: a remote backend found through a DNS name
+/// may serve that name only (virtual hosting), not its bare address.
+pub async fn http_as(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    tokio::time::timeout(timeout, http_exchange(addr, host, path))
         .await
         .map_err(|_| ProbeError::Timeout(timeout))?
 }
 
-async fn http_exchange(addr: SocketAddr, path: &str) -> Result<(), ProbeError> {
+async fn http_exchange(addr: SocketAddr, host: &str, path: &str) -> Result<(), ProbeError> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(ProbeError::Connect)?;
     let _ = stream.set_nodelay(true);
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: balancer-health\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balancer-health\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -131,6 +142,26 @@ mod tests {
             http(junk, "/", t).await,
             Err(ProbeError::Status(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn http_probe_sends_the_host_it_is_given() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 512];
+            let n = s.read(&mut buf).await.unwrap();
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let t = Duration::from_secs(2);
+        assert!(http_as(addr, "app.internal:8080", "/h", t).await.is_ok());
+        let request = seen.await.unwrap();
+        assert!(
+            request.contains("\r\nHost: app.internal:8080\r\n"),
+            "{request}"
+        );
     }
 
     #[tokio::test]

@@ -140,6 +140,8 @@ async fn run(ctx: Arc<Context>, backend: Arc<Backend>, retire: CancellationToken
     let name = ctx.table.added(&backend, &ctx.check);
     let (key, addr) = (backend.key, backend.addr);
     let source = backend.upstream.clone().unwrap_or_default();
+    // The HTTP check's Host: the upstream as given (`app:8080`, or the literal address).
+    let host = source.to_string();
     let mut life = Life::new();
     let mut failed_before = false;
     // The first tick is at once: a new address is checked as soon as it is known.
@@ -148,7 +150,7 @@ async fn run(ctx: Arc<Context>, backend: Arc<Backend>, retire: CancellationToken
     loop {
         let checked = async {
             ticker.tick().await;
-            probe(&ctx.check, addr, health.timeout).await
+            probe(&ctx.check, addr, &host, health.timeout).await
         };
         let result = tokio::select! {
             _ = ctx.stop.cancelled() => {
@@ -237,9 +239,14 @@ async fn drain(ctx: &Context, backend: &Arc<Backend>, name: &str) {
 
 /// Runs one active check. `None`: the master could not run it (out of descriptors), which
 /// says nothing about the backend.
-async fn probe(check: &Check, addr: SocketAddr, timeout: Duration) -> Option<Result<(), String>> {
+async fn probe(
+    check: &Check,
+    addr: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> Option<Result<(), String>> {
     let r = match check {
-        Check::Http(path) => proxy::health::http(addr, path, timeout).await,
+        Check::Http(path) => proxy::health::http_as(addr, host, path, timeout).await,
         _ => proxy::health::tcp(addr, timeout).await,
     };
     match r {

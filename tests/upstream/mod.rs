@@ -144,7 +144,15 @@ fn pure_reverse_proxy_survives_a_backend_dying_and_takes_it_back() {
 #[test]
 fn mixed_pool_balances_over_workers_and_an_upstream() {
     let remote = Backend::start(SocketAddr::new(ip(6), 0), "remote").unwrap();
-    let bal = Balancer::start(&["--cpus", "2", "--upstream", &remote.addr.to_string()]);
+    // HTTP checks for all three: the workers' /healthz, and the remote backend's.
+    let bal = Balancer::start(&[
+        "--cpus",
+        "2",
+        "--upstream",
+        &remote.addr.to_string(),
+        "--health-http",
+        "/healthz",
+    ]);
     let addr = bal.addr();
     wait_all_ready(&bal, 2);
     expect_up(&bal, 0, remote.addr, UP);
