@@ -102,6 +102,20 @@ pub struct Cli {
     #[arg(long, default_value = "30s")]
     pub response_timeout: String,
 
+    // PROXY protocol (#11): the client's address across load balancers.
+    /// Start every connection to a worker with a PROXY protocol header (`v1` text or `v2`
+    /// binary) carrying the real client address and port. Proxy mode only: in the other
+    /// modes the worker holds the client socket itself and sees the address.
+    #[arg(long, value_name = "VERSION")]
+    pub send_proxy: Option<String>,
+
+    /// balancer sits behind other load balancers: a connection from one of these sources
+    /// (`CIDR[,CIDR…]`, or addresses) must start with a valid PROXY v1 or v2 header, whose
+    /// source becomes the client address; one that does not is closed (and counted).
+    /// Connections from elsewhere are taken as they are. Proxy mode only.
+    #[arg(long, value_name = "CIDRS")]
+    pub accept_proxy: Option<String>,
+
     /// At most this many client connections are open at once; more wait in the kernel's
     /// listen backlog until one closes. Default: as many as the open-file limit allows
     /// (two fds each), at most 100000.

@@ -72,6 +72,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// Response timeout of proxied connections (`None`: never).
     pub response_timeout: Option<Duration>,
+    /// PROXY header to send to workers (`--send-proxy`).
+    pub send_proxy: Option<proxy::proxy_header::Version>,
+    /// Sources whose connections must start with a PROXY header (`--accept-proxy`).
+    pub accept_proxy: Option<proxy::proxy_header::AcceptProxy>,
     /// Where the admin endpoint listens, if anywhere.
     pub admin: Option<crate::admin::AdminAddr>,
     /// What changes over a TCP admin endpoint need.
@@ -146,10 +150,51 @@ impl TryFrom<&Cli> for Config {
                 cli.mode,
                 Some(parse_duration("--idle-timeout", &cli.idle_timeout)?).filter(|d| !d.is_zero()),
             )?,
+            send_proxy: parse_send_proxy(cli)?,
+            accept_proxy: parse_accept_proxy(cli)?,
         };
         check_upstreams(&config)?;
         Ok(config)
     }
+}
+
+/// `--send-proxy`: a known version, and only where the master forwards the bytes itself.
+fn parse_send_proxy(cli: &Cli) -> anyhow::Result<Option<proxy::proxy_header::Version>> {
+    let Some(raw) = &cli.send_proxy else {
+        return Ok(None);
+    };
+    let version = raw
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--send-proxy: {e}"))?;
+    proxy_mode_only("--send-proxy", cli.mode)?;
+    // The http path pools its backend connections (one header cannot speak for the many
+    // clients one connection carries), and the TLS tcp path has its own copy: neither
+    // writes the header yet, so refuse rather than silently send none.
+    if cli.http.protocol == crate::cli::ProtocolArg::Http || cli.http.tls_cert.is_some() {
+        bail!("--send-proxy works with --protocol tcp without TLS (for now)");
+    }
+    Ok(Some(version))
+}
+
+/// `--accept-proxy`: networks, and only where the master reads the client's first bytes.
+fn parse_accept_proxy(cli: &Cli) -> anyhow::Result<Option<proxy::proxy_header::AcceptProxy>> {
+    let Some(raw) = &cli.accept_proxy else {
+        return Ok(None);
+    };
+    let accept = proxy::proxy_header::AcceptProxy::parse(raw)
+        .map_err(|e| anyhow::anyhow!("--accept-proxy: {e}"))?;
+    proxy_mode_only("--accept-proxy", cli.mode)?;
+    Ok(Some(accept))
+}
+
+fn proxy_mode_only(flag: &str, mode: ModeArg) -> anyhow::Result<()> {
+    let name = match mode {
+        ModeArg::Proxy => return Ok(()),
+        ModeArg::Shared => "shared",
+        ModeArg::Reuseport => "reuseport",
+        ModeArg::Handoff => "handoff",
+    };
+    bail!("{flag} needs --mode proxy: in {name} mode the worker holds the client socket itself")
 }
 
 /// `--admin`, refused where anyone on the network could change things: a TCP address that

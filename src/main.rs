@@ -131,15 +131,19 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let local = bound.local;
 
     let backends = Arc::new(Backends::new(config.policy));
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(&backends),
-        ForwardConfig {
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
-            response_timeout: config.response_timeout,
-        },
-        max_conns,
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            Arc::clone(&backends),
+            ForwardConfig {
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.idle_timeout,
+                response_timeout: config.response_timeout,
+                send_proxy: config.send_proxy,
+            },
+            max_conns,
+        )
+        .with_accept_proxy(config.accept_proxy.clone()),
+    );
     let data = Arc::new(protocol::DataPath::new(&config.data, Arc::clone(&proxy))?);
     let stop_accepting = tokio_util::sync::CancellationToken::new();
     let conns = Connections::default();

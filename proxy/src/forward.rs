@@ -6,11 +6,13 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::activity::{watch, Activity, Expired};
 use crate::backends::Backends;
+use crate::client_addr::ClientAddr;
 
 /// Knobs for forwarding, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -26,6 +28,9 @@ pub struct ForwardConfig {
     /// client's last bytes (`None`: never), and count it against the backend: it accepted
     /// and read, but does not answer (HAProxy's `timeout server`).
     pub response_timeout: Option<Duration>,
+    /// Start every backend connection with a PROXY protocol header carrying the client's
+    /// address (`--send-proxy`), for backends that must know who the client is.
+    pub send_proxy: Option<crate::proxy_header::Version>,
 }
 
 impl Default for ForwardConfig {
@@ -34,6 +39,7 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: None,
             response_timeout: None,
+            send_proxy: None,
         }
     }
 }
@@ -101,6 +107,7 @@ pub enum Forwarded {
 /// half-close from either side is passed on to the other, `shutdown(SHUT_WR)`).
 pub async fn forward(
     mut client: TcpStream,
+    from: &ClientAddr,
     backends: &Backends,
     config: &ForwardConfig,
 ) -> Result<Forwarded, ForwardError> {
@@ -109,7 +116,7 @@ pub async fn forward(
     }
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
-    let (_active, backend, upstream) = loop {
+    let (_active, backend, mut upstream) = loop {
         let Some(backend) = backends.pick_excluding(&tried) else {
             return Err(match last_error {
                 Some(last) => ForwardError::AllFailed {
@@ -170,6 +177,17 @@ pub async fn forward(
     };
     // The client socket inherited TCP_NODELAY from the listener (set once there).
     let _ = upstream.set_nodelay(true);
+    if let Some(version) = config.send_proxy {
+        // The first bytes the backend reads; the socket is new, so they fit its buffer.
+        let sent = match crate::proxy_header::header(version, from) {
+            Ok(h) => upstream.write_all(&h).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            abort(&client);
+            return Err(ForwardError::Copy(e));
+        }
+    }
     let activity = Activity::default();
     let copy = crate::copy::bidirectional(&client, &upstream, &activity);
     let outcome = tokio::select! {
@@ -314,8 +332,9 @@ mod tests {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
         let task = tokio::spawn(async move {
-            let (c, _) = front.accept().await.unwrap();
-            forward(c, &backends, &ForwardConfig::default()).await
+            let (c, peer) = front.accept().await.unwrap();
+            let from = ClientAddr::direct(peer, c.local_addr().unwrap());
+            forward(c, &from, &backends, &ForwardConfig::default()).await
         });
         (TcpStream::connect(addr).await.unwrap(), task)
     }

@@ -7,14 +7,17 @@
 
 pub mod activity;
 pub mod backends;
+pub mod client_addr;
 pub mod copy;
 pub mod forward;
 pub mod health;
 pub mod http;
+pub mod proxy_header;
 pub mod server;
 pub mod tls;
 
 pub use backends::{Backend, Backends, Policy};
+pub use client_addr::ClientAddr;
 pub use forward::{forward, ForwardConfig, ForwardError, Forwarded, Transfer};
 pub use server::{serve, Connections, Proxy, Stats};
 

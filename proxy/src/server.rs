@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backends::Backends;
+use crate::client_addr::ClientAddr;
 use crate::forward::{forward, ForwardConfig, ForwardError, Forwarded};
+use crate::proxy_header::{self, AcceptProxy};
 
 /// First pause after an accept error that means "out of resources" (EMFILE, ENFILE, ENOBUFS,
 /// ENOMEM). Retrying at once would spin the CPU while nothing can change.
@@ -49,6 +51,9 @@ pub struct Stats {
     pub abandoned: AtomicU64,
     /// `accept()` errors.
     pub accept_errors: AtomicU64,
+    /// Connections from an `--accept-proxy` source closed for a missing, stalled, truncated,
+    /// oversized or invalid PROXY header.
+    pub proxy_header_rejected: AtomicU64,
 }
 
 /// The shared state of the data path.
@@ -64,6 +69,8 @@ pub struct Proxy {
     pub(crate) permits: Arc<Semaphore>,
     /// Counters.
     pub stats: Stats,
+    /// Sources whose connections must start with a PROXY header (`--accept-proxy`).
+    pub accept_proxy: Option<Arc<AcceptProxy>>,
 }
 
 impl Proxy {
@@ -75,7 +82,14 @@ impl Proxy {
             forward,
             permits: Arc::new(Semaphore::new(max_conns.clamp(1, Semaphore::MAX_PERMITS))),
             stats: Stats::default(),
+            accept_proxy: None,
         }
+    }
+
+    /// Requires a PROXY header on connections from `accept` (see [`AcceptProxy`]).
+    pub fn with_accept_proxy(mut self, accept: Option<AcceptProxy>) -> Self {
+        self.accept_proxy = accept.map(Arc::new);
+        self
     }
 }
 
@@ -103,8 +117,8 @@ pub async fn serve(
     conns: Connections,
 ) {
     let on_conn = Arc::clone(&proxy);
-    accept_loop(listener, &proxy, stop, &conns, move |client, peer| {
-        forward_and_record(Arc::clone(&on_conn), client, peer)
+    accept_loop(listener, &proxy, stop, &conns, move |client, from| {
+        forward_and_record(Arc::clone(&on_conn), client, from)
     })
     .await;
 }
@@ -112,16 +126,22 @@ pub async fn serve(
 /// The accept loop shared by the tcp and http paths: waits for a connection on `listener`,
 /// takes a permit, accepts it (backing off on resource exhaustion) and runs `handle` for it
 /// on a task in `conns`, holding the permit until it finishes or `conns.abort` ends it.
+///
+/// A connection from an `--accept-proxy` source first has its PROXY header read, on its own
+/// task (the loop never waits on a client); `handle` gets the client address it names.
 pub(crate) async fn accept_loop<H, F>(
     listener: std::net::TcpListener,
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     stop: CancellationToken,
     conns: &Connections,
     handle: H,
 ) where
-    H: Fn(TcpStream, SocketAddr) -> F,
+    H: Fn(TcpStream, ClientAddr) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     // SAFETY: `listener` is an open socket owned by the AsyncFd from here on, and
     // `as_raw_fd` of a `std::net::TcpListener` always returns that same fd.
     let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
@@ -182,9 +202,27 @@ pub(crate) async fn accept_loop<H, F>(
         };
         proxy.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let abort = conns.abort.clone();
-        let task = handle(client, peer);
+        let (handle, proxy) = (handle.clone(), Arc::clone(proxy));
         conns.tracker.spawn(async move {
             let _permit = permit;
+            let task = async {
+                let from = match &proxy.accept_proxy {
+                    Some(accept) if accept.trusts(peer.ip()) => {
+                        match proxy_header::read(&client, peer, local, accept.timeout).await {
+                            Ok(from) => from,
+                            Err(e) => {
+                                proxy
+                                    .stats
+                                    .proxy_header_rejected
+                                    .fetch_add(1, Ordering::Relaxed);
+                                return tracing::debug!(%peer, error = %e, "connection closed");
+                            }
+                        }
+                    }
+                    _ => ClientAddr::direct(peer, local),
+                };
+                handle(client, from).await
+            };
             tokio::select! {
                 _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
                 () = task => {}
@@ -214,7 +252,17 @@ impl Proxy {
                 },
             };
             tracing::debug!(%peer, "connection re-dispatched");
-            serve_one(proxy, client, peer, permit, abort).await;
+            let local = client
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+            serve_one(
+                proxy,
+                client,
+                ClientAddr::direct(peer, local),
+                permit,
+                abort,
+            )
+            .await;
         });
     }
 }
@@ -223,21 +271,21 @@ impl Proxy {
 async fn serve_one(
     proxy: Arc<Proxy>,
     client: TcpStream,
-    peer: SocketAddr,
+    from: ClientAddr,
     permit: OwnedSemaphorePermit,
     abort: CancellationToken,
 ) {
     let _permit = permit;
     tokio::select! {
-        _ = abort.cancelled() => tracing::debug!(%peer, "connection aborted at shutdown"),
-        () = forward_and_record(proxy, client, peer) => {}
+        _ = abort.cancelled() => tracing::debug!(peer = %from, "connection aborted at shutdown"),
+        () = forward_and_record(proxy, client, from) => {}
     }
 }
 
 /// Forwards one tcp-path connection and counts how it ended.
-async fn forward_and_record(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) {
-    let result = forward(client, &proxy.backends, &proxy.forward).await;
-    record(&proxy.stats, peer, result);
+async fn forward_and_record(proxy: Arc<Proxy>, client: TcpStream, from: ClientAddr) {
+    let result = forward(client, &from, &proxy.backends, &proxy.forward).await;
+    record(&proxy.stats, from, result);
 }
 
 /// One `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`: the new socket is ready for tokio without a
@@ -290,11 +338,7 @@ fn sockaddr(storage: &libc::sockaddr_storage) -> SocketAddr {
     }
 }
 
-pub(crate) fn record(
-    stats: &Stats,
-    peer: std::net::SocketAddr,
-    result: Result<Forwarded, ForwardError>,
-) {
+pub(crate) fn record(stats: &Stats, peer: ClientAddr, result: Result<Forwarded, ForwardError>) {
     let counter = match &result {
         Ok(Forwarded::Copied(_)) => &stats.completed,
         Ok(Forwarded::HandedOff { .. }) => &stats.handed_off,

@@ -261,21 +261,27 @@ pub async fn serve(
     conns: Connections,
 ) {
     let shared = Arc::clone(&proxy);
-    accept_loop(listener, &proxy, stop, &conns, move |client, peer| {
-        let (proxy, tls) = (Arc::clone(&shared), Arc::clone(&tls));
-        async move {
-            let result = forward(
-                &tls,
-                client,
-                peer,
-                &proxy.backends,
-                &proxy.forward,
-                HANDSHAKE_TIMEOUT,
-            )
-            .await;
-            record(&proxy.stats, peer, result.map(Forwarded::Copied));
-        }
-    })
+    accept_loop(
+        listener,
+        &proxy,
+        stop,
+        &conns,
+        move |client, from: crate::ClientAddr| {
+            let (proxy, tls) = (Arc::clone(&shared), Arc::clone(&tls));
+            async move {
+                let result = forward(
+                    &tls,
+                    client,
+                    from.addr,
+                    &proxy.backends,
+                    &proxy.forward,
+                    HANDSHAKE_TIMEOUT,
+                )
+                .await;
+                record(&proxy.stats, from, result.map(Forwarded::Copied));
+            }
+        },
+    )
     .await;
 }
 

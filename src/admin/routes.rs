@@ -238,7 +238,7 @@ fn reply(status: StatusCode, kind: &'static str, body: String) -> Response<Full<
 
 /// The data path's counters, listed once for `/status` and `/metrics`: the name under
 /// `connections` in `/status`, the metric's name and help, and the value now.
-fn counters(s: &Stats) -> [(&'static str, &'static str, &'static str, u64); 10] {
+fn counters(s: &Stats) -> [(&'static str, &'static str, &'static str, u64); 11] {
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     [
         (
@@ -264,6 +264,12 @@ fn counters(s: &Stats) -> [(&'static str, &'static str, &'static str, u64); 10] 
             "balancer_connections_abandoned_total",
             "Clients that closed before sending anything, with no backend connected yet.",
             n(&s.abandoned),
+        ),
+        (
+            "proxy_header_rejected",
+            "balancer_connections_proxy_header_rejected_total",
+            "Connections from --accept-proxy sources closed for a missing or bad PROXY header.",
+            n(&s.proxy_header_rejected),
         ),
         (
             "no_backend",

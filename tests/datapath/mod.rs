@@ -4,6 +4,7 @@
 
 mod listen;
 mod overload;
+mod proxy_protocol;
 mod resets;
 mod timeouts;
 

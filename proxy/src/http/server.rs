@@ -94,10 +94,18 @@ pub async fn serve(
         stop: stop.clone(),
         conns: conns.clone(),
     });
-    accept_loop(listener, &http.proxy, stop, &conns, move |tcp, peer| {
-        let thread = Arc::clone(&thread);
-        async move { connection(thread, tcp, peer).await }
-    })
+    // The client address is the socket's peer, or what a trusted load balancer's PROXY
+    // header says (`--accept-proxy`).
+    accept_loop(
+        listener,
+        &http.proxy,
+        stop,
+        &conns,
+        move |tcp, from: crate::ClientAddr| {
+            let thread = Arc::clone(&thread);
+            async move { connection(thread, tcp, from.addr).await }
+        },
+    )
     .await;
 }
 
