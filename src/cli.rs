@@ -177,6 +177,10 @@ pub struct Cli {
     #[arg(short = 't', long)]
     pub check: bool,
 
+    /// Log lines as `text` (human-readable) or `json` (one object per line, the same fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -268,6 +272,15 @@ pub struct ClientArgs {
     /// How long to wait for the master's answer.
     #[arg(long, default_value = "5s")]
     pub timeout: String,
+}
+
+/// See [`Cli::log_format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `2026-12-01T10:00:00.000000Z  INFO listening addr=…`.
+    Text,
+    /// `{"timestamp":"…","level":"INFO","message":"listening","addr":"…"}`.
+    Json,
 }
 
 /// See [`Cli::ready`].

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(cli.verbose, cli.quiet);
+    init_logging(cli.verbose, cli.quiet, cli.log_format);
     let result = match cli.subcommand {
         Some(Sub::Worker) => worker::builtin::run().map_err(anyhow::Error::from),
         Some(Sub::ExecWithListenPid { ref command }) => {
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8, quiet: u8) {
+fn init_logging(verbose: u8, quiet: u8, format: cli::LogFormat) {
     let default = match (verbose, quiet) {
         (0, 0) => "info",
         (1, _) => "debug",
@@ -93,12 +93,18 @@ fn init_logging(verbose: u8, quiet: u8) {
             "{default},hickory_proto=error,hickory_net=error,hickory_resolver=error"
         ))
     });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        cli::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per line, the event's fields at the top level beside `timestamp`,
+        // `level` and `message`: the same fields as the text lines.
+        cli::LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
+    }
 }
 
 fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {

@@ -88,3 +88,48 @@ fn check_judges_flags_and_file_without_binding_anything() {
     assert_one_error_line(&run, "/nonexistent/balancer.toml");
     drop(held);
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line_with_the_text_fields() {
+    let b = Balancer::start(&["--cpus", "1", "--log-format", "json"]);
+    let parsed = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok();
+    let ready = b.wait_for_line(READY_TIMEOUT, |l| {
+        parsed(l).is_some_and(|v| v["message"] == "all workers ready")
+    });
+    assert!(
+        ready.is_some(),
+        "no JSON `all workers ready`:\n{}",
+        b.dump()
+    );
+    let lines = b.lines();
+    let objects: Vec<serde_json::Value> = lines.iter().filter_map(|l| parsed(l)).collect();
+    let listening = objects
+        .iter()
+        .find(|v| v["message"] == "listening")
+        .unwrap_or_else(|| panic!("no JSON `listening`:\n{}", b.dump()));
+    for key in ["timestamp", "level", "addr", "workers", "mode", "max_conns"] {
+        assert!(
+            listening.get(key).is_some(),
+            "`listening` without {key}: {listening}"
+        );
+    }
+    assert!(listening["addr"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("127.0.0.1:")));
+    let spawned = objects
+        .iter()
+        .find(|v| v["message"] == "worker spawned")
+        .expect("a JSON `worker spawned`");
+    assert!(
+        spawned["pid"].as_u64().is_some() && spawned["slot"] == 0,
+        "{spawned}"
+    );
+    // Nothing of the master's own is in the text format.
+    assert!(
+        !lines
+            .iter()
+            .any(|l| is_event(l, "listening") || is_event(l, "worker spawned")),
+        "text lines in a JSON log:\n{}",
+        b.dump()
+    );
+}
