@@ -64,16 +64,6 @@ const IPC_FD_MIN: RawFd = 10;
 /// supervisor's thread): `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
 /// exits, not the process.
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
-    let SpawnSpec {
-        program,
-        slot,
-        output,
-        port,
-        mode,
-        listen,
-        node_unique_id,
-        listen_fd,
-    } = *spec;
     // Both ends are close-on-exec; only the child's copy of its end loses that flag, after
     // the fork, so no other worker spawned concurrently can inherit it.
     let (master_end, child_end) = StdUnixStream::pair()?;
@@ -88,6 +78,36 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     };
     let child_fd = child_end.as_raw_fd();
 
+    let mut cmd = command(spec, child_fd)?;
+    arm_pre_exec(&mut cmd, child_fd, spec.listen_fd);
+    let child = cmd.spawn()?;
+    // The master must not keep the child's end: only then does the master see EOF on the
+    // channel when the worker dies.
+    drop(cmd);
+    drop(child_end);
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("worker exited before its pid was read"))?;
+    master_end.set_nonblocking(true)?;
+    Ok(Spawned {
+        child,
+        pid,
+        ipc: UnixStream::from_std(master_end)?,
+    })
+}
+
+/// The worker's command line, environment and stdio; `child_fd` is its end of the channel.
+fn command(spec: &SpawnSpec<'_>, child_fd: RawFd) -> io::Result<Command> {
+    let SpawnSpec {
+        program,
+        slot,
+        output,
+        port,
+        mode,
+        listen,
+        node_unique_id,
+        listen_fd,
+    } = *spec;
     let mut cmd = match program {
         WorkerProgram::Builtin => {
             let mut c = Command::new(std::env::current_exe()?);
@@ -148,7 +168,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         WorkerOutput::Ignore => (Stdio::null(), Stdio::null()),
     };
     cmd.stdout(stdout).stderr(stderr);
+    Ok(cmd)
+}
 
+/// What runs in the child between fork and exec: `PR_SET_PDEATHSIG` (checked against a race
+/// with `getppid`), the channel's end kept open across exec, the shared listener as fd 3.
+fn arm_pre_exec(cmd: &mut Command, child_fd: RawFd, listen_fd: Option<RawFd>) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
     // are allowed. prctl, getppid and fcntl are system calls: no allocation, no locks. The
@@ -189,20 +214,6 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
-    // The master must not keep the child's end: only then does the master see EOF on the
-    // channel when the worker dies.
-    drop(cmd);
-    drop(child_end);
-    let pid = child
-        .id()
-        .ok_or_else(|| io::Error::other("worker exited before its pid was read"))?;
-    master_end.set_nonblocking(true)?;
-    Ok(Spawned {
-        child,
-        pid,
-        ipc: UnixStream::from_std(master_end)?,
-    })
 }
 
 /// A free loopback port for a `--ready port` worker: bound and released at once, so another

@@ -120,14 +120,6 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not become a child subreaper; processes that workers leave behind may outlive the master");
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The admin endpoint's connections (and the one it refuses at a time) are fds the data
-    // path must not count on.
-    let admin_fds = config
-        .admin
-        .as_ref()
-        .map_or(0, |_| admin::MAX_CONNS as u64 + 2);
-    let max_conns = max_conns(config.max_conns, config.workers, threads, admin_fds);
-
     let bound = match activated {
         Some(listener) => systemd::bound(listener, config.mode, threads)?,
         None => {
@@ -136,20 +128,8 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     };
     let local = bound.local;
 
-    let backends = Arc::new(Backends::new(config.policy));
-    let proxy = Arc::new(
-        Proxy::new(
-            Arc::clone(&backends),
-            ForwardConfig {
-                connect_timeout: config.connect_timeout,
-                idle_timeout: config.idle_timeout,
-                response_timeout: config.response_timeout,
-                send_proxy: config.send_proxy,
-            },
-            max_conns,
-        )
-        .with_accept_proxy(config.accept_proxy.clone()),
-    );
+    let (proxy, max_conns) = data_path(&config, threads);
+    let backends = Arc::clone(&proxy.backends);
     let data = Arc::new(protocol::DataPath::new(&config.data, Arc::clone(&proxy))?);
     let stop_accepting = tokio_util::sync::CancellationToken::new();
     let conns = Connections::default();
@@ -179,15 +159,8 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         let registry = Arc::new(status::Registry::new(config.workers));
         // Upstreams (#11): remote backends in the same rotation.
         let upstream_table = Arc::new(upstream::Table::default());
-        let upstreams = upstream::Upstreams::new(config.upstream.clone())?;
+        let upstream_task = start_upstreams(&config, &backends, &upstream_table, &stop)?;
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
-        let upstream_task = tokio::spawn(upstreams.run(
-            Arc::clone(&backends),
-            config.health.clone(),
-            config.grace,
-            Arc::clone(&upstream_table),
-            stop.graceful.clone(),
-        ));
         let (scale, scales) = tokio::sync::mpsc::channel(SCALE_QUEUE);
         let ctx = Arc::new(instance::Context::new(
             Arc::clone(&config),
@@ -224,69 +197,23 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         };
         let mut supervisor = tokio::spawn(supervisor::run(ctx, stop.clone(), reloads, scales));
 
-        if let Some(interval) = watchdog {
-            tokio::spawn(systemd::watchdog(interval));
-        }
-        if config.workers == 0 {
-            // Nothing to wait for: ready once listening.
-            systemd::ready(0, local);
-        }
-        loop {
-            let intent = tokio::select! {
-                intent = signals.next() => intent,
-                () = registry.first_ready(), if unserved.is_some() => {
-                    if let Some(listeners) = unserved.take() {
-                        proxy_threads = start_proxy(listeners)?;
-                        tracing::info!(addr = %local, "a worker is ready: accepting on the inherited listener");
-                    }
-                    continue;
-                }
-            };
-            match intent {
-                Intent::Graceful => break,
-                Intent::Reload => {
-                    data.reload_tls();
-                    controls.on_hangup();
-                }
-                Intent::ScaleUp => controls.request_scale(control::ScaleTo::Up(1), "SIGTTIN"),
-                Intent::ScaleDown => controls.request_scale(control::ScaleTo::Down(1), "SIGTTOU"),
+        systemd_started(watchdog, &config, local);
+        let start_accepting = |listeners| {
+            proxy_threads = start_proxy(listeners)?;
+            tracing::info!(addr = %local, "a worker is ready: accepting on the inherited listener");
+            anyhow::Ok(())
+        };
+        let on_signal = |intent| match intent {
+            Intent::Graceful => {}
+            Intent::Reload => {
+                data.reload_tls();
+                controls.on_hangup();
             }
-        }
-
-        // 1. Stop accepting; let open connections finish within the grace period.
-        systemd::stopping();
-        let open = conns.tracker.len();
-        tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
-        stop_accepting.cancel();
-        conns.tracker.close();
-        let mut forced = false;
-        tokio::select! {
-            done = tokio::time::timeout(config.grace, conns.tracker.wait()) => {
-                if done.is_err() {
-                    tracing::warn!(open_connections = conns.tracker.len(), "grace period over; closing open connections");
-                }
-            }
-            _ = next_stop_signal(&mut signals) => {
-                tracing::warn!("second stop signal: stopping at once");
-                forced = true;
-            }
-        }
-        conns.abort.cancel();
-        let _ = tokio::time::timeout(ABORT_TIMEOUT, conns.tracker.wait()).await;
-
-        // 2. Stop the workers (in order, unless told twice) and reap them all.
-        if forced {
-            stop.force.cancel();
-        }
-        stop.graceful.cancel();
-        tokio::select! {
-            _ = &mut supervisor => {}
-            _ = next_stop_signal(&mut signals), if !forced => {
-                tracing::warn!("second stop signal: killing workers");
-                stop.force.cancel();
-                let _ = supervisor.await;
-            }
-        }
+            Intent::ScaleUp => controls.request_scale(control::ScaleTo::Up(1), "SIGTTIN"),
+            Intent::ScaleDown => controls.request_scale(control::ScaleTo::Down(1), "SIGTTOU"),
+        };
+        serve_until_stopped(&mut signals, &registry, &mut unserved, start_accepting, on_signal).await?;
+        drain_and_stop(&config, &conns, &stop_accepting, &stop, &mut signals, &mut supervisor).await;
         let _ = upstream_task.await;
         for t in proxy_threads {
             let _ = t.join();
@@ -295,6 +222,130 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// The data path's shared state (an empty backend set, the forwarding settings) and its
+/// connection cap, settled against the open-file limit for `threads` proxy threads.
+fn data_path(config: &Config, threads: usize) -> (Arc<Proxy>, usize) {
+    // The admin endpoint's connections (and the one it refuses at a time) are fds the data
+    // path must not count on.
+    let admin_fds = config
+        .admin
+        .as_ref()
+        .map_or(0, |_| admin::MAX_CONNS as u64 + 2);
+    let max_conns = max_conns(config.max_conns, config.workers, threads, admin_fds);
+    let proxy = Proxy::new(
+        Arc::new(Backends::new(config.policy)),
+        ForwardConfig {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            response_timeout: config.response_timeout,
+            send_proxy: config.send_proxy,
+        },
+        max_conns,
+    )
+    .with_accept_proxy(config.accept_proxy.clone());
+    (Arc::new(proxy), max_conns)
+}
+
+/// Starts resolving and checking the `--upstream` backends, in the rotation `backends`.
+fn start_upstreams(
+    config: &Config,
+    backends: &Arc<Backends>,
+    table: &Arc<upstream::Table>,
+    stop: &StopTokens,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let upstreams = upstream::Upstreams::new(config.upstream.clone())?;
+    Ok(tokio::spawn(upstreams.run(
+        Arc::clone(backends),
+        config.health.clone(),
+        config.grace,
+        Arc::clone(table),
+        stop.graceful.clone(),
+    )))
+}
+
+/// Under systemd: the watchdog pings start, and with no worker to wait for, the service is
+/// ready once listening.
+fn systemd_started(watchdog: Option<Duration>, config: &Config, local: std::net::SocketAddr) {
+    if let Some(interval) = watchdog {
+        tokio::spawn(systemd::watchdog(interval));
+    }
+    if config.workers == 0 {
+        systemd::ready(0, local);
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, handing every other signal to `on_signal`; with socket
+/// activation, `start_accepting` gets the `unserved` listeners once a worker is ready.
+async fn serve_until_stopped(
+    signals: &mut Signals,
+    registry: &status::Registry,
+    unserved: &mut Option<Vec<std::net::TcpListener>>,
+    mut start_accepting: impl FnMut(Vec<std::net::TcpListener>) -> anyhow::Result<()>,
+    mut on_signal: impl FnMut(Intent),
+) -> anyhow::Result<()> {
+    loop {
+        let intent = tokio::select! {
+            intent = signals.next() => intent,
+            () = registry.first_ready(), if unserved.is_some() => {
+                if let Some(listeners) = unserved.take() {
+                    start_accepting(listeners)?;
+                }
+                continue;
+            }
+        };
+        if intent == Intent::Graceful {
+            return Ok(());
+        }
+        on_signal(intent);
+    }
+}
+
+/// The master's stop: stop accepting and drain connections (up to `--grace`), then stop and
+/// reap the workers (in order, unless a second stop signal says otherwise).
+async fn drain_and_stop(
+    config: &Config,
+    conns: &Connections,
+    stop_accepting: &tokio_util::sync::CancellationToken,
+    stop: &StopTokens,
+    signals: &mut Signals,
+    supervisor: &mut tokio::task::JoinHandle<()>,
+) {
+    // 1. Stop accepting; let open connections finish within the grace period.
+    systemd::stopping();
+    let open = conns.tracker.len();
+    tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
+    stop_accepting.cancel();
+    conns.tracker.close();
+    let mut forced = false;
+    tokio::select! {
+        done = tokio::time::timeout(config.grace, conns.tracker.wait()) => {
+            if done.is_err() {
+                tracing::warn!(open_connections = conns.tracker.len(), "grace period over; closing open connections");
+            }
+        }
+        _ = next_stop_signal(signals) => {
+            tracing::warn!("second stop signal: stopping at once");
+            forced = true;
+        }
+    }
+    conns.abort.cancel();
+    let _ = tokio::time::timeout(ABORT_TIMEOUT, conns.tracker.wait()).await;
+
+    // 2. Stop the workers (in order, unless told twice) and reap them all.
+    if forced {
+        stop.force.cancel();
+    }
+    stop.graceful.cancel();
+    tokio::select! {
+        _ = &mut *supervisor => {}
+        _ = next_stop_signal(signals), if !forced => {
+            tracing::warn!("second stop signal: killing workers");
+            stop.force.cancel();
+            let _ = supervisor.await;
+        }
+    }
 }
 
 /// Says what a `--listen` host name resolved to, and which of its addresses is bound.
