@@ -118,6 +118,11 @@ impl Registry {
         self.slots().iter().map(|s| s.spawns).collect()
     }
 
+    /// Slot `slot` starts anew (scaled up again after it was removed): its history goes.
+    pub fn new_slot(&self, slot: usize) {
+        self.with_slot(slot, |s| *s = SlotStats::default());
+    }
+
     /// Every slot's history, by slot.
     pub fn slots(&self) -> Vec<SlotStats> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -120,6 +120,7 @@ fn add_slot(
     let (reload, rx) = mpsc::channel::<ReloadRequest>(1);
     let remove = CancellationToken::new();
     let slot = slots.len();
+    ctx.registry.new_slot(slot);
     tasks.spawn(run_slot(
         slot,
         Arc::clone(ctx),

@@ -147,6 +147,29 @@ fn balancer_scale_sets_adds_and_removes_workers() {
         "{run:?}"
     );
     wait_for_count(&b, &sock, 2);
+    // Slot 2 again, as a new slot: no restarts carried over from the one removed.
+    let run = scale("+1");
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (Some(0), "workers 2 -> 3\n"),
+        "{run:?}"
+    );
+    wait_for_count(&b, &sock, 3);
+    let table = run_client(&["status", "--admin", &sock]).stdout;
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("2 "))
+        .unwrap_or_else(|| panic!("no slot 2: {table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[5], row[8]), ("0", "-"), "restarts, last exit: {table}");
+    let run = scale("-1");
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (Some(0), "workers 3 -> 2\n"),
+        "{run:?}"
+    );
+    wait_for_count(&b, &sock, 2);
     assert_one_error_line(&scale("0"), "409 Conflict cannot scale to 0");
     assert_one_error_line(&scale("-5"), "409 Conflict");
     assert_one_error_line(&scale("two"), "expected N, +K or -K");
