@@ -20,12 +20,14 @@ mod procfs;
 mod python;
 pub(crate) mod rlimit;
 
+mod hostile;
 mod ipc;
 mod kills;
 mod limits;
 mod reloads;
 mod respawns;
 mod shutdown;
+mod streams;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
