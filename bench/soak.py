@@ -244,7 +244,9 @@ class Faults:
     upstream_outages: list[tuple[float, float]] = field(default_factory=list)
     dns_flips: list[float] = field(default_factory=list)
     skipped_kills: int = 0
-    notes: list[str] = field(default_factory=list)
+    #: When the master closed a retired backend's connections (`grace period over`, from its
+    #: log): a keep-alive connection to an address that left DNS is cut --grace after.
+    retired_cuts: list[float] = field(default_factory=list)
 
 
 def alive(pid: int) -> bool:
@@ -469,6 +471,12 @@ def casualty(a: Attempt, faults: Faults) -> bool:
     return any(a.start <= hi and a.end >= lo for lo, hi in windows)
 
 
+def retired_cut(a: Attempt, faults: Faults) -> bool:
+    """Whether a failed request on a reused connection was cut when the master closed a
+    retired backend's connections (the log's timestamp, to the millisecond)."""
+    return a.conn == "reused" and any(a.start - 0.1 <= t <= a.end + 0.1 for t in faults.retired_cuts)
+
+
 def slope_per_min(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -639,9 +647,6 @@ def main(argv: list[str]) -> int:
         if "http" not in features:
             sys.exit("--protocol http: this build of balancer has no --protocol")
         extra += ["--protocol", "http"]
-    for name, what in (("upgrade", "in-place upgrade"), ("upstream", "remote upstream outage"), ("dns", "changing DNS answer")):
-        if name not in features:
-            faults.notes.append(f"{what}: not in this build (skipped)")
     remote: Remote | None = None
     try:
         if "upstream" in features:
@@ -697,10 +702,15 @@ def main(argv: list[str]) -> int:
             remote.dns.close()
         procs.stop_all()
 
+    for _, text in proc.lines:
+        line = parse_log_line(text)
+        if line and line.message.startswith("grace period over; closing the retired backend"):
+            faults.retired_cuts.append(line.ts)
     attempts = sorted(load.attempts, key=lambda x: x.start)
     failed = [x for x in attempts if x.kind != "ok"]
     casualties = [x for x in failed if casualty(x, faults)]
-    failed_new = [x for x in failed if not casualty(x, faults)]
+    retired = [x for x in failed if x not in casualties and retired_cut(x, faults)]
+    failed_new = [x for x in failed if x not in casualties and x not in retired]
     by_kind: dict[str, int] = {}
     for x in failed_new:
         by_kind[x.kind] = by_kind.get(x.kind, 0) + 1
@@ -712,6 +722,7 @@ def main(argv: list[str]) -> int:
         ["requests", f"{len(attempts)} ({len(attempts) / elapsed:.0f}/s)" if elapsed else "0"],
         ["**failed new requests**", f"**{len(failed_new)}**" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(by_kind.items()))})" if by_kind else "")],
         ["in-flight casualties", f"{len(casualties)} (open during a kill or stop of their worker)"],
+        ["keep-alive requests cut when the master closed a retired backend's connections (--grace after its address left DNS)", f"{len(retired)} ({len(faults.retired_cuts)} such closes)"],
         ["keep-alive connections closed under the client, retried", str(load.retried)],
         ["kill -9 of a worker", f"{len(faults.kills)} (every {KILL_EVERY:.0f} s; {faults.skipped_kills} skipped with < 2 in rotation)"],
         ["SIGSTOP/SIGCONT of a worker", f"{len(faults.stops)} ({STOP_FOR} s each, every {STOP_EVERY:.0f} s)"],
@@ -721,8 +732,6 @@ def main(argv: list[str]) -> int:
         ["DNS answer changed", f"{len(faults.dns_flips)} (every {DNS_FLIP_EVERY:.0f} s, TTL 1 s)" if "dns" in features else "not in this build"],
         ["master at the end", f"{'alive' if master_survived else 'DIED'}; SIGTERM exit status {status}; panics in log: {panics}"],
     ]
-    for note in faults.notes:
-        summary.append(["skipped", note])
     table = md_table(["what", "result"], summary)
     resources = md_table(
         ["master", "first minute (median)", "last minute (median)", "min", "max", "trend after minute 1 (per min)"],
@@ -744,12 +753,12 @@ def main(argv: list[str]) -> int:
         w = csv.writer(f)
         w.writerow(["start", "end", "kind", "sent", "conn", "class"])
         for x in failed:
-            w.writerow([f"{x.start - t_start:.3f}", f"{x.end - t_start:.3f}", x.kind, x.sent, x.conn, "casualty" if x in casualties else "failed-new"])
+            w.writerow([f"{x.start - t_start:.3f}", f"{x.end - t_start:.3f}", x.kind, x.sent, x.conn, "casualty" if x in casualties else "retired" if x in retired else "failed-new"])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
     cmd = "python3 bench/soak.py" + ("" if a.duration == 600 else f" --duration {a.duration:.0f}")
     rel = os.path.relpath(a.out / chart_name, REPO)
     block = f"Run of {when}, `{cmd}` (release build, 2-core machine shared with other work):\n\n{table}\n\n{resources}\n\n![soak chart]({rel})"
-    (a.out / "soak-results.md").write_text(f"# Chaos soak\n\n{block}\n")
+    (a.out / "soak-results.md").write_text(f"# Chaos soak\n\n{block.replace(rel, chart_name)}\n")
     if not a.no_readme:
         write_readme(block)
     print(block)
