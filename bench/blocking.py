@@ -6,11 +6,18 @@ requests, and meanwhile sends sequential `GET /` requests, for `--balance round-
 `--balance least-conn` side by side. Prints p50/p99 of `/` for each, as a Markdown table.
 
     python3 bench/blocking.py [--requests 200] [--sum-n 800000000] [--binary target/release/balancer]
+    python3 bench/blocking.py --keep-alive   # #12: keep-alive clients, tcp vs --protocol http
+
+With `--keep-alive` (issue 12), every client keeps one connection open, as browsers do: 4
+clients send sequential `GET /` beside one client sending `/sum` back to back, with
+`--balance least-conn`, for `--protocol tcp` (the connection is the unit: a client stays on
+its worker) and `--protocol http` (each request is balanced).
 
 Loopback only; every run is bounded in count and time; every process is stopped by pid.
 """
 
 import argparse
+import http.client
 import os
 import re
 import signal
@@ -34,9 +41,9 @@ def get(addr, path, timeout=30.0):
     return data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
 
 
-def start(binary, policy):
+def start(binary, policy, extra=()):
     proc = subprocess.Popen(
-        [binary, "--listen", "127.0.0.1:0", "--cpus", "2", "--balance", policy],
+        [binary, "--listen", "127.0.0.1:0", "--cpus", "2", "--balance", policy, *extra],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     addr, ready = None, 0
     deadline = time.time() + 20
@@ -91,14 +98,79 @@ def measure(binary, policy, requests, sum_n):
         t.join(timeout=5)
 
 
+def measure_keepalive(binary, protocol, requests, sum_n, clients=4):
+    """p50/p99/max of `GET /` from `clients` keep-alive clients beside one keep-alive
+    client running `/sum` back to back, with least-conn and `--protocol protocol`."""
+    proc, addr = start(binary, "least-conn", ["--protocol", protocol])
+    stop = threading.Event()
+
+    def busy():
+        c = http.client.HTTPConnection(*addr, timeout=60)
+        end = time.time() + 120
+        while not stop.is_set() and time.time() < end:
+            try:
+                c.request("GET", f"/sum?n={sum_n}")
+                c.getresponse().read()
+            except OSError:
+                return
+
+    lat, lock = [], threading.Lock()
+
+    def client():
+        c = http.client.HTTPConnection(*addr, timeout=60)
+        for _ in range(requests // clients):
+            t0 = time.perf_counter()
+            c.request("GET", "/")
+            c.getresponse().read()
+            with lock:
+                lat.append((time.perf_counter() - t0) * 1000)
+        c.close()
+
+    t = threading.Thread(target=busy, daemon=True)
+    try:
+        t.start()
+        time.sleep(0.2)  # let the first /sum reach a worker
+        workers = [threading.Thread(target=client) for _ in range(clients)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=300)
+        lat.sort()
+        return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))], lat[-1]
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        t.join(timeout=5)
+
+
+def main_keepalive(args):
+    rows = [(p, *measure_keepalive(args.binary, p, args.requests, args.sum_n)) for p in ("tcp", "http")]
+    print(f"`GET /` latency from 4 keep-alive clients while a fifth keep-alive client runs "
+          f"`/sum?n={args.sum_n}` back to back, 2 workers, --balance least-conn "
+          f"({args.requests} requests, {time.strftime('%Y-%m-%d')}):\n")
+    print("| --protocol | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|")
+    for protocol, p50, p99, worst in rows:
+        print(f"| {protocol} | {p50:.2f} | {p99:.2f} | {worst:.2f} |")
+    print(f"\np99 tcp / http: {rows[0][2] / rows[1][2]:.1f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--sum-n", type=int, default=800_000_000)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "balancer"))
+    ap.add_argument("--keep-alive", action="store_true", help="keep-alive clients, --protocol tcp vs http (#12)")
     args = ap.parse_args()
     if not os.path.exists(args.binary):
         subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True)
+    if args.keep_alive:
+        return main_keepalive(args)
     rows = []
     for policy in ("round-robin", "least-conn"):
         p50, p99, worst = measure(args.binary, policy, args.requests, args.sum_n)

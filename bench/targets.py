@@ -245,3 +245,47 @@ backend workers
     proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)], tmp / "haproxy.out")
     wait_listening(proc, port, PROXY_START_TIMEOUT)
     return Target("haproxy", f"http://127.0.0.1:{port}/", proc.pids)
+
+
+def start_nginx_http(procs: ProcessSet, tmp: Path, backends: list[str]) -> Target:
+    """nginx as an HTTP reverse proxy (#12): `proxy_pass` to an `upstream` with `keepalive`
+    (HTTP/1.1 and an empty `Connection` header upstream, so backend connections are
+    reused), round-robin over the same workers; access log off, like balancer's default."""
+    port = free_port()
+    conf = tmp / "nginx-http.conf"
+    servers = "\n".join(f"        server {b};" for b in backends)
+    conf.write_text(
+        f"""# written by bench/targets.py
+daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile {_nofile()};
+pid {tmp}/nginx-http.pid;
+error_log {tmp}/nginx-http-error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    upstream workers {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 100000;
+        location / {{
+            proxy_pass http://workers;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+    )
+    argv = ["nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "nginx-http-error.log")]
+    proc = procs.start("nginx-http", argv, tmp / "nginx-http.out")
+    wait_listening(proc, port, PROXY_START_TIMEOUT)
+    return Target("nginx-http", f"http://127.0.0.1:{port}/", proc.pids)
