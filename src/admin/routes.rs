@@ -92,10 +92,10 @@ async fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Ful
             (
                 status,
                 "text/plain",
-                if serving {
-                    "ok\n".into()
-                } else {
-                    "no worker in rotation\n".into()
+                match (serving, view.upstreams.any()) {
+                    (true, _) => "ok\n".into(),
+                    (false, true) => "no backend in rotation\n".into(),
+                    (false, false) => "no worker in rotation\n".into(),
                 },
             )
         }

@@ -101,6 +101,11 @@ impl Table {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether any `--upstream` is followed: the pool is then backends, not only workers.
+    pub fn any(&self) -> bool {
+        !self.lock().sources.is_empty()
+    }
+
     /// A new remote backend; returns the name it is shown and logged with.
     pub fn added(&self, backend: &Arc<Backend>, check: &Check) -> String {
         let mut inner = self.lock();

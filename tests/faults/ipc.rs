@@ -267,15 +267,25 @@ fn ipc_ready_for_a_port_the_worker_does_not_own_is_refused() {
     assert_no_panic(&b);
 }
 
-/// A worker forks a child that inherits the IPC channel, then exits; the child writes a
-/// `ready` and a malformed line on the channel after the worker is gone. The master must
-/// not act on them (it closed its end when the worker was reaped: the child's write fails,
-/// or at worst lands nowhere), its descriptors are back to the count before while the child
-/// still holds the channel, and the slot's replacement serves.
+/// A worker forks a child that keeps only the IPC channel, then exits; the child writes a
+/// `ready` and a malformed line on the channel after the worker is gone. It writes when the
+/// master's SIGTERM reaches it: the master sends that to what a dead worker left behind only
+/// after reaping the worker, so the lines arrive on a dead worker's channel, deterministically,
+/// and the write succeeds (the master's end is still open during its cleanup). The master must
+/// not act on them (no line about the dead worker but the ones its death causes), it stops the
+/// child, its descriptors are back to the count before once the replacement runs (the old
+/// channel is closed although its other end was held open), and the replacement serves.
 #[test]
 fn ipc_message_after_the_worker_died_is_not_acted_on() {
-    /// How long the orphan holds the channel after writing.
-    const HOLD: &str = "3";
+    /// The most the orphan holds the channel after writing (the master kills it before).
+    const HOLD: &str = "10";
+    /// What the master's death of a worker logs about it, and nothing else may be.
+    const ABOUT_ITS_DEATH: [&str; 4] = [
+        "worker out of rotation",
+        "worker daemonized",
+        "stopped processes the worker left behind",
+        "worker exited",
+    ];
     let dir = TempDir::new("after-death");
     let outcome_file = dir.path().join("outcome");
     let outcome_arg = outcome_file.to_str().expect("UTF-8 temp path").to_owned();
@@ -285,40 +295,55 @@ fn ipc_message_after_the_worker_died_is_not_acted_on() {
     let master = b.pid();
     let fds_before = steady_fd_count(master, Duration::from_millis(200));
 
+    let from = b.lines().len();
     let pid = trigger_abuse(addr);
-    let (exit_at, exited) = b.expect_line(0, "the worker's exit", READY, |l| {
+    let mut outcome = String::new();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            outcome = std::fs::read_to_string(&outcome_file).unwrap_or_default();
+            !outcome.is_empty()
+        }),
+        "the orphan never wrote; log:\n{}",
+        b.dump()
+    );
+    let orphan: u32 = outcome
+        .strip_prefix("sent ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the orphan did not write after the death: {outcome:?}"));
+    let (exit_at, exited) = b.expect_line(from, "the worker's exit", READY, |l| {
         is_event(l, "worker exited") && field_u32(l, "pid") == Some(pid)
     });
     let (_, respawned) = b.expect_line(exit_at, "the replacement", READY, |l| {
         is_event(l, "worker ready")
     });
     let replacement = field_u32(&respawned, "pid").expect("pid");
-    let mut outcome = String::new();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            outcome = std::fs::read_to_string(&outcome_file).unwrap_or_default();
-            !outcome.is_empty()
-        }),
-        "the orphan never wrote"
-    );
-    // The orphan still holds its end of the old channel (for HOLD seconds).
+    let orphan_gone = !std::path::Path::new(&format!("/proc/{orphan}")).exists();
     let fds_after = expect_fds_at_most(
         master,
         fds_before,
         Duration::from_secs(2),
-        "with the orphan alive",
+        "with the replacement running",
     );
     let lines = b.lines();
-    let acted_on: Vec<&String> = lines[exit_at + 1..]
+    let about_dead: Vec<&String> = lines[from..]
         .iter()
         .filter(|l| event(l).is_some() && field_u32(l, "pid") == Some(pid))
         .collect();
+    let acted_on: Vec<&&String> = about_dead
+        .iter()
+        .filter(|l| !ABOUT_ITS_DEATH.iter().any(|e| is_event(l, e)))
+        .collect();
+    let stopped = about_dead
+        .iter()
+        .any(|l| is_event(l, "stopped processes the worker left behind"));
     let answers = abuse_pid(addr, "/");
     summary(
         "ipc_after_death",
         &[
             ("orphan_write", format!("{outcome:?}")),
-            ("lines_about_dead_worker", acted_on.len().to_string()),
+            ("lines_about_dead_worker", about_dead.len().to_string()),
+            ("acted_on", acted_on.len().to_string()),
+            ("orphan_stopped", stopped.to_string()),
             ("fds", format!("{fds_before}->{fds_after}")),
         ],
     );
@@ -326,6 +351,10 @@ fn ipc_message_after_the_worker_died_is_not_acted_on() {
     assert!(
         acted_on.is_empty(),
         "the master acted on a dead worker's channel: {acted_on:#?}"
+    );
+    assert!(
+        stopped && orphan_gone,
+        "the orphan {orphan} was not stopped"
     );
     assert_eq!(answers, replacement);
     assert_no_panic(&b);

@@ -183,30 +183,34 @@ def abuse():
 "#;
 
 /// On `/abuse`: forks a grandchild that keeps only the IPC channel (stdio to /dev/null,
-/// listener closed), then the worker exits 0. The grandchild waits until the worker is gone,
-/// (at most 10 s), then writes a `ready` and a malformed line on the inherited channel,
-/// records the outcome in the file `sys.argv[1]` (`sent`, or the error), and holds the
-/// channel for `sys.argv[2]` seconds before exiting: it never outlives the test by long.
+/// listener closed), then the worker exits 0. The master is a child subreaper and stops what
+/// a dead worker left behind, SIGTERM first; the grandchild blocks SIGTERM (in the forking
+/// thread, before the fork: no window where it could die of it) and waits for it (at most
+/// 10 s). That SIGTERM is the master's own word that it has reaped the worker, so the
+/// grandchild's `ready` and malformed line on the inherited channel are written strictly
+/// after the death and before the master's cleanup is over. It records the outcome in the
+/// file `sys.argv[1]` (`sent <pid>`, or why not), then holds the channel for at most
+/// `sys.argv[2]` seconds, SIGTERM still blocked: the master's SIGKILL ends it first.
 pub const AFTER_DEATH: &str = r#"
+import signal
 ready()
 
 def abuse():
-    parent = os.getpid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     if os.fork() == 0:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         srv.close()
-        deadline = time.time() + 10
-        while os.getppid() == parent and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)
-        try:
-            os.write(IPC, b'{"type":"ready","port":%d}\n' % PORT)
-            os.write(IPC, b"not json, from beyond the grave\n")
-            outcome = "sent"
-        except OSError as e:
-            outcome = "error: %s" % e
+        if signal.sigtimedwait({signal.SIGTERM}, 10) is None:
+            outcome = "no SIGTERM from the master within 10 s"
+        else:
+            try:
+                os.write(IPC, b'{"type":"ready","port":%d}\n' % PORT)
+                os.write(IPC, b"not json, from beyond the grave\n")
+                outcome = "sent %d" % os.getpid()
+            except OSError as e:
+                outcome = "error: %s" % e
         with open(sys.argv[1] + ".tmp", "w") as f:
             f.write(outcome)
         os.rename(sys.argv[1] + ".tmp", sys.argv[1])

@@ -133,6 +133,11 @@ fn crashing_worker_backs_off_without_spinning_or_leaking() {
 /// request is one worker death and one respawn. Afterwards the master holds no more
 /// descriptors than it did with its first four workers, and has no unreaped child.
 ///
+/// The pace is the python start: ~80 ms on an idle machine, 400 ms and more on a loaded one
+/// (a median of 373 ms from `worker spawned` to `worker ready` at a load of 18 on 2 cores, for
+/// 21 ms from `worker exited` to the respawn). So when the 10 s are over with fewer than the
+/// 100 deaths the test is about, it goes on until it has them, up to 60 s in all.
+///
 /// Client failures are reported, not asserted: with one-request workers the four slots are
 /// often all dead or starting at once (a python start takes ~80 ms), and then there is no
 /// healthy worker and the promise does not apply. The master's own counters say which:
@@ -143,7 +148,9 @@ fn crashing_worker_backs_off_without_spinning_or_leaking() {
 fn hundreds_of_worker_deaths_leak_no_fd_and_no_zombie() {
     const WORKERS: usize = 4;
     const MAX_DEATHS: usize = 500;
+    const MIN_DEATHS: usize = 100;
     const FOR: Duration = Duration::from_secs(10);
+    const AT_MOST: Duration = Duration::from_secs(60);
 
     let b = Balancer::start(&[
         "--cpus",
@@ -164,10 +171,13 @@ fn hundreds_of_worker_deaths_leak_no_fd_and_no_zombie() {
 
     // One client, requests back to back; after a failure (no worker in rotation) it pauses
     // a moment so that the 500 are spent on deaths, not on failures.
-    let deadline = Instant::now() + FOR;
+    let started = Instant::now();
     let mut report = load::Report::default();
     let mut served = 0;
-    while served < MAX_DEATHS && Instant::now() < deadline {
+    while served < MAX_DEATHS
+        && (started.elapsed() < FOR || served < MIN_DEATHS)
+        && started.elapsed() < AT_MOST
+    {
         let attempt = load::request(addr, load::REQUEST, Duration::from_secs(5));
         report.attempts.push(attempt);
         if attempt.outcome == Outcome::Ok {
@@ -177,6 +187,7 @@ fn hundreds_of_worker_deaths_leak_no_fd_and_no_zombie() {
         }
     }
 
+    let spent = started.elapsed();
     wait_in_rotation(&b, WORKERS, READY);
     let ok = wait_until(Duration::from_secs(5), || zombies(master).is_empty());
     assert!(ok, "zombies: {:?}", zombies(master));
@@ -196,6 +207,7 @@ fn hundreds_of_worker_deaths_leak_no_fd_and_no_zombie() {
             ("workers", WORKERS.to_string()),
             ("threads", "1".to_string()),
             ("connections", report.len().to_string()),
+            ("secs", format!("{:.1}", spent.as_secs_f64())),
             ("served", served.to_string()),
             ("worker_deaths", deaths.to_string()),
             ("failed", failed.total().to_string()),
@@ -216,7 +228,7 @@ fn hundreds_of_worker_deaths_leak_no_fd_and_no_zombie() {
             ("zombies", zombies(master).len().to_string()),
         ],
     );
-    assert!(deaths >= 100, "only {deaths} deaths:\n{}", b.dump());
+    assert!(deaths >= MIN_DEATHS, "only {deaths} deaths:\n{}", b.dump());
     assert!(deaths >= served, "{deaths} deaths, {served} answers");
     assert_eq!(
         metric(&m, "balancer_connections_reset_total"),

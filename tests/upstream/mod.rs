@@ -432,7 +432,10 @@ fn a_name_that_does_not_resolve_at_start_is_not_fatal() {
     bal.expect_line(0, "`does not resolve yet`", UP, |l| {
         is_event(l, "upstream name does not resolve yet")
     });
-    assert_eq!(get(admin, "/healthz").expect("GET /healthz").0, 503);
+    assert_eq!(
+        get(admin, "/healthz").expect("GET /healthz"),
+        (503, "no backend in rotation\n".to_owned())
+    );
     // A client is closed, not served and not left hanging.
     assert!(
         !matches!(get(addr, "/"), Ok((200, _))),
