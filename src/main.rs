@@ -21,6 +21,7 @@ mod output;
 mod ownership;
 mod protocol;
 mod signals;
+mod state;
 mod status;
 mod supervisor;
 mod systemd;

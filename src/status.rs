@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::instance::{Reason, State};
+use crate::state::{Reason, State};
 
 /// One worker instance, as shown by `/status`.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -14,7 +14,7 @@ use hyper::{header, Method, Request, Response, StatusCode};
 
 use proxy::Stats;
 
-use crate::instance::State;
+use crate::state::State;
 
 use super::{Peer, View};
 

@@ -17,7 +17,7 @@ use crate::ownership;
 
 use super::handoff::{self, Delivery};
 use super::run::{AbortOnDrop, End, Helper, Worker};
-use super::state::Reason;
+use crate::state::Reason;
 
 /// The least time an admission gets, even late in the ready timeout: a worker may announce
 /// just before its `listen()` completes.

@@ -13,7 +13,7 @@ use worker::protocol::MasterMessage;
 use crate::health::{Check, Flip, Tally};
 
 use super::run::{AbortOnDrop, End, Helper, Worker};
-use super::state::Reason;
+use crate::state::Reason;
 
 /// One worker's checks.
 pub(super) struct Health {

@@ -3,7 +3,8 @@
 //! two during a reload; the instance's own task runs the event loop.
 //!
 //! One concern per file:
-//! - [`state`]: [`State`] and [`Reason`], the vocabulary of the life (and of `/status`);
+//! - [`crate::state`]: [`State`] and [`Reason`], the vocabulary of the life (and of
+//!   `/status`), a leaf module that the registry uses too;
 //! - [`context`]: what all instances share ([`Context`], [`StopTokens`]);
 //! - [`spawn`]: starting the process, its output relays and its registry entry;
 //! - [`run`]: the event loop, routing each event to the `on_*` method that owns it;
@@ -22,7 +23,7 @@ mod node;
 mod rotation;
 mod run;
 mod spawn;
-mod state;
+
 mod stop;
 mod strikes;
 
@@ -31,8 +32,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use crate::state::{Reason, State};
 pub use context::{Context, StopTokens};
-pub use state::{Reason, State};
 
 /// How one worker's life ended.
 #[derive(Debug)]

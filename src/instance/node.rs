@@ -16,7 +16,7 @@ use super::context::Context;
 use super::handoff::{self, Delivery};
 use super::ipc::WRITE_TIMEOUT;
 use super::run::Worker;
-use super::state::Reason;
+use crate::state::Reason;
 
 /// One cluster worker, as its primary sees it.
 #[derive(Debug, Default)]

@@ -12,7 +12,7 @@ use proxy::Backend;
 use worker::protocol::Mode;
 
 use super::context::Context;
-use super::state::{Reason, State};
+use crate::state::{Reason, State};
 
 /// One worker's place in the backend set.
 pub(super) struct Rotation {

@@ -25,10 +25,10 @@ use super::health::Health;
 use super::ipc::{self, Ipc, WRITE_TIMEOUT};
 use super::node::Node;
 use super::rotation::Rotation;
-use super::state::{Reason, State};
 use super::stop::{DRAIN_POLL, EXIT_AFTER_EOF};
 use super::strikes::Strikes;
 use super::Ending;
+use crate::state::{Reason, State};
 
 /// Drives one worker from spawn to reaped.
 pub(super) async fn run(

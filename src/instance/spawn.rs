@@ -24,9 +24,9 @@ use super::ipc::Ipc;
 use super::node::Node;
 use super::rotation::Rotation;
 use super::run::Worker;
-use super::state::{Reason, State};
 use super::strikes::Strikes;
 use super::Ending;
+use crate::state::{Reason, State};
 
 impl Worker {
     /// Spawns the worker process for `slot` and everything that follows it; an [`Ending`]

@@ -16,8 +16,8 @@ use crate::orphans::LEFTOVER_STOP_TIMEOUT;
 
 use super::context::StopTokens;
 use super::run::{End, Worker};
-use super::state::{Reason, State};
 use super::Ending;
+use crate::state::{Reason, State};
 
 /// How long a worker that speaks IPC gets to exit after the `shutdown` message before it is
 /// sent SIGTERM. Its connections are already drained by then, so exiting is quick.
