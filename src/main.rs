@@ -318,6 +318,9 @@ async fn drain_and_stop(
     let open = conns.tracker.len();
     tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
     stop_accepting.cancel();
+    // Workers drain too, from now: only they can tell an idle keep-alive connection from a
+    // busy one, and close it.
+    stop.drain.cancel();
     conns.tracker.close();
     let mut forced = false;
     tokio::select! {

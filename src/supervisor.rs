@@ -194,7 +194,10 @@ async fn run_slot(
     remove: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
-    'respawn: while !stop.graceful.is_cancelled() && !remove.is_cancelled() {
+    'respawn: while !stop.graceful.is_cancelled()
+        && !remove.is_cancelled()
+        && !stop.drain.is_cancelled()
+    {
         let started = Instant::now();
         let mut current = Instance::start(slot, Arc::clone(&ctx), stop.clone());
         let ending = loop {
@@ -223,7 +226,7 @@ async fn run_slot(
                 }
             }
         };
-        if stop.graceful.is_cancelled() {
+        if stop.graceful.is_cancelled() || stop.drain.is_cancelled() {
             break 'respawn;
         }
         let good_start = ending.was_ready || started.elapsed() >= STABLE_AFTER;
@@ -245,6 +248,7 @@ async fn run_slot(
             tokio::select! {
                 _ = stop.graceful.cancelled() => break 'respawn,
                 () = remove.cancelled() => break 'respawn,
+                _ = stop.drain.cancelled() => break 'respawn,
                 _ = tokio::time::sleep(delay) => {}
             }
         }

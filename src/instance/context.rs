@@ -23,6 +23,10 @@ pub struct StopTokens {
     pub graceful: CancellationToken,
     /// Skip the waiting: SIGKILL whatever is still running.
     pub force: CancellationToken,
+    /// The master's drain has started (before `graceful`): every worker is told to drain
+    /// now (`shutdown`), so it closes idle keep-alive connections and finishes busy ones
+    /// while the master waits for them; none is respawned from now on.
+    pub drain: CancellationToken,
 }
 
 /// State shared by all slots and instances.

@@ -85,6 +85,8 @@ pub(super) struct Worker {
     pub(super) listener_sends: u32,
     /// Set once retired: when its drain ends at the latest.
     pub(super) drain_deadline: Option<tokio::time::Instant>,
+    /// Whether it was sent `shutdown` (and Node's `disconnect`) already.
+    pub(super) asked_to_stop: bool,
     /// Node cluster: the primary's side of this worker.
     pub(super) node: Node,
     /// Hand-off: the proxy queues clients here; `delivery` passes them to the worker.
@@ -120,6 +122,8 @@ pub(super) enum Event {
     ReadyTimeout,
     /// A rolling reload retires it.
     Retire,
+    /// The master's drain started.
+    Drain,
     /// Time to count its open connections again (while draining).
     DrainPoll,
     /// The master is stopping.
@@ -177,6 +181,7 @@ impl Worker {
             Some(client) = self.handoff_rx.recv(), if self.delivery.is_some() => Event::Client(client),
             _ = tokio::time::sleep_until(ready_by), if !admitted && !draining => Event::ReadyTimeout,
             Some(()) = self.retire.recv(), if !draining => Event::Retire,
+            _ = self.stop.drain.cancelled(), if !draining => Event::Drain,
             _ = tokio::time::sleep(DRAIN_POLL), if draining => Event::DrainPoll,
             _ = self.stop.graceful.cancelled() => Event::Stop,
         }
@@ -186,10 +191,15 @@ impl Worker {
     async fn dispatch(&mut self, event: Event) -> ControlFlow<End> {
         match event {
             Event::Exited(status) => {
+                // Told to drain, it drained and exited: the stop it was asked for.
+                let reason = match self.drain_deadline {
+                    Some(_) => self.drain_reason(),
+                    None => Reason::Exited,
+                };
                 self.rotation
-                    .leave(Reason::Exited, self.stop.graceful.is_cancelled());
+                    .leave(reason.clone(), self.stop.graceful.is_cancelled());
                 return ControlFlow::Break(End {
-                    reason: Reason::Exited,
+                    reason,
                     status: Some(status),
                 });
             }
@@ -206,7 +216,8 @@ impl Worker {
             Event::Tick => self.on_tick().await,
             Event::Client(client) => self.on_client(client).await,
             Event::ReadyTimeout => return self.on_ready_timeout(),
-            Event::Retire => self.on_retire(),
+            Event::Retire => self.on_retire().await,
+            Event::Drain => self.on_master_drain().await,
             Event::DrainPoll => return self.on_drain_poll().await,
             Event::Stop => return self.on_stop().await,
         }

@@ -90,6 +90,7 @@ impl Worker {
             supports_ping: false,
             listener_sends: 0,
             drain_deadline: None,
+            asked_to_stop: false,
             node: Node::default(),
             handoff_tx,
             handoff_rx,

@@ -27,16 +27,32 @@ const SHUTDOWN_MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) const EXIT_AFTER_EOF: Duration = Duration::from_millis(100);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
 const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after a drain starts a worker that drains on `shutdown` is told: a connection
+/// the proxy sent it just before it left rotation has delivered its first request by then
+/// (a worker's graceful shutdown closes a connection still waiting for one).
+const DRAIN_SETTLE: Duration = Duration::from_millis(200);
 /// How often a retiring worker's open connections are counted while it drains.
 pub(super) const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 impl Worker {
-    /// A rolling reload retires this worker: out of rotation, `Draining` up to `--grace`.
-    pub(super) fn on_retire(&mut self) {
+    /// A rolling reload retires this worker: out of rotation, `Draining` up to `--grace`,
+    /// and told to drain at once (`shutdown`): it closes its idle keep-alive connections and
+    /// finishes busy ones, so a reload does not wait `--grace` for idle clients.
+    pub(super) async fn on_retire(&mut self) {
         self.rotation.leave(Reason::Retired, false);
+        self.start_drain(Reason::Retired).await;
+    }
+
+    /// The master's drain started: out of rotation and told to drain, like a retirement.
+    pub(super) async fn on_master_drain(&mut self) {
+        self.rotation.leave(Reason::MasterStopping, true);
+        self.start_drain(Reason::MasterStopping).await;
+    }
+
+    async fn start_drain(&mut self, reason: Reason) {
         // Retired before it was ever in rotation: it drains nothing, but is draining all the
         // same.
-        self.rotation.publish(State::Draining, &Reason::Retired);
+        self.rotation.publish(State::Draining, &reason);
         self.drain_deadline = Some(tokio::time::Instant::now() + self.ctx.config().grace);
         tracing::info!(
             slot = self.slot,
@@ -46,13 +62,38 @@ impl Worker {
         );
     }
 
+    /// Whether `shutdown` is known to mean "drain" for this worker (the built-in worker's
+    /// graceful hyper shutdown, Node's cluster `disconnect`), so it is told early in the
+    /// drain. A program that exits on it at once would cut its in-flight requests: it is
+    /// told once its connections are done.
+    fn drains_on_shutdown(&self) -> bool {
+        self.ctx.config().program == crate::config::WorkerProgram::Builtin || self.node.online
+    }
+
+    /// Why a draining worker is draining.
+    pub(super) fn drain_reason(&self) -> Reason {
+        if self.stop.drain.is_cancelled() || self.stop.graceful.is_cancelled() {
+            Reason::MasterStopping
+        } else {
+            Reason::Retired
+        }
+    }
+
     /// While draining: once its connections are done (or `--grace` is over), it is asked to
     /// stop.
     pub(super) async fn on_drain_poll(&mut self) -> ControlFlow<End> {
         let open = self.rotation.open_connections();
-        let over = self
+        let now = tokio::time::Instant::now();
+        let over = self.drain_deadline.is_some_and(|d| now >= d);
+        let settled = self
             .drain_deadline
-            .is_some_and(|d| tokio::time::Instant::now() >= d);
+            .is_some_and(|d| now + self.ctx.config().grace >= d + DRAIN_SETTLE);
+        if open > 0 && settled && self.drains_on_shutdown() {
+            // Connections sent to it just before it left rotation have delivered their
+            // first request by now, so its graceful shutdown finishes them; only idle
+            // keep-alive connections are closed.
+            self.ask_to_stop().await;
+        }
         if open > 0 && !over {
             return ControlFlow::Continue(());
         }
@@ -65,7 +106,7 @@ impl Worker {
             );
         }
         self.ask_to_stop().await;
-        ControlFlow::Break(End::running(Reason::Retired))
+        ControlFlow::Break(End::running(self.drain_reason()))
     }
 
     /// The master is stopping.
@@ -81,6 +122,9 @@ impl Worker {
     /// cluster worker, which closes its servers and lets it exit once its connections are
     /// done.
     async fn ask_to_stop(&mut self) {
+        if std::mem::replace(&mut self.asked_to_stop, true) {
+            return;
+        }
         self.ipc.send_line(&MasterMessage::Shutdown.to_line()).await;
         if self.node.online {
             let line = self.node.primary.disconnect();
@@ -94,7 +138,7 @@ impl Worker {
         let End { reason, status } = end;
         self.admission.cancel();
         self.health.cancel();
-        let master_stopping = self.stop.graceful.is_cancelled();
+        let master_stopping = self.stop.graceful.is_cancelled() || self.stop.drain.is_cancelled();
         self.rotation.leave(Reason::Ended, master_stopping);
         if status.is_none() {
             self.rotation.publish(State::Stopping, &reason);
