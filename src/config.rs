@@ -77,9 +77,9 @@ pub struct Config {
     /// Sources whose connections must start with a PROXY header (`--accept-proxy`).
     pub accept_proxy: Option<proxy::proxy_header::AcceptProxy>,
     /// Where the admin endpoint listens, if anywhere.
-    pub admin: Option<crate::admin::AdminAddr>,
+    pub admin: Option<crate::endpoint::AdminAddr>,
     /// What changes over a TCP admin endpoint need.
-    pub admin_token: Option<crate::admin::Token>,
+    pub admin_token: Option<crate::endpoint::Token>,
     /// Where worker output goes.
     pub worker_output: WorkerOutput,
     /// Remote backends (`--upstream`, `--resolver`, `--resolve-interval`).
@@ -138,7 +138,7 @@ impl TryFrom<&Cli> for Config {
             worker_output: cli.worker_output,
             health: parse_health(cli)?,
             admin: parse_admin(cli)?,
-            admin_token: cli.admin_token.as_deref().and_then(crate::admin::Token::new),
+            admin_token: cli.admin_token.as_deref().and_then(crate::endpoint::Token::new),
             connect_timeout: parse_nonzero_duration("--connect-timeout", &cli.connect_timeout)?,
             idle_timeout: Some(parse_duration("--idle-timeout", &cli.idle_timeout)?)
                 .filter(|d| !d.is_zero()),
@@ -199,11 +199,11 @@ fn proxy_mode_only(flag: &str, mode: ModeArg) -> anyhow::Result<()> {
 
 /// `--admin`, refused where anyone on the network could change things: a TCP address that
 /// is not loopback needs `--admin-token`.
-fn parse_admin(cli: &Cli) -> anyhow::Result<Option<crate::admin::AdminAddr>> {
+fn parse_admin(cli: &Cli) -> anyhow::Result<Option<crate::endpoint::AdminAddr>> {
     let Some(raw) = &cli.admin else {
         return Ok(None);
     };
-    let addr = crate::admin::AdminAddr::parse(raw)?;
+    let addr = crate::endpoint::AdminAddr::parse(raw)?;
     let has_token = cli.admin_token.as_deref().is_some_and(|t| !t.is_empty());
     if !addr.is_local() && !has_token {
         bail!("--admin {addr} is reachable from other machines: set --admin-token (or bind 127.0.0.1, or a Unix socket path)");

@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod config_file;
 mod control;
+mod endpoint;
 mod health;
 mod instance;
 mod orphans;

@@ -19,11 +19,10 @@
 //! - request bodies are not read: a request that carries one is refused (`413`), which
 //!   leaves no body for a slow client to trickle.
 
-mod addr;
 mod listen;
 mod routes;
 
-pub use addr::AdminAddr;
+pub use crate::endpoint::{AdminAddr, Token};
 use listen::Accepted;
 pub use listen::Listener;
 
@@ -84,35 +83,6 @@ pub struct View {
     pub http: Option<Arc<proxy::http::Http>>,
     /// The supervisor's shared state (the desired worker count).
     pub ctx: Arc<crate::instance::Context>,
-}
-
-/// The `--admin-token` secret; its `Debug` does not show it.
-#[derive(Clone)]
-pub struct Token(String);
-
-impl Token {
-    /// A token; `None` for an empty one (which would let anyone in).
-    pub fn new(secret: &str) -> Option<Self> {
-        (!secret.is_empty()).then(|| Self(secret.to_owned()))
-    }
-
-    /// Whether `presented` is the token, in time that does not depend on where they differ.
-    fn matches(&self, presented: &[u8]) -> bool {
-        use subtle::ConstantTimeEq;
-        self.0.as_bytes().ct_eq(presented).into()
-    }
-}
-
-impl PartialEq for Token {
-    fn eq(&self, other: &Self) -> bool {
-        self.matches(other.0.as_bytes())
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(redacted)")
-    }
 }
 
 /// How a request reached the endpoint, which decides what it may change.

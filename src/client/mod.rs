@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::admin::AdminAddr;
 use crate::cli::{ClientArgs, ScaleArgs, StatusArgs};
+use crate::endpoint::AdminAddr;
 pub use transport::Reply;
 
 /// A master's admin endpoint, as the subcommands reach it.

@@ -13,7 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::admin::AdminAddr;
+use crate::endpoint::AdminAddr;
 
 /// Largest answer read: `/status` of a thousand workers is a few hundred KiB.
 const MAX_BODY: usize = 16 << 20;

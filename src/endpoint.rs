@@ -1,6 +1,8 @@
-//! Where an admin endpoint is: `IP:PORT` (or `:PORT`) on TCP, or a Unix socket path. The
-//! master binds one ([`crate::admin`]); the operator subcommands ([`crate::client`]) connect
-//! to one, so both read `--admin` the same way.
+//! The admin endpoint as configuration: where it is (`IP:PORT`, `:PORT` or a Unix socket
+//! path) and the `--admin-token` secret. The master binds one ([`crate::admin`]), the
+//! operator subcommands ([`crate::client`]) connect to one, and [`crate::config`] validates
+//! both; keeping these values in a leaf module is what stops config and admin from
+//! importing each other.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -47,6 +49,35 @@ impl fmt::Display for AdminAddr {
             Self::Tcp(a) => write!(f, "{a}"),
             Self::Unix(p) => write!(f, "{}", p.display()),
         }
+    }
+}
+
+/// The `--admin-token` secret; its `Debug` does not show it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// A token; `None` for an empty one (which would let anyone in).
+    pub fn new(secret: &str) -> Option<Self> {
+        (!secret.is_empty()).then(|| Self(secret.to_owned()))
+    }
+
+    /// Whether `presented` is the token, in time that does not depend on where they differ.
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(redacted)")
     }
 }
 
