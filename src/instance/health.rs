@@ -202,6 +202,15 @@ impl Worker {
                     pid,
                     "worker failing checks but answering clients; kept"
                 );
+            } else if self.stop.drain.is_cancelled() {
+                // The master is draining: nothing would be respawned, and killing the worker
+                // now would cut the requests it is busy with (a single-threaded worker deep in
+                // a slow request fails its checks). The stop sequence ends it in its turn.
+                tracing::debug!(
+                    slot,
+                    pid,
+                    "worker failing checks while the master drains; kept"
+                );
             } else {
                 tracing::warn!(slot, pid, "worker unresponsive; replacing it");
                 return ControlFlow::Break(End::running(Reason::Unresponsive));
