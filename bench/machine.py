@@ -4,6 +4,7 @@ memory and open files, its descendants, and waiting until the box is quiet. Linu
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -194,3 +195,27 @@ def wait_quiet(
         if waited - last_log >= 5:
             last_log = waited
             log(f"waiting for quiet: idle {idle:.0%}; foreign CPU: {quiet.describe()}")
+
+
+def loadavg() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages from /proc/loadavg: on a box shared with other
+    builders, the figure that says how busy it was while a result was taken."""
+    with open("/proc/loadavg") as f:
+        one, five, fifteen = f.read().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def established(port: int) -> int | None:
+    """Established TCP connections whose remote port is `port` (the client legs into a proxy
+    listening there), counted by `ss` over netlink: reading /proc/net/tcp costs more the
+    more sockets the box has, and this runs while 10,000 are open. None without `ss`."""
+    try:
+        done = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return sum(1 for line in done.stdout.splitlines() if line.strip())

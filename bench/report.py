@@ -39,6 +39,8 @@ class Run:
     #: CPUs' worth of busy time during the run that was neither wrk nor a process we
     #: started (other users; loopback softirq work may show up here too).
     foreign_cpus: float
+    #: 1-minute load average when the run started.
+    load1: float = 0.0
 
     @property
     def cpu_us_per_req(self) -> float | None:

@@ -15,9 +15,6 @@ Every process it starts is stopped by PID at the end, also on Ctrl-C or an error
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -31,12 +28,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import machine
+import goals
 import memory
+import node_cluster
+import prepare
+import readme
 import report
 import respawn
 import wrk
+from prepare import REPO, log
 from processes import ProcessSet
-from targets import Balancer, Target, balancer_modes, start_balancer, start_haproxy, start_nginx
+from targets import Target, balancer_modes, free_port, start_balancer, start_haproxy, start_nginx
 
 #: name -> (label, connections, new connection per request)
 LOADS: dict[str, tuple[str, int, bool]] = {
@@ -44,6 +46,13 @@ LOADS: dict[str, tuple[str, int, bool]] = {
     "ka200": ("keep-alive, 200 conns", 200, False),
     "close50": ("new connection per request, 50 conns", 50, True),
 }
+#: Node's own cluster primary and balancer as the primary of the same Node workers
+#: (bench/node/app.js), for #15's "`shared` and `handoff` >= 1.0x Node's own cluster".
+NODE_TARGETS = ("node-cluster", "balancer-shared-node", "balancer-handoff-node")
+#: The loads the Node targets run: keep-alive and a new connection per request.
+NODE_LOADS = ("ka50", "close50")
+#: The name of this script's block in README.md (see readme.py).
+README_BLOCK = "bench"
 #: Built-in workers behind every proxy: one per CPU of the reference machine.
 WORKERS = 2
 #: wrk threads: the machine has two CPUs.
@@ -58,17 +67,8 @@ TIME_WAIT_QUIET = 5_000
 TIME_WAIT_MAX_WAIT = 70.0
 #: A foreign process using at least this share of one CPU before a run is listed in the results.
 FOREIGN_NOTABLE = 0.1
-#: Timeouts of the setup commands.
-APT_TIMEOUT = 900
-BUILD_TIMEOUT = 1800
-PIP_TIMEOUT = 600
 #: Timeout of the one-request check of each target.
 CHECK_TIMEOUT = 5.0
-REPO = Path(__file__).resolve().parent.parent
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,7 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 s, 5 respawns, output in target/bench-quick/")
     p.add_argument("--rounds", type=int, help="rounds of all targets and loads (default 3; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 2)")
-    p.add_argument("--targets", help=f"comma-separated subset of direct,balancer,nginx,haproxy,balancer-MODE")
+    p.add_argument("--targets", help="comma-separated subset of direct,balancer,nginx,haproxy,balancer-MODE,"
+                   + ",".join(NODE_TARGETS))
+    p.add_argument("--no-node", action="store_true", help="leave out the Node cluster comparison")
     p.add_argument("--loads", help=f"comma-separated subset of {','.join(LOADS)}")
     p.add_argument("--out", type=Path, help="output directory (default docs/; quick: target/bench-quick/)")
     p.add_argument("--memory-conns", type=int, default=10_000, help="idle connections for the memory test (0 skips it)")
@@ -85,6 +87,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, help="longest wait for that, in seconds (default 30; quick 5)")
     p.add_argument("--no-build", action="store_true", help="use target/release/balancer as it is")
     p.add_argument("--no-install", action="store_true", help="fail instead of installing missing tools")
+    p.add_argument("--no-readme", action="store_true", help="do not write the figures into README.md")
     a = p.parse_args(argv)
     quick = a.quick
     a.rounds = a.rounds or (1 if quick else 3)
@@ -98,92 +101,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown load(s) {unknown}; choose from {list(LOADS)}")
     a.targets = a.targets.split(",") if a.targets else None
     return a
-
-
-# ---------------------------------------------------------------------------------------
-# Setup
-
-
-def ensure_tools(no_install: bool) -> None:
-    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy")) if not shutil.which(tool)]
-    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
-        missing.append("libnginx-mod-stream")
-    if not missing:
-        return
-    if no_install:
-        sys.exit(f"missing: {' '.join(missing)} (and --no-install was given)")
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    log(f"installing {' '.join(missing)} from apt")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=APT_TIMEOUT, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, timeout=APT_TIMEOUT, env=env)
-
-
-def ensure_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-
-        return True
-    except ImportError:
-        pass
-    log("installing matplotlib with pip (for the chart)")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"], timeout=PIP_TIMEOUT)
-    if done.returncode != 0:
-        log("pip could not install matplotlib: no chart this time")
-        return False
-    return True
-
-
-def build() -> Path:
-    log("cargo build --release")
-    subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True, timeout=BUILD_TIMEOUT)
-    return binary()
-
-
-def binary() -> Path:
-    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    path = target_dir / "release" / "balancer"
-    if not path.exists():
-        sys.exit(f"{path} does not exist; build it or drop --no-build")
-    return path
-
-
-def raise_fd_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard one, for us and every process we start."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def _first_line(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"? ({e})"
-    text = (done.stdout + done.stderr).strip()
-    return text.splitlines()[0] if text else "?"
-
-
-def versions() -> dict[str, str]:
-    git = _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=10"])
-    return {
-        "balancer": f"{_first_line([str(binary()), '--version']).replace('balancer ', '')} (commit {git})",
-        "nginx": _first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
-        "haproxy": _first_line(["haproxy", "-v"]).replace("HAProxy version ", "").split(" ")[0],
-        "wrk": _first_line(["wrk", "--version"]).replace("wrk ", "").split(" ")[0],
-        "python": platform.python_version(),
-    }
-
-
-def machine_summary() -> str:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPUs ({model}), {mem_gib:.0f} GiB, Linux {platform.release()}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +128,32 @@ def check_target(t: Target) -> None:
         raise RuntimeError(f"{t.name} answered {res.status} {body[:80]!r}")
 
 
-def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str] | None, out: Outcome) -> list[Target]:
+def start_node_targets(procs: ProcessSet, tmp: Path, wanted: list[str] | None, out: Outcome) -> list[Target]:
+    """Node's own cluster and balancer `shared`/`handoff` as the primary of 2 Node workers
+    each (bench/node_cluster.py's setups), kept running through the rounds."""
+    if shutil.which("node") is None:
+        out.skipped.append("Node cluster comparison: no `node` on PATH (apt-get install nodejs)")
+        return []
+    found = []
+    logdir = tmp / "node"  # node_cluster names its logs like the built-in targets'
+    logdir.mkdir(exist_ok=True)
+    for name in NODE_TARGETS:
+        if wanted is not None and name not in wanted:
+            continue
+        port = free_port()
+        setup = {"balancer-shared-node": "balancer-shared", "balancer-handoff-node": "balancer-handoff"}.get(name, name)
+        try:
+            proc = node_cluster.start(procs, setup, port, logdir)
+        except (Exception, SystemExit) as e:  # node_cluster exits when nothing answers
+            out.skipped.append(f"{name}: did not start ({e})")
+            log(f"skipping {name}: {e}")
+            continue
+        # The primary's CPU: Node's primary process, or balancer's master (not the workers).
+        found.append(Target(name, f"http://127.0.0.1:{port}/", lambda proc=proc: [proc.pid] if proc.alive() else []))
+    return found
+
+
+def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str] | None, no_node: bool, out: Outcome) -> list[Target]:
     bal = start_balancer(procs, bin_path, tmp, "balancer", WORKERS)
     backends = [addr for _, (_, addr) in sorted(bal.ready_workers().items())]
     log(f"balancer {bal.listen} (pid {bal.pid}), workers {backends}")
@@ -237,7 +179,11 @@ def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str
             out.skipped.append(f"{name}: did not start ({e})")
             log(f"skipping {name}: {e}")
     targets = [t for t in targets if wanted is None or t.name in wanted]
+    if not no_node:
+        targets += start_node_targets(procs, tmp, wanted, out)
     for t in list(targets):
+        if t.name in NODE_TARGETS:
+            continue  # node_cluster.start has seen it answer 200; its body is Node's
         try:
             check_target(t)
         except Exception as e:
@@ -256,6 +202,7 @@ def one_run(t: Target, load: str, rnd: int, a: argparse.Namespace, procs: Proces
     pids, ours = t.proxy_pids(), procs.pids()
     cpu0, ours0 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(ours)
     busy0, _ = machine.system_cpu()
+    load1 = machine.loadavg()[0]
     started, m0 = time.time(), time.monotonic()
     try:
         res, _ = wrk.run(t.url, conns, WRK_THREADS, a.duration, close)
@@ -283,17 +230,18 @@ def one_run(t: Target, load: str, rnd: int, a: argparse.Namespace, procs: Proces
         idle_before=quiet.idle,
         waited_s=quiet.waited,
         foreign_cpus=foreign,
+        load1=load1,
     )
     out.runs.append(run)
     cpu = "NA" if run.cpu_us_per_req is None else f"{run.cpu_us_per_req:6.1f}"
     log(
         f"round {rnd} {load:7} {t.name:10} {res.rps:9,.0f} req/s  p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms  "
-        f"errors {res.errors:<4} proxy CPU {cpu} µs/req  (idle before {quiet.idle:.0%}, foreign {foreign:.2f} CPUs)"
+        f"errors {res.errors:<4} proxy CPU {cpu} µs/req  (idle before {quiet.idle:.0%}, foreign {foreign:.2f} CPUs, load {load1:.1f})"
     )
 
 
 def throughput(procs: ProcessSet, bin_path: Path, tmp: Path, a: argparse.Namespace, out: Outcome) -> None:
-    targets = start_targets(procs, bin_path, tmp, a.targets, out)
+    targets = start_targets(procs, bin_path, tmp, a.targets, a.no_node, out)
     out.targets = [t.name for t in targets]
     log(f"targets: {', '.join(out.targets)}; loads: {', '.join(a.loads)}; {a.rounds} round(s) of {a.duration:g} s")
     for t in targets:
@@ -304,6 +252,8 @@ def throughput(procs: ProcessSet, bin_path: Path, tmp: Path, a: argparse.Namespa
     for rnd in range(1, a.rounds + 1):
         for load in a.loads:
             for t in targets:
+                if t.name in NODE_TARGETS and load not in NODE_LOADS:
+                    continue
                 one_run(t, load, rnd, a, procs, out)
     # The throughput setup is done: stop it so the next tests run on a quieter box.
     for p in list(reversed(procs.started)):
@@ -338,15 +288,18 @@ def footprint(procs: ProcessSet, bin_path: Path, tmp: Path, a: argparse.Namespac
 def write_outputs(a: argparse.Namespace, out: Outcome, meta: dict[str, str], chart_ok: bool) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     loads = {l: LOADS[l][0] for l in a.loads}
-    rows = report.summarize(out.runs, a.loads, out.targets)
+    rows = report.summarize(out.runs, a.loads, [t for t in out.targets if t not in NODE_TARGETS])
     report.write_runs_csv(out.runs, a.out / "bench-runs.csv")
     report.write_rows_csv(rows, a.out / "bench-results.csv")
     chart = a.out / "bench.png"
     if chart_ok and out.runs:
         kind = "quick smoke run" if a.quick else f"{a.rounds} rounds × {a.duration:g} s"
-        report.chart(out.runs, rows, loads, out.targets, chart,
+        report.chart(out.runs, rows, loads, [t for t in out.targets if t not in NODE_TARGETS], chart,
                      f"balancer vs nginx vs HAProxy on loopback, 2 built-in workers ({kind}, {meta['date']})")
     (a.out / "bench-results.md").write_text(markdown(a, out, rows, loads, meta, chart_ok and chart.exists()))
+    # Only a full run into docs/ updates the README; a quick or redirected run never does.
+    if not a.quick and a.out == REPO / "docs" and rows and not a.no_readme:
+        readme.splice(REPO / "README.md", README_BLOCK, readme_block(a, out, rows, meta), "### Latest full run")
     log(f"wrote {a.out}/bench-results.md, bench-results.csv, bench-runs.csv" + (", bench.png" if chart_ok else ""))
 
 
@@ -355,7 +308,7 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
     if a.quick:
         s += ["**Quick smoke run** (one short round): it shows the harness works, not how fast anything is.", ""]
     s += [
-        f"Made by `python3 bench/run.py{' --quick' if a.quick else ''}` on {meta['date']}: "
+        f"Made by `{meta['command']}` on {meta['date']}: "
         f"{a.rounds} round(s), each target and load for {a.duration:g} s, interleaved "
         f"(all targets in turn for one load, then the next load; then the next round).",
         "",
@@ -367,6 +320,13 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         f"- Load: wrk, {WRK_THREADS} threads, `--latency`, per load: "
         + "; ".join(f"`{k}` = {v[0]}" + (" (`-H 'Connection: close'`)" if v[2] else "") for k, v in LOADS.items() if k in loads)
         + ".",
+        "",
+        "## #15's targets in this run",
+        "",
+        goals.markdown(goals.check(out.runs, rows, a.loads, out.memory, out.respawns)),
+        "",
+        "Ratios are medians of per-round ratios (below). The http-mode target is measured by "
+        "`bench/http_mode.py`, not here.",
         "",
         "## Throughput, latency, proxy CPU",
         "",
@@ -384,6 +344,7 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         s += ["![requests/s and proxy CPU per request, per target and load](bench.png)", ""]
     s += ["Raw runs: [bench-runs.csv](bench-runs.csv); this table as CSV: [bench-results.csv](bench-results.csv).", ""]
 
+    s += node_section(out)
     s += ["## Memory per connection (balancer master)", ""]
     m = out.memory
     if m is None:
@@ -443,6 +404,9 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
             "listed as `unattributed`: processes of other sessions that this one cannot see, or that came and went.",
             "",
         ]
+        loadavg = [r.load1 for r in out.runs]
+        s += [f"Load average (1 min) at the start of the runs: median {statistics.median(loadavg):.1f}, lowest "
+              f"{min(loadavg):.1f}, highest {max(loadavg):.1f} (2 CPUs; other sessions were compiling).", ""]
         if out.foreign_seen:
             top = sorted(out.foreign_seen.items(), key=lambda kv: -kv[1])[:8]
             s += [f"Using at least {FOREIGN_NOTABLE:.0%} of a CPU just before a run (number of runs): "
@@ -451,6 +415,69 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         s += ["## Skipped and failed", ""]
         s += [f"- skipped: {x}" for x in out.skipped] + [f"- failed: {x}" for x in out.failures] + [""]
     return "\n".join(s)
+
+
+def readme_block(a, out: Outcome, rows, meta) -> str:
+    """README's figures from this run: #15's targets, the main table, the Node comparison
+    and the footprint, with the command, the date and the load average."""
+    loadavg = [r.load1 for r in out.runs]
+    s = [
+        f"Run of {meta['date']}, `{meta['command']}` ({a.rounds} rounds × {a.duration:g} s per target and load, "
+        f"interleaved; load average (1 min) at the start of the runs: median {statistics.median(loadavg):.1f}, "
+        f"{min(loadavg):.1f}–{max(loadavg):.1f}, on 2 CPUs shared with other builds). Balancer commit: "
+        f"{meta['balancer']}. Method, noise and every run: [docs/bench-results.md](docs/bench-results.md).",
+        "",
+        goals.markdown(goals.check(out.runs, rows, a.loads, out.memory, out.respawns)),
+        "",
+        report.markdown_table(rows, {k: f"`{k}`" for k in a.loads}),
+        "",
+    ]
+    s += node_section(out)[4:]  # the table without the section's heading and prose
+    m = out.memory
+    if m is not None and m.master_bytes_per_conn is not None:
+        s += [f"Master RSS idle {m.master_rss_idle_kib / 1024:.1f} MiB; {m.master_bytes_per_conn / 1024:.1f} KiB per idle "
+              f"proxied connection ({m.proxied:,} of {m.wanted:,} proxied).", ""]
+    if out.respawns:
+        ready = [r.ready_ms for r in out.respawns]
+        s += [f"`kill -9` of a worker → replacement in rotation: median {statistics.median(ready):.1f} ms, "
+              f"max {max(ready):.1f} ms ({len(ready)} kills).", ""]
+    s.append("![requests/s and proxy CPU per request, per target and load](docs/bench.png)")
+    return "\n".join(s)
+
+
+def node_section(out: Outcome) -> list[str]:
+    """Node's own cluster primary vs balancer `shared` and `handoff` as the primary of the
+    same Node workers, with ratios paired per round."""
+    present = [t for t in NODE_TARGETS if any(r.target == t for r in out.runs)]
+    if not present:
+        return []
+    s = [
+        "## Node.js cluster: Node's own primary vs balancer",
+        "",
+        "2 Node hello-world workers (`bench/node/app.js`) behind each: `node-cluster` is Node's own primary "
+        "(round-robin), `balancer-shared-node` hands the workers its listening socket (`--mode shared "
+        "--node-cluster on`), `balancer-handoff-node` accepts and hands each socket over (`--mode handoff`). "
+        "Same rounds as the table above. CPU: the primary only (Node's primary, or balancer's master).",
+        "",
+        "| load | target | req/s | ×node-cluster | p99 ms | ×node-cluster p99 | primary CPU µs/req | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for load in NODE_LOADS:
+        for t in present:
+            rs = [r for r in out.runs if r.load == load and r.target == t]
+            if not rs:
+                continue
+            cpus = [r.cpu_us_per_req for r in rs if r.cpu_us_per_req is not None]
+            x = goals.paired(out.runs, load, t, "node-cluster")
+            xp = goals.paired(out.runs, load, t, "node-cluster", "p99_ms")
+            s.append(
+                f"| `{load}` | {t} | {statistics.median(r.rps for r in rs):,.0f} | "
+                f"{'1×' if t == 'node-cluster' else ('—' if x is None else f'{x:.2f}×')} | "
+                f"{statistics.median(r.p99_ms for r in rs):.2f} | "
+                f"{'1×' if t == 'node-cluster' else ('—' if xp is None else f'{xp:.2f}×')} | "
+                f"{statistics.median(cpus) if cpus else float('nan'):.1f} | {sum(r.socket_errors + r.non_2xx for r in rs)} |"
+            )
+    return s + [""]
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,14 +496,15 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="balancer-bench-"))
     ok = False
     try:
-        ensure_tools(a.no_install)
-        bin_path = binary() if a.no_build else build()
-        chart_ok = ensure_matplotlib()
-        hard = raise_fd_limit()
+        prepare.ensure_tools(a.no_install)
+        bin_path = prepare.binary() if a.no_build else prepare.build()
+        chart_ok = prepare.ensure_matplotlib()
+        hard = prepare.raise_fd_limit()
         log(f"open-file limit {hard}; logs in {tmp}")
-        meta = versions() | {
-            "machine": machine_summary(),
+        meta = prepare.versions() | {
+            "machine": prepare.machine_summary(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": " ".join(["python3", f"bench/{Path(__file__).name}", *argv]),
         }
         out = Outcome()
         # Footprint first, on a box this script has not yet filled with TIME_WAIT sockets.

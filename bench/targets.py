@@ -177,7 +177,9 @@ def _nginx_load_stream() -> str:
     raise RuntimeError("this nginx has no stream module")
 
 
-def start_nginx(procs: ProcessSet, tmp: Path, backends: list[str]) -> Target:
+def start_nginx(procs: ProcessSet, tmp: Path, backends: list[str], worker_connections: int = 4096) -> Target:
+    """nginx `stream` in front of `backends`. `worker_connections` counts both legs of a
+    proxied connection, and one worker may take most connections (they race for accept)."""
     port = free_port()
     conf = tmp / "nginx.conf"
     servers = "\n".join(f"        server {b};" for b in backends)
@@ -191,7 +193,7 @@ worker_rlimit_nofile {_nofile()};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{
-    worker_connections 4096;
+    worker_connections {worker_connections};
 }}
 stream {{
     upstream workers {{

@@ -7,6 +7,13 @@
 import unittest
 from unittest import mock
 
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import cost_report
+import goals
+import readme
 import report
 import targets
 import wrk
@@ -38,6 +45,10 @@ class WrkTests(unittest.TestCase):
         self.assertAlmostEqual(r.p50_ms, 0.712)
         self.assertAlmostEqual(r.p99_ms, 1370.0)
         self.assertEqual((r.socket_errors, r.non_2xx, r.errors), (6, 5, 11))
+
+    def test_connect_errors_and_timeouts_apart(self):
+        r = wrk.parse(WRK_OUTPUT.replace("connect 0, read 3, write 1, timeout 2", "connect 7, read 3, write 1, timeout 2"))
+        self.assertEqual((r.connect_errors, r.timeouts, r.socket_errors), (7, 2, 13))
 
     def test_clean_report_has_no_errors(self):
         clean = "\n".join(l for l in WRK_OUTPUT.splitlines() if "errors" not in l and "Non-2xx" not in l)
@@ -122,6 +133,69 @@ class RatioTests(unittest.TestCase):
         self.assertAlmostEqual(b.rps_ratio["direct"], 0.3)  # only round 1 has both
         self.assertIsNone(b.rps_ratio["haproxy"])
         self.assertIsNone(rows["direct"].cpu_us_per_req)
+
+
+def point(rnd, conns, target, rps, cpu_s, reached, peak=1024):
+    return cost_report.Point(rnd, conns, target, 0.0, rps, 1.0, 2.0, 1000, 1, 0, 0, cpu_s, 0.01, 0.0,
+                             512, 800, peak, reached, reached, 3.5, 0.5)
+
+
+class CostCurveTests(unittest.TestCase):
+    def test_rows_pair_with_nginx_and_keep_the_worst(self):
+        pts = [
+            point(1, 10, "nginx", 100.0, 0.010, 10),
+            point(1, 10, "balancer-proxy", 120.0, 0.005, 10, peak=4096),
+            point(2, 10, "nginx", 50.0, 0.010, 10),
+            point(2, 10, "balancer-proxy", 50.0, 0.020, 9),
+            point(3, 10, "nginx", 80.0, 0.010, 10),
+        ]
+        rows = {r.target: r for r in cost_report.summarize(pts, ["balancer-proxy", "nginx", "haproxy"], [10])}
+        self.assertNotIn("haproxy", rows)
+        b = rows["balancer-proxy"]
+        self.assertAlmostEqual(b.rps_x_nginx, 1.1)  # median of 1.2 and 1.0; round 3 unpaired
+        self.assertAlmostEqual(b.cpu_x_nginx, 1.25)  # median of 0.5 and 2.0
+        self.assertEqual((b.reached, b.connect_errors, b.rss_peak_mib), (9, 2, 4.0))
+        self.assertIsNone(rows["nginx"].rps_x_nginx)
+        self.assertAlmostEqual(b.cpu_us_per_req, 12.5)  # median of 5 and 20 µs
+
+
+class GoalTests(unittest.TestCase):
+    def run_(self, rnd, load, target, rps, cpu, p99=2.0):
+        return report.Run(rnd, load, target, 0.0, rps, 1.0, p99, 1000, 0, 0, cpu, 0.0, 1.0, 0.0, 0.0)
+
+    def test_met_and_not_met_from_the_runs(self):
+        runs = []
+        for load in ("ka50", "close50"):
+            runs += [self.run_(1, load, "nginx", 100.0, 0.020, 2.0), self.run_(1, load, "haproxy", 100.0, 0.020),
+                     self.run_(1, load, "balancer", 120.0, 0.010, 1.0), self.run_(1, load, "direct", 200.0, None),
+                     self.run_(1, load, "balancer-shared", 196.0, 0.0), self.run_(1, load, "balancer-reuseport", 180.0, 0.0),
+                     self.run_(1, load, "node-cluster", 100.0, 0.01), self.run_(1, load, "balancer-shared-node", 101.0, 0.0),
+                     self.run_(1, load, "balancer-handoff-node", 99.0, 0.0)]
+        rows = report.summarize(runs, ["ka50", "close50"], ["direct", "balancer", "nginx", "haproxy", "balancer-shared", "balancer-reuseport"])
+        memory = SimpleNamespace(master_rss_idle_kib=4000, master_bytes_per_conn=2048.0, proxied=9000)
+        respawns = [SimpleNamespace(ready_ms=5.0), SimpleNamespace(ready_ms=120.0)]
+        found = [g.met for g in goals.check(runs, rows, ["ka50", "close50"], memory, respawns)]
+        # cpu 0.5x, rps 1.2x nginx, 1.2x haproxy, p99 0.5x: met; shared 0.98x met, reuseport 0.9x not;
+        # shared-node 1.01x met, handoff-node 0.99x not; idle RSS, per connection met; replacement max 120 ms not.
+        self.assertEqual(found, [True, True, True, True, True, False, True, False, True, True, False])
+
+    def test_missing_figures_are_no_figure(self):
+        found = goals.check([], [], ["ka50"], None, [])
+        self.assertTrue(all(g.met is None for g in found))
+        self.assertIn("no figure", goals.markdown(found))
+
+
+class ReadmeTests(unittest.TestCase):
+    def test_splice_replaces_between_markers_and_appends_once(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "README.md"
+            path.write_text("# title\n\nprose\n")
+            readme.splice(path, "x", "one", "## X")
+            readme.splice(path, "x", "two", "## X")
+            text = path.read_text()
+            self.assertEqual(text.count("## X"), 1)
+            self.assertIn("<!-- x:begin -->\ntwo\n<!-- x:end -->", text)
+            self.assertNotIn("one", text)
 
 
 if __name__ == "__main__":

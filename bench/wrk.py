@@ -26,6 +26,10 @@ class WrkResult:
     non_2xx: int
     #: CPU seconds wrk itself used (user + system).
     wrk_cpu: float = 0.0
+    #: Of `socket_errors`: connects that failed (at 10,000 connections: fd or port limits).
+    connect_errors: int = 0
+    #: Of `socket_errors`: requests that got no answer within [`REQUEST_TIMEOUT`].
+    timeouts: int = 0
 
     @property
     def errors(self) -> int:
@@ -55,6 +59,8 @@ def parse(text: str) -> WrkResult:
         p99_ms=_latency_ms(text, "99"),
         socket_errors=sum(int(x) for x in sock.groups()) if sock else 0,
         non_2xx=int(non2xx[1]) if non2xx else 0,
+        connect_errors=int(sock[1]) if sock else 0,
+        timeouts=int(sock[4]) if sock else 0,
     )
 
 
