@@ -138,6 +138,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet-idle", type=float, default=0.85, help="share of all CPUs idle wanted before a run (default 0.85)")
     p.add_argument("--quiet-wait", type=float, default=5.0, help="longest wait for that, in seconds (default 5)")
     p.add_argument("--no-build", action="store_true", help="use target/release/balancer as it is")
+    p.add_argument("--binary", type=Path, help="measure this balancer binary (no build); e.g. a debug build for a smoke run")
     p.add_argument("--no-install", action="store_true", help="fail instead of installing missing tools")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     a = p.parse_args(argv)
@@ -281,11 +282,11 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="balancer-cost-curve-"))
     try:
         prepare.ensure_tools(a.no_install)
-        bin_path = prepare.binary() if a.no_build else prepare.build()
+        bin_path = a.binary or (prepare.binary() if a.no_build else prepare.build())
         chart_ok = prepare.ensure_matplotlib()
         nofile = prepare.raise_fd_limit()
         log(f"open-file limit {nofile} (wrk, the proxies and the workers inherit it); logs in {tmp}")
-        meta = prepare.versions() | {
+        meta = prepare.versions(bin_path) | {
             "machine": prepare.machine_summary(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": " ".join(["python3", f"bench/{Path(__file__).name}", *argv]),

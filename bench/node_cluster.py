@@ -56,10 +56,10 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise SystemExit(f"nothing answered on port {port}")
 
 
-def start(procs: ProcessSet, name: str, port: int, logdir: Path):
+def start(procs: ProcessSet, name: str, port: int, logdir: Path, binary: Path = BIN):
     env = dict(os.environ, PORT=str(port), NODE_WORKERS="2")
     node = "node"
-    common = [str(BIN), "--listen", f"127.0.0.1:{port}", "--cpus", "2", "--worker-output", "ignore"]
+    common = [str(binary), "--listen", f"127.0.0.1:{port}", "--cpus", "2", "--worker-output", "ignore"]
     argv = {
         "node-cluster": [node, str(APP)],
         "balancer-proxy": common + ["--node-cluster", "off", "--", node, str(APP)],

@@ -85,10 +85,10 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "?"
 
 
-def versions() -> dict[str, str]:
+def versions(bin_path: Path) -> dict[str, str]:
     git = _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=10"])
     return {
-        "balancer": f"{_first_line([str(binary()), '--version']).replace('balancer ', '')} (commit {git})",
+        "balancer": f"{_first_line([str(bin_path), '--version']).replace('balancer ', '')} (commit {git})",
         "nginx": _first_line(["nginx", "-v"]).replace("nginx version: nginx/", ""),
         "haproxy": _first_line(["haproxy", "-v"]).replace("HAProxy version ", "").split(" ")[0],
         "wrk": _first_line(["wrk", "--version"]).replace("wrk ", "").split(" ")[0],

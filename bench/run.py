@@ -86,6 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet-idle", type=float, default=0.85, help="share of all CPUs that must be idle before a run (default 0.85)")
     p.add_argument("--quiet-wait", type=float, help="longest wait for that, in seconds (default 30; quick 5)")
     p.add_argument("--no-build", action="store_true", help="use target/release/balancer as it is")
+    p.add_argument("--binary", type=Path, help="measure this balancer binary (no build); e.g. a debug build for a smoke run")
     p.add_argument("--no-install", action="store_true", help="fail instead of installing missing tools")
     p.add_argument("--no-readme", action="store_true", help="do not write the figures into README.md")
     a = p.parse_args(argv)
@@ -128,7 +129,7 @@ def check_target(t: Target) -> None:
         raise RuntimeError(f"{t.name} answered {res.status} {body[:80]!r}")
 
 
-def start_node_targets(procs: ProcessSet, tmp: Path, wanted: list[str] | None, out: Outcome) -> list[Target]:
+def start_node_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str] | None, out: Outcome) -> list[Target]:
     """Node's own cluster and balancer `shared`/`handoff` as the primary of 2 Node workers
     each (bench/node_cluster.py's setups), kept running through the rounds."""
     if shutil.which("node") is None:
@@ -143,7 +144,7 @@ def start_node_targets(procs: ProcessSet, tmp: Path, wanted: list[str] | None, o
         port = free_port()
         setup = {"balancer-shared-node": "balancer-shared", "balancer-handoff-node": "balancer-handoff"}.get(name, name)
         try:
-            proc = node_cluster.start(procs, setup, port, logdir)
+            proc = node_cluster.start(procs, setup, port, logdir, bin_path)
         except (Exception, SystemExit) as e:  # node_cluster exits when nothing answers
             out.skipped.append(f"{name}: did not start ({e})")
             log(f"skipping {name}: {e}")
@@ -180,7 +181,7 @@ def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str
             log(f"skipping {name}: {e}")
     targets = [t for t in targets if wanted is None or t.name in wanted]
     if not no_node:
-        targets += start_node_targets(procs, tmp, wanted, out)
+        targets += start_node_targets(procs, bin_path, tmp, wanted, out)
     for t in list(targets):
         if t.name in NODE_TARGETS:
             continue  # node_cluster.start has seen it answer 200; its body is Node's
@@ -497,11 +498,11 @@ def main(argv: list[str]) -> int:
     ok = False
     try:
         prepare.ensure_tools(a.no_install)
-        bin_path = prepare.binary() if a.no_build else prepare.build()
+        bin_path = a.binary or (prepare.binary() if a.no_build else prepare.build())
         chart_ok = prepare.ensure_matplotlib()
         hard = prepare.raise_fd_limit()
         log(f"open-file limit {hard}; logs in {tmp}")
-        meta = prepare.versions() | {
+        meta = prepare.versions(bin_path) | {
             "machine": prepare.machine_summary(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": " ".join(["python3", f"bench/{Path(__file__).name}", *argv]),
