@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// How the next backend is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,6 +116,14 @@ impl Backend {
             Some(t) => t.child_token().cancelled_owned().await,
             None => std::future::pending().await,
         }
+    }
+
+    /// [`closed`](Self::closed) as an owned future, for what must hold it across polls (an
+    /// HTTP response body still streaming from this backend); `None` for a local worker.
+    pub fn closed_owned(&self) -> Option<WaitForCancellationFutureOwned> {
+        self.closing
+            .as_ref()
+            .map(|t| t.child_token().cancelled_owned())
     }
 
     /// Open connections forwarded to this backend right now.

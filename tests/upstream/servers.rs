@@ -301,3 +301,105 @@ fn respond(zone: &Zone, query: &Message) -> Option<Vec<u8>> {
 fn key(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
+
+/// An HTTP/1.1 backend stuck on slow work: it reads each request head and then answers
+/// nothing (or, with `partial`, a head announcing 1,000 bytes and only the first 10 of
+/// them), holding the connection until the other end closes it. Counts the requests it
+/// holds, so a test knows they reached it.
+pub struct Hold {
+    pub addr: SocketAddr,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How a [`Hold`] connection thread checks for the stop flag while it waits.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+
+impl Hold {
+    pub fn start(addr: SocketAddr, partial: bool) -> std::io::Result<Hold> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (flag, count) = (Arc::clone(&stop), Arc::clone(&held));
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(stream) = conn {
+                    let (flag, count) = (Arc::clone(&flag), Arc::clone(&count));
+                    conns.push(std::thread::spawn(move || {
+                        hold(stream, partial, &count, &flag)
+                    }));
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        Ok(Hold {
+            addr,
+            held,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Requests whose head arrived and that are being held (or were).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads bytes until the peer closes or `stop` is set; `None` then.
+fn read_or_stop(stream: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool) -> Option<usize> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match stream.read(buf) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+fn hold(
+    mut stream: TcpStream,
+    partial: bool,
+    held: &std::sync::atomic::AtomicUsize,
+    stop: &AtomicBool,
+) {
+    let _ = stream.set_read_timeout(Some(HOLD_POLL));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let Some(n) = read_or_stop(&mut stream, &mut buf, stop) else {
+            return;
+        };
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > 64 * 1024 {
+            return;
+        }
+    }
+    held.fetch_add(1, Ordering::SeqCst);
+    if partial {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789");
+    }
+    while read_or_stop(&mut stream, &mut buf, stop).is_some() {}
+}

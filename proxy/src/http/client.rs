@@ -121,7 +121,18 @@ impl tower::Service<Request<ReplayBody>> for Balance {
         }
         let sent = self.pool.request(req);
         Box::pin(async move {
-            match sent.await {
+            // A retired backend's --grace running out ends the wait for its answer (the
+            // pooled connection is dropped with the request, never reused).
+            let sent = tokio::select! {
+                r = sent => r,
+                () = backend.closed() => {
+                    return Err(ProxyError::Retired {
+                        key: backend.key,
+                        addr: backend.addr,
+                    })
+                }
+            };
+            match sent {
                 Ok(response) => {
                     backend.record_connect(true);
                     Ok(Routed {

@@ -47,6 +47,16 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The backend was retired (its address left DNS) and its `--grace` ran out before it
+    /// sent a response head: the request is abandoned there, and replayed elsewhere if it
+    /// may be (as after [`Self::Backend`]).
+    #[error("backend {addr} retired before answering (its --grace is over)")]
+    Retired {
+        /// The backend's instance key, so a retry skips it.
+        key: u64,
+        /// Its address, for the log.
+        addr: SocketAddr,
+    },
     /// The client's request body was over `--max-body`.
     #[error("request body over --max-body")]
     BodyTooLarge,
@@ -63,9 +73,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            Self::AllFailed { .. } | Self::Connect { .. } | Self::Backend { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::AllFailed { .. }
+            | Self::Connect { .. }
+            | Self::Backend { .. }
+            | Self::Retired { .. } => StatusCode::BAD_GATEWAY,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,

@@ -8,12 +8,14 @@
 //! the request over hyper-util's pooled keep-alive client. [`headers`] rewrites the
 //! forwarded and hop-by-hop headers, [`error`] turns every failure into an HTTP answer,
 //! [`upgrade`] passes `Upgrade` exchanges through, [`replay`] keeps a request body
-//! replayable for retries, [`watch`] cuts slow and idle clients, and [`metrics`] counts.
+//! replayable for retries, [`cut`] ends a retired backend's responses at its `--grace`,
+//! [`watch`] cuts slow and idle clients, and [`metrics`] counts.
 //!
 //! Like the tcp path it takes an already-bound listener, a cancellation token and the
 //! backend set, so it is tested with plain sockets and no master.
 
 pub mod client;
+pub mod cut;
 pub mod error;
 pub mod headers;
 pub mod metrics;

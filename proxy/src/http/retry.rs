@@ -1,10 +1,11 @@
 //! When a request is sent again, as a tower retry [`Policy`] (the shape of linkerd2-proxy's
 //! retry policies and tower's `retry::Policy`): a refused or timed-out connect is retried
 //! on another backend for any method, since nothing was sent; a backend that failed
-//! before answering is retried for idempotent methods only, at most `--`[`MAX_REPLAYS`]
-//! times; a body too large to keep for a replay, or one the client failed to send, is
-//! never retried. Each retry adds the failed backend to the request's [`Tried`] so the
-//! next pick skips it; the pick runs out when every backend was tried.
+//! before answering (or was retired, its `--grace` over, before answering) is retried for
+//! idempotent methods only, at most `--`[`MAX_REPLAYS`] times; a body too large to keep
+//! for a replay, or one the client failed to send, is never retried. Each retry adds the
+//! failed backend to the request's [`Tried`] so the next pick skips it; the pick runs out
+//! when every backend was tried.
 //!
 //! [`MAX_REPLAYS`]: super::MAX_REPLAYS
 
@@ -70,7 +71,7 @@ impl Policy<Request<ReplayBody>, Routed, ProxyError> for Replay {
         }
         let key = match error {
             ProxyError::Connect { key, .. } => *key,
-            ProxyError::Backend { key, .. }
+            ProxyError::Backend { key, .. } | ProxyError::Retired { key, .. }
                 if idempotent(req.method()) && self.replays_left > 0 =>
             {
                 self.replays_left -= 1;

@@ -31,6 +31,7 @@ use crate::server::{accept_loop, Connections};
 use crate::tls::ClientStream;
 
 use super::client::{self, Balance, Routed};
+use super::cut::Cut;
 use super::error::{self, ProxyError};
 use super::headers::{self, Origin};
 use super::metrics::{Finish, Tracked};
@@ -46,8 +47,9 @@ const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// browser opens, bounded so one connection cannot take every backend slot.
 const H2_MAX_STREAMS: u32 = 256;
 
-/// The body of every response to a client: a backend's, or one of the proxy's own.
-pub type ProxyBody = Tracked<Either<Incoming, Full<Bytes>>>;
+/// The body of every response to a client: a backend's (ended early if that backend is
+/// retired and its `--grace` runs out), or one of the proxy's own.
+pub type ProxyBody = Tracked<Either<Cut<Incoming>, Full<Bytes>>>;
 
 /// The per-request tower stack: the whole exchange (retries included) under
 /// `--request-timeout`, retries by [`Replay`], the backend pick and send by [`Balance`].
@@ -269,7 +271,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> 
                 client,
                 &mut response,
                 &conn.thread.conns,
-                active,
+                (active, backend.closed_owned()),
                 Arc::clone(http),
             );
         }
@@ -286,7 +288,8 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> 
     }
     headers::strip_hop_by_hop(response.headers_mut(), switching);
     finish.status = response.status();
-    response.map(|b| Tracked::new(Either::Left(b), finish))
+    let closed = backend.closed_owned();
+    response.map(|b| Tracked::new(Either::Left(Cut::new(b, closed)), finish))
 }
 
 /// The answer for a failed request, with its one log line.

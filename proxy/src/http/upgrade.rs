@@ -10,6 +10,7 @@ use hyper::header::{CONNECTION, UPGRADE};
 use hyper::upgrade::OnUpgrade;
 use hyper::{HeaderMap, Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::backends::ActiveGuard;
 use crate::server::Connections;
@@ -31,12 +32,13 @@ fn connection_has(headers: &HeaderMap, option: &str) -> bool {
 
 /// After a 101 from the backend: waits for both sides' upgraded streams and copies
 /// between them on a task in `conns` (ended at the end of the grace period like any
-/// connection). `active` keeps the backend's in-flight count until the copy ends.
+/// connection, or when `closed` resolves: a retired backend's `--grace` is over, as on the
+/// tcp path). `active` keeps the backend's in-flight count until the copy ends.
 pub(crate) fn splice(
     client: OnUpgrade,
     backend: &mut Response<Incoming>,
     conns: &Connections,
-    active: ActiveGuard,
+    (active, closed): (ActiveGuard, Option<WaitForCancellationFutureOwned>),
     stats: Arc<super::Http>,
 ) {
     let backend_side = hyper::upgrade::on(backend);
@@ -52,12 +54,21 @@ pub(crate) fn splice(
         };
         tokio::select! {
             _ = abort.cancelled() => tracing::debug!("upgraded connection aborted at shutdown"),
+            () = until(closed) => tracing::debug!("upgraded connection closed: its backend was retired and its --grace is over"),
             done = copy => match done {
                 Ok((up, down)) => tracing::debug!(to_backend = up, to_client = down, "upgraded connection done"),
                 Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
             },
         }
     });
+}
+
+/// Resolves with `closed`; never without one (a local worker's connection).
+async fn until(closed: Option<WaitForCancellationFutureOwned>) {
+    match closed {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Both failure kinds as one displayable error.
