@@ -165,6 +165,18 @@ pub struct Cli {
     #[arg(long, default_value = "5s")]
     pub resolve_interval: String,
 
+    // Operations (#14): the privilege drop, in src/privilege.rs.
+    /// Run as this user (a name, or a uid): the master binds --listen and --admin as root,
+    /// then drops to the user for good before it spawns any worker, so the workers and the
+    /// master run unprivileged. Supplementary groups are reduced to the one group.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// With --user: the group to run as (a name, or a gid), instead of the user's primary
+    /// group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     // Operations (ops): config file and its check.
     /// Read settings from this TOML file: every long flag is a key (`listen = ":8080"`, `cpus
     /// = 4`, `command = ["node", "app.js"]`); flags and BALANCER_* variables override it.

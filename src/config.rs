@@ -86,6 +86,8 @@ pub struct Config {
     pub upstream: crate::upstream::Settings,
     /// `--protocol`, the HTTP path and TLS (#12).
     pub data: crate::protocol::DataConfig,
+    /// Who the master becomes once bound (`--user`, `--group`).
+    pub privilege: Option<crate::privilege::Target>,
 }
 
 impl TryFrom<&Cli> for Config {
@@ -152,8 +154,10 @@ impl TryFrom<&Cli> for Config {
             )?,
             send_proxy: parse_send_proxy(cli)?,
             accept_proxy: parse_accept_proxy(cli)?,
+            privilege: parse_privilege(cli)?,
         };
         check_upstreams(&config)?;
+        check_reuseport_port(&config)?;
         Ok(config)
     }
 }
@@ -195,6 +199,36 @@ fn proxy_mode_only(flag: &str, mode: ModeArg) -> anyhow::Result<()> {
         ModeArg::Handoff => "handoff",
     };
     bail!("{flag} needs --mode proxy: in {name} mode the worker holds the client socket itself")
+}
+
+/// `--user` and `--group`, looked up now: an unknown name fails `--check` and the start,
+/// before anything is bound.
+fn parse_privilege(cli: &Cli) -> anyhow::Result<Option<crate::privilege::Target>> {
+    match (&cli.user, &cli.group) {
+        (None, None) => Ok(None),
+        (None, Some(g)) => bail!("--group {g:?} needs --user (the group alone is never changed)"),
+        (Some(u), g) => crate::privilege::Target::resolve(u, g.as_deref()).map(Some),
+    }
+}
+
+/// `--mode reuseport --user`: the workers bind `--listen` themselves, as the user, which a
+/// privileged port refuses them; said once here rather than by every respawned worker.
+fn check_reuseport_port(config: &Config) -> anyhow::Result<()> {
+    let Some(target) = &config.privilege else {
+        return Ok(());
+    };
+    let first_free: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    let port = config.listen.port();
+    if config.mode == Mode::ReusePort && port != 0 && port < first_free {
+        bail!(
+            "--mode reuseport --user {}: the workers bind port {port} themselves, and as that user they may not (below {first_free}); use --mode proxy, shared or handoff",
+            target.user
+        );
+    }
+    Ok(())
 }
 
 /// `--admin`, refused where anyone on the network could change things: a TCP address that

@@ -117,6 +117,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
         "response-timeout",
         new.response_timeout != running.response_timeout,
     );
+    keep("user", new.privilege != running.privilege);
     keep(
         "balance",
         format!("{:?}", new.policy) != format!("{:?}", running.policy),
@@ -130,6 +131,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     new.idle_timeout = running.idle_timeout;
     new.response_timeout = running.response_timeout;
     new.policy = running.policy;
+    new.privilege = running.privilege.clone();
     Ok(Reread {
         config: Arc::new(new),
         kept,

@@ -20,6 +20,7 @@ mod instance;
 mod orphans;
 mod output;
 mod ownership;
+mod privilege;
 mod protocol;
 mod signals;
 mod state;
@@ -190,6 +191,8 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             };
             tokio::spawn(admin::serve(listener, view, stop.graceful.clone()));
         }
+        // Everything that needs root is bound; no worker exists yet (#14).
+        privilege::drop_to(config.privilege.as_ref(), config.admin.as_ref())?;
         let controls = control::Controls {
             args,
             has_file: cli.config.is_some(),

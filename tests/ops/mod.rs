@@ -5,6 +5,7 @@
 mod admin;
 mod client;
 mod config;
+mod privilege;
 mod scale;
 
 use std::io::{self, Read, Write};
