@@ -58,11 +58,30 @@ ESTABLISHED_PERIOD = 1.0
 #: Longest wait, after a run, for the workers to close the run's connections, so the next
 #: run's count of connections that reached a worker starts from a clean base.
 SETTLE_TIMEOUT = 20.0
+#: Share of a level's connections the workers must hold for the ramp to count as done.
+RAMPED = 0.99
 #: Worker fds above their idle count that still mean "settled" (a straggler or two).
 SETTLE_SLACK = 4
 #: nginx's `worker_connections` counts both legs of a proxied connection; one worker may win
 #: most accepts, so each may need room for all of them. Capped by the open-file limit.
 NGINX_CONNECTIONS = 2 * max(LEVELS) + 100
+#: The listen queue every proxy gets: balancer's own (src/bind.rs), HAProxy's default here
+#: (its maxconn, capped by net.core.somaxconn = 4096); nginx is given the same.
+BACKLOG = 4096
+#: At least this many seconds of run per 1,000 connections: at 10,000, connects that overflow
+#: the listen queue are retried by the kernel after 1 s, 3 s, 7 s (SYN retransmits), so a short
+#: run would measure the ramp more than the load.
+SECONDS_PER_1000_CONNS = 1.0
+#: Connect timeout towards the workers, the same for every proxy: long enough to wait out the
+#: SYN retransmits (1, 3, 7 s) of a connect that a full worker accept queue dropped, rather
+#: than fail it (balancer's default is 1 s, the bench's nginx and HAProxy 2 s).
+CONNECT_TIMEOUT = "10s"
+#: Accepting: under a saturating load nginx (`multi_accept off`, one accept per event) and
+#: HAProxy (`tune.maxaccept`) accept new connections slowly while they serve the open ones: in a
+#: 10 s run at 10,000 connections only ~7,600 (nginx) and ~6,700 (HAProxy) reached a worker.
+#: The curve is about holding many connections, so both are told to accept all that wait.
+NGINX_MULTI_ACCEPT = True
+HAPROXY_MAXACCEPT = -1
 #: Warm-up run per target before the first round (connections, seconds).
 WARMUP = (100, 1.0)
 
@@ -88,7 +107,7 @@ class Sampler(threading.Thread):
     workers' open fds above their idle count (= connections that reached a worker), and the
     client connections `ss` sees established to the proxy's port."""
 
-    def __init__(self, t: Target, worker_fds_idle: int):
+    def __init__(self, t: Target, worker_fds_idle: int, conns: int):
         super().__init__(name=f"sample-{t.name}", daemon=True)
         self.t = t
         self.base = worker_fds_idle
@@ -96,6 +115,10 @@ class Sampler(threading.Thread):
         self.rss: list[int] = []
         self.reached = 0
         self.established = 0
+        #: Seconds from the start until the workers held (nearly) every connection.
+        self.ramp_s: float | None = None
+        self.conns = conns
+        self.began = time.monotonic()
 
     def run(self) -> None:
         next_ss = 0.0
@@ -105,6 +128,8 @@ class Sampler(threading.Thread):
                 self.rss.append(sum(machine.rss_kib(p) or 0 for p in pids))
             held = sum(machine.fd_count(p) or 0 for p in self.t.worker_pids()) - self.base
             self.reached = max(self.reached, held)
+            if self.ramp_s is None and held >= RAMPED * self.conns:
+                self.ramp_s = time.monotonic() - self.began
             if time.monotonic() >= next_ss:
                 next_ss = time.monotonic() + ESTABLISHED_PERIOD
                 self.established = max(self.established, machine.established(self.t.port) or 0)
@@ -112,6 +137,11 @@ class Sampler(threading.Thread):
     def finish(self) -> None:
         self.stop_.set()
         self.join(5)
+
+
+def run_seconds(duration: float, conns: int) -> float:
+    """`duration`, or longer for many connections (see [`SECONDS_PER_1000_CONNS`])."""
+    return max(duration, SECONDS_PER_1000_CONNS * conns / 1000)
 
 
 def worker_fds(t: Target) -> int:
@@ -159,13 +189,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path) -> list[Target]:
-    bal = start_balancer(procs, bin_path, tmp, "balancer-proxy", WORKERS)
+    bal = start_balancer(procs, bin_path, tmp, "balancer-proxy", WORKERS, ["--connect-timeout", CONNECT_TIMEOUT])
     backends = [addr for _, (_, addr) in sorted(bal.ready_workers().items())]
     shared_workers = _workers_of(bal)
     hand = start_balancer(procs, bin_path, tmp, "balancer-handoff", WORKERS, ["--mode", "handoff"])
     nofile = machine_nofile()
-    nginx = start_nginx(procs, tmp, backends, min(NGINX_CONNECTIONS, nofile))
-    haproxy = start_haproxy(procs, tmp, backends, WORKERS)
+    nginx = start_nginx(procs, tmp, backends, min(NGINX_CONNECTIONS, nofile), BACKLOG, CONNECT_TIMEOUT, NGINX_MULTI_ACCEPT)
+    haproxy = start_haproxy(procs, tmp, backends, WORKERS, CONNECT_TIMEOUT, HAPROXY_MAXACCEPT)
 
     def port(url: str) -> int:
         return int(url.rstrip("/").rsplit(":", 1)[1])
@@ -194,11 +224,12 @@ def one_point(t: Target, conns: int, rnd: int, a: argparse.Namespace, procs: Pro
     pids, workers = t.proxy_pids(), t.worker_pids()
     rss_idle = sum(machine.rss_kib(p) or 0 for p in pids)
     cpu0, wcpu0 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(workers)
-    sampler = Sampler(t, idle_fds)
+    overflows0 = machine.listen_overflows()
+    sampler = Sampler(t, idle_fds, conns)
     sampler.start()
     started = time.time()
     try:
-        res, _ = wrk.run(t.url, conns, WRK_THREADS, a.duration, False)
+        res, _ = wrk.run(t.url, conns, WRK_THREADS, run_seconds(a.duration, conns), False)
     except Exception as e:  # a failed point is reported, not fatal
         failures.append(f"round {rnd}, {conns} conns, {t.name}: {e}")
         log(f"run failed: round {rnd} {conns} {t.name}: {e}")
@@ -206,6 +237,7 @@ def one_point(t: Target, conns: int, rnd: int, a: argparse.Namespace, procs: Pro
     finally:
         sampler.finish()
     cpu1, wcpu1 = machine.total_cpu_seconds(pids), machine.total_cpu_seconds(workers)
+    overflows1 = machine.listen_overflows()
     p = cost_report.Point(
         round=rnd,
         conns=conns,
@@ -226,6 +258,8 @@ def one_point(t: Target, conns: int, rnd: int, a: argparse.Namespace, procs: Pro
         rss_peak_kib=max(sampler.rss, default=0),
         reached=sampler.reached,
         established=sampler.established,
+        ramp_s=sampler.ramp_s,
+        listen_overflows=None if overflows0 is None or overflows1 is None else overflows1 - overflows0,
         load1=load1,
         idle_before=quiet.idle,
     )
@@ -233,7 +267,7 @@ def one_point(t: Target, conns: int, rnd: int, a: argparse.Namespace, procs: Pro
     log(
         f"round {rnd} {conns:>6} conns {t.name:16} {res.rps:9,.0f} req/s  p99 {res.p99_ms:8.2f} ms  "
         f"CPU {p.cpu_us_per_req:6.1f} µs/req  RSS {p.rss_median_kib / 1024:6.1f} MiB (peak {p.rss_peak_kib / 1024:.1f})  "
-        f"reached {p.reached}/{conns}  connect errors {p.connect_errors}  timeouts {p.timeouts}  load {load1:.1f}"
+        f"reached {p.reached}/{conns} (ramp {'—' if p.ramp_s is None else f'{p.ramp_s:.1f} s'})  connect errors {p.connect_errors}  timeouts {p.timeouts}  listen overflows {p.listen_overflows}  load {load1:.1f}"
     )
     left = settle(t, idle_fds)
     if left > idle_fds + SETTLE_SLACK:

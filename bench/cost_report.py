@@ -49,6 +49,11 @@ class Point:
     reached: int
     #: Most client connections `ss` saw established to the proxy's port at once.
     established: int
+    #: Seconds from the start of the run until the workers held 99% of the connections; None
+    #: if they never did.
+    ramp_s: float | None
+    #: Connects dropped machine-wide during the run because a listen queue was full.
+    listen_overflows: int | None
     #: 1-minute load average when the run started.
     load1: float
     #: Share of all CPUs idle in the half second before the run.
@@ -80,6 +85,9 @@ class Row:
     rss_peak_mib: float
     #: The fewest connections that reached the workers in any round.
     reached: int
+    #: The slowest ramp of any round (seconds until 99% of the connections reached the
+    #: workers); None if some round never got there.
+    ramp_s: float | None
     connect_errors: int
     timeouts: int
     other_errors: int
@@ -118,6 +126,7 @@ def summarize(points: list[Point], targets: list[str], levels: list[int]) -> lis
                     rss_peak_mib=max(p.rss_peak_kib for p in ps) / 1024,
                     # A worker's other fds (an eventfd, a log pipe reopened) can add one or two.
                     reached=min(min(p.reached, p.conns) for p in ps),
+                    ramp_s=None if any(p.ramp_s is None for p in ps) else max(p.ramp_s for p in ps),
                     connect_errors=sum(p.connect_errors for p in ps),
                     timeouts=sum(p.timeouts for p in ps),
                     other_errors=sum(p.other_errors for p in ps),
@@ -132,15 +141,19 @@ def _x(v: float | None) -> str:
     return "1×" if v is None else f"{v:.2f}×"
 
 
+def _ramp(v: float | None) -> str:
+    return "never" if v is None else f"{v:.1f} s"
+
+
 def table(rows: list[Row]) -> str:
     head = ["conns", "target", "req/s", "×nginx", "p99 ms", "proxy CPU µs/req", "CPU ×nginx",
-            "proxy+workers µs/req", "RSS MiB", "RSS peak MiB", "reached workers", "connect errors", "timeouts"]
+            "proxy+workers µs/req", "RSS MiB", "RSS peak MiB", "reached workers", "all reached after", "connect errors", "timeouts"]
     out = ["| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         name = f"**{r.target}**" if r.target.startswith("balancer") else r.target
         cells = [f"{r.conns:,}", name, f"{r.rps:,.0f}", _x(r.rps_x_nginx), f"{r.p99_ms:.2f}",
                  f"{r.cpu_us_per_req:.1f}", _x(r.cpu_x_nginx), f"{r.stack_us_per_req:.1f}", f"{r.rss_mib:.1f}",
-                 f"{r.rss_peak_mib:.1f}", f"{r.reached:,}", str(r.connect_errors), str(r.timeouts)]
+                 f"{r.rss_peak_mib:.1f}", f"{r.reached:,}", _ramp(r.ramp_s), str(r.connect_errors), str(r.timeouts)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -177,7 +190,13 @@ def markdown(a, series, rows: list[Row], meta: dict[str, str], has_chart: bool) 
         "",
         "- req/s, p99, CPU, RSS: medians over rounds; RSS peak: the highest sample of any round; reached "
         "workers: the fewest connections the workers held at once in any round (their open fds above idle, "
-        "sampled every 0.25 s); connect errors and timeouts: wrk's, summed over rounds.",
+        "sampled every 0.25 s); all reached after: the slowest round's time from wrk's start until the workers "
+        "held 99% of the connections (\"never\" if some round did not get there); connect errors and timeouts: "
+        "wrk's, summed over rounds.",
+        "- Runs last the duration above, but at least 1 s per 1,000 connections (10 s at 10,000): connects "
+        "that overflow a listen queue (4096 for every proxy here, nginx given `backlog=4096`) are retried by the "
+        "kernel after 1, 3, 7 s, and a short run would measure that ramp more than the load. req/s counts the "
+        "whole run, ramp included.",
         "- proxy CPU µs/req: utime+stime from `/proc/<pid>/stat` of the proxy over the run divided by the requests "
         "wrk completed; balancer: the master only; nginx: master + workers; HAProxy: its process. "
         "proxy+workers adds the two built-in workers, the fair figure for `handoff`, whose master steps out of "
@@ -197,7 +216,7 @@ def markdown(a, series, rows: list[Row], meta: dict[str, str], has_chart: bool) 
 
 def readme_block(a, series, rows: list[Row], meta: dict[str, str]) -> str:
     """The compact table for README.md: one line per level and target."""
-    head = ["conns", "target", "req/s", "×nginx", "p99 ms", "proxy CPU µs/req", "CPU ×nginx", "RSS MiB (peak)", "reached", "connect err."]
+    head = ["conns", "target", "req/s", "×nginx", "p99 ms", "proxy CPU µs/req", "CPU ×nginx", "RSS MiB (peak)", "reached", "all reached after", "connect err."]
     out = [
         f"Run of {meta['date']}, `{meta['command']}` ({a.rounds} rounds × {a.duration:g} s, interleaved; "
         f"{load_line(series)} Full table and method: [docs/cost-curve.md](docs/cost-curve.md).",
@@ -209,7 +228,7 @@ def readme_block(a, series, rows: list[Row], meta: dict[str, str]) -> str:
         name = f"**{r.target}**" if r.target.startswith("balancer") else r.target
         out.append("| " + " | ".join([
             f"{r.conns:,}", name, f"{r.rps:,.0f}", _x(r.rps_x_nginx), f"{r.p99_ms:.2f}", f"{r.cpu_us_per_req:.1f}",
-            _x(r.cpu_x_nginx), f"{r.rss_mib:.1f} ({r.rss_peak_mib:.1f})", f"{r.reached:,}", str(r.connect_errors),
+            _x(r.cpu_x_nginx), f"{r.rss_mib:.1f} ({r.rss_peak_mib:.1f})", f"{r.reached:,}", _ramp(r.ramp_s), str(r.connect_errors),
         ]) + " |")
     out += ["", "![cost per request as connections grow](docs/cost-curve.png)"]
     return "\n".join(out)

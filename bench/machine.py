@@ -219,3 +219,18 @@ def established(port: int) -> int | None:
     if done.returncode != 0:
         return None
     return sum(1 for line in done.stdout.splitlines() if line.strip())
+
+
+def listen_overflows() -> int | None:
+    """TcpExt ListenOverflows from /proc/net/netstat: connects dropped because a listen
+    queue was full, machine-wide (the kernel retries them after 1, 3, 7 s)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines, lines[1:]):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(table["ListenOverflows"]) if "ListenOverflows" in table else None
+    return None

@@ -177,9 +177,19 @@ def _nginx_load_stream() -> str:
     raise RuntimeError("this nginx has no stream module")
 
 
-def start_nginx(procs: ProcessSet, tmp: Path, backends: list[str], worker_connections: int = 4096) -> Target:
+def start_nginx(
+    procs: ProcessSet,
+    tmp: Path,
+    backends: list[str],
+    worker_connections: int = 4096,
+    backlog: int | None = None,
+    connect_timeout: str = "2s",
+    multi_accept: bool = False,
+) -> Target:
     """nginx `stream` in front of `backends`. `worker_connections` counts both legs of a
-    proxied connection, and one worker may take most connections (they race for accept)."""
+    proxied connection, and one worker may take most connections (they race for accept).
+    `backlog`: the listen queue; nginx's default is 511, balancer's 4096, HAProxy's its maxconn
+    (all capped by net.core.somaxconn), and a burst of 10,000 connects overflows 511."""
     port = free_port()
     conf = tmp / "nginx.conf"
     servers = "\n".join(f"        server {b};" for b in backends)
@@ -193,16 +203,16 @@ worker_rlimit_nofile {_nofile()};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{
-    worker_connections {worker_connections};
+    worker_connections {worker_connections};{chr(10) + "    multi_accept on;" if multi_accept else ""}
 }}
 stream {{
     upstream workers {{
 {servers}
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{f" backlog={backlog}" if backlog else ""};
         proxy_pass workers;
-        proxy_connect_timeout 2s;
+        proxy_connect_timeout {connect_timeout};
     }}
 }}
 """
@@ -213,7 +223,11 @@ stream {{
     return Target("nginx", f"http://127.0.0.1:{port}/", proc.pids)
 
 
-def start_haproxy(procs: ProcessSet, tmp: Path, backends: list[str], threads: int) -> Target:
+def start_haproxy(
+    procs: ProcessSet, tmp: Path, backends: list[str], threads: int, connect_timeout: str = "2s", maxaccept: int | None = None
+) -> Target:
+    """HAProxy `mode tcp` in front of `backends`. `maxaccept`: `tune.maxaccept`, how many
+    connections a thread accepts in a row before it serves the others (-1: no limit)."""
     port = free_port()
     # Each proxied connection holds two fds; leave room for listeners, logs and pollers.
     maxconn = max(256, min(20_000, (_nofile() - 200) // 2))
@@ -223,12 +237,12 @@ def start_haproxy(procs: ProcessSet, tmp: Path, backends: list[str], threads: in
         f"""# written by bench/run.py
 global
     nbthread {threads}
-    maxconn {maxconn}
+    maxconn {maxconn}{"" if maxaccept is None else f"{chr(10)}    tune.maxaccept {maxaccept}"}
 
 defaults
     mode tcp
     maxconn {maxconn}
-    timeout connect 2s
+    timeout connect {connect_timeout}
     timeout client 60s
     timeout server 60s
 

@@ -137,7 +137,7 @@ class RatioTests(unittest.TestCase):
 
 def point(rnd, conns, target, rps, cpu_s, reached, peak=1024):
     return cost_report.Point(rnd, conns, target, 0.0, rps, 1.0, 2.0, 1000, 1, 0, 0, cpu_s, 0.01, 0.0,
-                             512, 800, peak, reached, reached, 3.5, 0.5)
+                             512, 800, peak, reached, reached, 1.0, 0, 3.5, 0.5)
 
 
 class CostCurveTests(unittest.TestCase):
