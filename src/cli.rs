@@ -241,6 +241,21 @@ pub enum Sub {
     /// Change the number of workers: N, +K or -K (as SIGTTIN/SIGTTOU by one). A removed
     /// worker leaves rotation and drains before it stops.
     Scale(ScaleArgs),
+    /// A live view of the master, refreshed every --interval: workers (pid, state,
+    /// connections, restarts, uptime), remote upstreams, and connections (or requests) per
+    /// second as sparklines, total and per worker. q, Esc or Ctrl-C quits.
+    Top(TopArgs),
+}
+
+/// `balancer top`.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// How often to ask the master (at least 100ms).
+    #[arg(long, default_value = "1s")]
+    pub interval: String,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `balancer scale`.

@@ -69,6 +69,7 @@ fn main() -> ExitCode {
         Some(Sub::Status(ref args)) => client::status(args),
         Some(Sub::Reload(ref args)) => client::reload(args),
         Some(Sub::Scale(ref args)) => client::scale(args),
+        Some(Sub::Top(ref args)) => client::top(args),
         None if cli.check => Config::try_from(&cli).map(|_| println!("configuration ok")),
         None => run_master(&cli, args),
     };

@@ -319,6 +319,9 @@ fn status_json(view: &View) -> String {
     let v = serde_json::json!({
         "listen": view.listen.to_string(),
         "mode": view.config.mode.as_str(),
+        // `balancer top` labels its rates by it: connections (tcp) or requests (http).
+        "protocol": view.config.data.protocol.to_string(),
+        "tls": view.config.data.tls.is_some(),
         "workers_wanted": view.ctx.desired(),
         "workers_running": view.registry.workers().len(),
         "in_rotation": view.proxy.backends.len(),

@@ -1,16 +1,17 @@
-//! The operator subcommands (`balancer health`, `status`, `reload`): thin clients of a
+//! The operator subcommands (`balancer health`, `status`, `reload`, `scale`, `top`): thin clients of a
 //! running master's admin endpoint. Each parses its flags (in [`crate::cli`]), makes one
 //! request over TCP or a Unix socket, and renders the answer; none of them knows anything
 //! the master does not say. Errors are one line for `main` to print, and a non-zero exit.
 
 mod status;
+mod top;
 mod transport;
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{ClientArgs, ScaleArgs, StatusArgs};
+use crate::cli::{ClientArgs, ScaleArgs, StatusArgs, TopArgs};
 use crate::endpoint::AdminAddr;
 pub use transport::Reply;
 
@@ -104,6 +105,11 @@ pub fn scale(args: &ScaleArgs) -> anyhow::Result<()> {
     let reply = endpoint.call(hyper::Method::POST, &path)?;
     let said = endpoint.expect_ok("/scale", reply)?;
     print(&said)
+}
+
+/// `balancer top`: the live view, until `q`.
+pub fn top(args: &TopArgs) -> anyhow::Result<()> {
+    top::run(args)
 }
 
 /// Writes `text` to stdout; a closed stdout (`| head`) is not an error worth a panic.

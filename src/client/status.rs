@@ -10,75 +10,96 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 pub struct Status {
     #[serde(default)]
-    listen: String,
+    pub(crate) listen: String,
     #[serde(default)]
-    mode: String,
+    pub(crate) mode: String,
+    /// `tcp` or `http` (absent from masters before `balancer top`).
     #[serde(default)]
-    workers_wanted: Option<u64>,
+    pub(crate) protocol: Option<String>,
+    /// The data path's counters (`open`, `accepted`, …).
     #[serde(default)]
-    workers_running: Option<u64>,
+    pub(crate) connections: Option<Totals>,
     #[serde(default)]
-    in_rotation: Option<u64>,
+    pub(crate) workers_wanted: Option<u64>,
     #[serde(default)]
-    workers: Vec<Worker>,
+    pub(crate) workers_running: Option<u64>,
     #[serde(default)]
-    upstreams: Option<Upstreams>,
+    pub(crate) in_rotation: Option<u64>,
+    #[serde(default)]
+    pub(crate) workers: Vec<Worker>,
+    #[serde(default)]
+    pub(crate) upstreams: Option<Upstreams>,
+}
+
+/// The master's connection counters, as `balancer top` computes its rates from them.
+#[derive(Debug, Deserialize)]
+pub struct Totals {
+    /// Client connections open now.
+    #[serde(default)]
+    pub(crate) open: u64,
+    /// Client connections accepted since the master started.
+    #[serde(default)]
+    pub(crate) accepted: u64,
 }
 
 /// Remote backends (`--upstream`), when there are any.
 #[derive(Debug, Deserialize)]
 pub struct Upstreams {
     #[serde(default)]
-    backends: Vec<Remote>,
+    pub(crate) backends: Vec<Remote>,
 }
 
 /// One remote backend's row.
 #[derive(Debug, Deserialize)]
 pub struct Remote {
     #[serde(default)]
-    name: String,
+    pub(crate) name: String,
     #[serde(default)]
-    addr: String,
+    pub(crate) addr: String,
     #[serde(default)]
-    state: String,
+    pub(crate) state: String,
     #[serde(default)]
-    checks_passed: u64,
+    pub(crate) checks_passed: u64,
     #[serde(default)]
-    checks_failed: u64,
+    pub(crate) checks_failed: u64,
     #[serde(default)]
-    connections: u64,
+    pub(crate) connections: u64,
     #[serde(default)]
-    reason: String,
+    pub(crate) reason: String,
 }
 
 /// One row.
 #[derive(Debug, Deserialize)]
 pub struct Worker {
     #[serde(default)]
-    slot: u64,
+    pub(crate) slot: u64,
     #[serde(default)]
-    pid: u64,
+    pub(crate) pid: u64,
+    /// Which instance it is: a replacement in the same slot has a new one, and its counters
+    /// start again from zero.
     #[serde(default)]
-    state: String,
+    pub(crate) instance: Option<u64>,
     #[serde(default)]
-    addr: Option<String>,
+    pub(crate) state: String,
     #[serde(default)]
-    uptime_secs: Option<u64>,
+    pub(crate) addr: Option<String>,
     #[serde(default)]
-    restarts: Option<u64>,
+    pub(crate) uptime_secs: Option<u64>,
     #[serde(default)]
-    last_exit: Option<String>,
+    pub(crate) restarts: Option<u64>,
     #[serde(default)]
-    connections: Option<Connections>,
+    pub(crate) last_exit: Option<String>,
+    #[serde(default)]
+    pub(crate) connections: Option<Connections>,
 }
 
 /// A worker's connections while it is in rotation.
 #[derive(Debug, Deserialize)]
 pub struct Connections {
     #[serde(default)]
-    active: u64,
+    pub(crate) active: u64,
     #[serde(default)]
-    total: u64,
+    pub(crate) total: u64,
 }
 
 impl Status {
@@ -190,7 +211,7 @@ fn write_table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[St
 }
 
 /// `3d04h`, `2h05m`, `4m07s`, `9s`.
-fn uptime(secs: u64) -> String {
+pub(crate) fn uptime(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),

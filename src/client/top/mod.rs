@@ -1,0 +1,80 @@
+//! `balancer top`: a live view of a running master, refreshed every `--interval`, like
+//! `pm2 monit` or `htop`. A thread polls the admin endpoint ([`poll`]); the main thread
+//! folds the answers into the [`model`], draws it ([`view`]) and reads keys. A master
+//! unreachable at the start is an error (one line, exit 1, like `balancer status`); one
+//! that goes away later is shown in the view and asked again until it answers or the
+//! operator quits.
+
+mod model;
+mod poll;
+mod terminal;
+mod view;
+
+use std::sync::mpsc::TryRecvError;
+use std::time::Duration;
+
+use anyhow::Context;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+
+use super::Endpoint;
+use crate::cli::TopArgs;
+
+/// How long the main thread waits for a key before it looks for a new answer: short enough
+/// that an answer is on screen within a tenth of a second of arriving.
+const KEY_WAIT: Duration = Duration::from_millis(100);
+
+/// Runs the view until `q`, Esc or Ctrl-C.
+pub fn run(args: &TopArgs) -> anyhow::Result<()> {
+    let endpoint = Endpoint::from_args(&args.client)?;
+    let interval = humantime::parse_duration(args.interval.trim())
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(100))
+        .with_context(|| {
+            format!(
+                "--interval {:?}: expected a duration of at least 100ms, e.g. 1s",
+                args.interval
+            )
+        })?;
+    let admin = endpoint.addr.to_string();
+    let every = humantime::format_duration(interval).to_string();
+    let mut model = model::Model::default();
+    model.observe(poll::fetch(&endpoint)?);
+    let answers = poll::spawn(endpoint, interval)?;
+    let mut screen = terminal::Screen::enter()?;
+    let labels = view::Labels {
+        admin: &admin,
+        every: &every,
+    };
+    let mut dirty = true;
+    loop {
+        if dirty {
+            screen
+                .terminal
+                .draw(|frame| view::draw(frame, &model, &labels))
+                .context("drawing")?;
+            dirty = false;
+        }
+        if event::poll(KEY_WAIT).context("reading the terminal")? {
+            match event::read().context("reading the terminal")? {
+                Event::Key(key) if key.kind != KeyEventKind::Release => {
+                    let ctrl_c = key.code == KeyCode::Char('c')
+                        && key.modifiers.contains(KeyModifiers::CONTROL);
+                    if ctrl_c || matches!(key.code, KeyCode::Char('q' | 'Q') | KeyCode::Esc) {
+                        return Ok(());
+                    }
+                }
+                Event::Resize(..) => dirty = true,
+                _ => {}
+            }
+        }
+        loop {
+            match answers.try_recv() {
+                Ok(Ok(sample)) => model.observe(sample),
+                Ok(Err(e)) => model.unreachable(e),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => anyhow::bail!("the polling thread stopped"),
+            }
+            dirty = true;
+        }
+    }
+}
