@@ -1,5 +1,6 @@
 //! Operations (issues 9 item 7 and 14): the admin endpoint's limits, its mutations, the
-//! operator subcommands (`health`, `status`, `scale`, `reload`), the config file, scaling
+//! operator subcommands (`health`, `status`, `scale`, `reload`, `top`), the config
+//! file, scaling
 //! signals and the privilege drop, each against the real binary.
 
 mod admin;
@@ -7,6 +8,7 @@ mod client;
 mod config;
 mod privilege;
 mod scale;
+mod top;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -10,6 +10,7 @@ mod poll;
 mod terminal;
 mod view;
 
+use std::io::IsTerminal;
 use std::sync::mpsc::TryRecvError;
 use std::time::Duration;
 
@@ -39,6 +40,12 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let every = humantime::format_duration(interval).to_string();
     let mut model = model::Model::default();
     model.observe(poll::fetch(&endpoint)?);
+    // Checked after the master answered, so that a wrong --admin is reported first, as by
+    // the other subcommands. Without it, crossterm would take /dev/tty behind a redirected
+    // stdout and draw escape codes into the file.
+    if !std::io::stdout().is_terminal() {
+        anyhow::bail!("balancer top draws on a terminal, and stdout is not one (balancer status prints a table)");
+    }
     let answers = poll::spawn(endpoint, interval)?;
     let mut screen = terminal::Screen::enter()?;
     let labels = view::Labels {
