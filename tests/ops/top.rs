@@ -112,11 +112,12 @@ fn worker_row(screen: &str, pid: u32) -> Option<Vec<String>> {
     })
 }
 
-/// The header's total rate: the number before `conn/s` on the `workers …` line.
-fn header_rate(screen: &str) -> Option<u64> {
+/// The header's total rate: the number before `unit` (`conn/s`, `req/s`) on the
+/// `workers …` line.
+fn header_rate(screen: &str, unit: &str) -> Option<u64> {
     let line = screen.lines().find(|l| l.starts_with("workers "))?;
     let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "conn/s")?;
+    let at = words.iter().position(|w| *w == unit)?;
     words.get(at.checked_sub(1)?)?.parse().ok()
 }
 
@@ -149,28 +150,7 @@ fn top_shows_workers_and_rates_survives_the_master_going_away_and_quits_on_q() {
         assert_eq!(row.get(2).map(String::as_str), Some("ready"), "{screen}");
     }
 
-    // Connections, until the rows count them and the header shows a rate above 0.
-    const SENT: u64 = 40;
-    let mut sent = 0u64;
-    let mut saw_rate = false;
-    let mut last = String::new();
-    let counted = wait_until(SHOWN, || {
-        for _ in 0..5 {
-            get_ok(listen, "/");
-            sent += 1;
-        }
-        last = tmux.screen();
-        saw_rate |= header_rate(&last).is_some_and(|r| r > 0);
-        let total: u64 = pids
-            .iter()
-            .filter_map(|&p| worker_row(&last, p)?.get(5)?.parse::<u64>().ok())
-            .sum();
-        sent >= SENT && total >= SENT && saw_rate
-    });
-    assert!(
-        counted,
-        "after {sent} connections the view shows (rate seen: {saw_rate}):\n{last}"
-    );
+    traffic_until_counted(&tmux, listen, &pids, "conn/s");
 
     // The master goes away: the view says so, keeps the last rows, and keeps running.
     b.signal(libc::SIGTERM);
@@ -185,6 +165,59 @@ fn top_shows_workers_and_rates_survives_the_master_going_away_and_quits_on_q() {
     assert!(out.status.success(), "send-keys: {out:?}");
     let ended = wait_until(SHOWN, || !tmux.alive());
     assert!(ended, "top still running after q:\n{}", tmux.screen());
+    assert_exited_restored(&after);
+}
+
+/// Sends requests (a connection each) to `listen` until the rows of `pids` count at least
+/// 40 in their TOTAL column and the header has shown a `unit` rate above 0.
+fn traffic_until_counted(tmux: &Tmux, listen: SocketAddr, pids: &[u32], unit: &str) {
+    const SENT: u64 = 40;
+    let mut sent = 0u64;
+    let mut saw_rate = false;
+    let mut last = String::new();
+    let counted = wait_until(SHOWN, || {
+        for _ in 0..5 {
+            get_ok(listen, "/");
+            sent += 1;
+        }
+        last = tmux.screen();
+        saw_rate |= header_rate(&last, unit).is_some_and(|r| r > 0);
+        let total: u64 = pids
+            .iter()
+            .filter_map(|&p| worker_row(&last, p)?.get(5)?.parse::<u64>().ok())
+            .sum();
+        sent >= SENT && total >= SENT && saw_rate
+    });
+    assert!(
+        counted,
+        "after {sent} requests the view shows (a {unit} rate above 0 seen: {saw_rate}):\n{last}"
+    );
+}
+
+#[test]
+fn top_counts_requests_per_second_in_http_mode() {
+    // In http mode the rate is responses from /metrics and a worker's total counts requests.
+    let dir = TempDir::new("ops-top-http");
+    let sock = dir.path().join("admin.sock");
+    let sock_arg = sock.display().to_string();
+    let b = Balancer::start(&["--cpus", "2", "--protocol", "http", "--admin", &sock_arg]);
+    wait_all_ready(&b, 2);
+    let pids = ready_pids(&b);
+    let listen = b.addr();
+    let (script, after) = top_script(dir.path(), &sock_arg, "http");
+    let tmux = Tmux::start(&script, 140, 40);
+    let screen = tmux.wait_screen("both workers' pids", |s| {
+        pids.iter().all(|&p| worker_row(s, p).is_some())
+    });
+    assert!(screen.contains("protocol http"), "{screen}");
+    assert!(screen.contains("REQ/S"), "{screen}");
+    traffic_until_counted(&tmux, listen, &pids, "req/s");
+    let out = tmux.run(&["send-keys", "-t", &tmux.name, "q"]);
+    assert!(out.status.success(), "send-keys: {out:?}");
+    assert!(
+        wait_until(SHOWN, || !tmux.alive()),
+        "top still running after q"
+    );
     assert_exited_restored(&after);
 }
 
