@@ -254,17 +254,24 @@ fn assert_exited_restored(after: &Path) {
 }
 
 #[test]
-fn top_quits_on_escape_and_ctrl_c_too() {
+fn top_shows_remote_upstreams_and_quits_on_escape_and_ctrl_c_too() {
     let dir = TempDir::new("ops-top-keys");
     let sock = dir.path().join("admin.sock");
     let sock_arg = sock.display().to_string();
-    let b = Balancer::start(&["--cpus", "1", "--admin", &sock_arg]);
+    // A remote backend: a bound listener passes TCP checks from its backlog.
+    let remote = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a remote backend");
+    let remote = remote.local_addr().expect("its address").to_string();
+    let b = Balancer::start(&["--cpus", "1", "--upstream", &remote, "--admin", &sock_arg]);
     wait_all_ready(&b, 1);
     let pid = ready_pids(&b)[0];
     for (tag, key) in [("esc", "Escape"), ("ctrl-c", "C-c")] {
         let (script, after) = top_script(dir.path(), &sock_arg, tag);
         let tmux = Tmux::start(&script, 120, 30);
-        tmux.wait_screen("the worker's pid", |s| worker_row(s, pid).is_some());
+        tmux.wait_screen("the worker's pid and the remote upstream", |s| {
+            worker_row(s, pid).is_some()
+                && s.contains(" remote upstreams ")
+                && s.lines().any(|l| l.contains(&remote) && l.contains(" up "))
+        });
         let out = tmux.run(&["send-keys", "-t", &tmux.name, key]);
         assert!(out.status.success(), "send-keys {key}: {out:?}");
         let ended = wait_until(SHOWN, || !tmux.alive());
