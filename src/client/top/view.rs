@@ -263,7 +263,11 @@ mod tests {
     use crate::client::top::model::Sample;
 
     fn screen(model: &Model) -> String {
-        let mut terminal = Terminal::new(TestBackend::new(140, 30)).unwrap();
+        screen_of(model, 140, 30)
+    }
+
+    fn screen_of(model: &Model, width: u16, height: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
         let labels = Labels {
             admin: "/run/b.sock",
             every: "1s",
@@ -353,5 +357,40 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("4242"), "the last known rows stay: {text}");
+    }
+
+    #[test]
+    fn any_terminal_size_and_more_workers_than_fit_draw_without_panicking() {
+        let workers: Vec<String> = (0..200)
+            .map(|i| {
+                format!(
+                    r#"{{"slot":{i},"pid":{},"instance":{i},"state":"ready","connections":{{"active":1,"total":{i}}}}}"#,
+                    1000 + i
+                )
+            })
+            .collect();
+        let doc = || {
+            Status::parse(&format!(
+                r#"{{"listen":"127.0.0.1:1","mode":"proxy","protocol":"tcp","workers":[{}]}}"#,
+                workers.join(",")
+            ))
+            .unwrap()
+        };
+        // Two polls, so that every slot has a rate line to draw.
+        let t0 = Instant::now();
+        let mut model = Model::default();
+        for at in [t0, t0 + Duration::from_secs(1)] {
+            model.observe(Sample {
+                at,
+                status: doc(),
+                requests: None,
+            });
+        }
+        assert!(model.slot(199).is_some());
+        model.unreachable("x".repeat(500));
+        for (w, h) in [(1, 1), (10, 3), (40, 8), (80, 24), (300, 100)] {
+            let text = screen_of(&model, w, h);
+            assert_eq!(text.lines().count(), usize::from(h));
+        }
     }
 }
