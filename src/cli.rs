@@ -102,6 +102,14 @@ pub struct Cli {
     #[arg(long, default_value = "30s")]
     pub response_timeout: String,
 
+    /// Pass a worker's half-close on to the client and go on copying the client's bytes
+    /// until it closes too, for protocols whose server shuts its write side first and keeps
+    /// reading. Without it (as nginx's `proxy_half_close off`), a worker's EOF ends the
+    /// connection once its bytes are delivered: one close, no shutdown and no wait for the
+    /// client's FIN. A client's half-close is always passed on.
+    #[arg(long)]
+    pub half_close: bool,
+
     // PROXY protocol (#11): the client's address across load balancers.
     /// Start every connection to a worker with a PROXY protocol header (`v1` text or `v2`
     /// binary) carrying the real client address and port. Proxy mode only: in the other

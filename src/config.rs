@@ -72,6 +72,8 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// Response timeout of proxied connections (`None`: never).
     pub response_timeout: Option<Duration>,
+    /// Whether a worker's half-close is passed on (`--half-close`) or ends the connection.
+    pub half_close: bool,
     /// PROXY header to send to workers (`--send-proxy`).
     pub send_proxy: Option<proxy::proxy_header::Version>,
     /// Sources whose connections must start with a PROXY header (`--accept-proxy`).
@@ -152,6 +154,7 @@ impl TryFrom<&Cli> for Config {
                 cli.mode,
                 Some(parse_duration("--idle-timeout", &cli.idle_timeout)?).filter(|d| !d.is_zero()),
             )?,
+            half_close: cli.half_close,
             send_proxy: parse_send_proxy(cli)?,
             accept_proxy: parse_accept_proxy(cli)?,
             privilege: parse_privilege(cli)?,

@@ -118,6 +118,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
         new.response_timeout != running.response_timeout,
     );
     keep("user", new.privilege != running.privilege);
+    keep("half-close", new.half_close != running.half_close);
     keep(
         "balance",
         format!("{:?}", new.policy) != format!("{:?}", running.policy),
@@ -130,6 +131,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     new.connect_timeout = running.connect_timeout;
     new.idle_timeout = running.idle_timeout;
     new.response_timeout = running.response_timeout;
+    new.half_close = running.half_close;
     new.policy = running.policy;
     new.privilege = running.privilege.clone();
     Ok(Reread {

@@ -247,6 +247,11 @@ fn data_path(config: &Config, threads: usize) -> (Arc<Proxy>, usize) {
             idle_timeout: config.idle_timeout,
             response_timeout: config.response_timeout,
             send_proxy: config.send_proxy,
+            on_backend_eof: if config.half_close {
+                proxy::BackendEof::PassOn
+            } else {
+                proxy::BackendEof::Close
+            },
         },
         max_conns,
     )

@@ -9,10 +9,13 @@
 //! comes back short clears the socket's readiness, as tokio's own `poll_read` does, which
 //! saves the extra `read()` returning `EAGAIN` after every message.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -26,36 +29,108 @@ pub type Totals = (u64, u64);
 /// request or response; larger bodies simply take several rounds.
 pub const CHUNK: usize = 16 * 1024;
 
+/// What to do when the backend is the first to end its side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendEof {
+    /// The connection is over once everything the backend sent is delivered and the client
+    /// has nothing unread in flight: both sockets are closed, with no `shutdown` and no wait
+    /// for the client's own FIN (nginx's `proxy_half_close off`). A server that closes is
+    /// done; this saves a `shutdown`, a `read` and a wake-up per connection. Bytes the
+    /// client already sent are still passed on (then it falls back to [`Self::PassOn`]).
+    #[default]
+    Close,
+    /// Pass the half-close on (`shutdown(SHUT_WR)` towards the client) and keep copying
+    /// the client's bytes to the backend until the client ends too: for protocols whose
+    /// server shuts its write side first and goes on reading (`--half-close`).
+    PassOn,
+}
+
 /// Copies `a → b` and `b → a` until both directions reach EOF, passing the first half-close
-/// on (`shutdown(SHUT_WR)` on the other socket). The second EOF is passed on by the caller
-/// closing both sockets, which it must do as soon as this returns. `a` is the client and `b`
-/// the backend: every move is noted in `activity`, with its direction, for the timeouts.
+/// on (`shutdown(SHUT_WR)` on the other socket), except a backend's that `on_backend_eof`
+/// says ends the connection. The second EOF is passed on by the caller closing both
+/// sockets, which it must do as soon as this returns. `a` is the client and `b` the
+/// backend: every move is noted in `activity`, with its direction, for the timeouts.
 /// Returns the first error of either direction (the caller drops both sockets, which closes
 /// them).
 pub async fn bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     activity: &Activity,
+    on_backend_eof: BackendEof,
 ) -> io::Result<Totals> {
     let finished = AtomicBool::new(false);
-    let (ab, ba) = tokio::try_join!(
-        one_way(a, b, activity, Activity::to_backend, &finished),
-        one_way(b, a, activity, Activity::to_client, &finished)
-    )?;
-    Ok((ab, ba))
+    let (ab_total, ba_total) = (AtomicU64::new(0), AtomicU64::new(0));
+    let close = on_backend_eof == BackendEof::Close;
+    let mut ab = pin!(one_way(
+        a,
+        b,
+        activity,
+        Activity::to_backend,
+        &finished,
+        &ab_total,
+        false
+    ));
+    let mut ba = pin!(one_way(
+        b,
+        a,
+        activity,
+        Activity::to_client,
+        &finished,
+        &ba_total,
+        close
+    ));
+    let (mut ab_done, mut ba_done) = (false, false);
+    // Not `try_join!`: a backend's EOF may end the client's direction too (`Close`).
+    std::future::poll_fn(|cx| -> Poll<io::Result<()>> {
+        if !ab_done {
+            if let Poll::Ready(r) = ab.as_mut().poll(cx) {
+                r?;
+                ab_done = true;
+            }
+        }
+        if !ba_done {
+            if let Poll::Ready(r) = ba.as_mut().poll(cx) {
+                if r? == End::Whole {
+                    return Poll::Ready(Ok(()));
+                }
+                ba_done = true;
+            }
+        }
+        if ab_done && ba_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok((
+        ab_total.load(Ordering::Relaxed),
+        ba_total.load(Ordering::Relaxed),
+    ))
 }
 
-/// Copies `src → dst` until EOF on `src`, then shuts down `dst` for writing, unless the other
-/// direction has `finished` already: then both sockets are about to be closed, which says
-/// the same to both peers without the extra system call.
+/// How a direction ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// This direction reached EOF (and passed it on, or the other one had already).
+    Half,
+    /// The whole connection is over: the other direction need not be waited for.
+    Whole,
+}
+
+/// Copies `src → dst` until EOF on `src`, counting bytes in `total`, then shuts down `dst`
+/// for writing, unless the other direction has `finished` already (then both sockets are
+/// about to be closed, which says the same to both peers without the extra system call), or
+/// `close_on_eof` is set and `dst` has nothing unread: then the whole connection ends.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
     activity: &Activity,
     read: fn(&Activity),
     finished: &AtomicBool,
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    total: &AtomicU64,
+    close_on_eof: bool,
+) -> io::Result<End> {
     let mut backlog: Vec<u8> = Vec::new();
     loop {
         // The per-direction readiness slot (`poll_read_ready`), not `readable()`, whose
@@ -85,12 +160,19 @@ async fn one_way(
         };
         match outcome {
             None => {
-                if !finished.swap(true, Ordering::Relaxed) {
-                    shutdown_write(dst);
+                if finished.swap(true, Ordering::Relaxed) {
+                    return Ok(End::Half);
                 }
-                return Ok(total);
+                // Everything read was written (the backlog is empty between reads).
+                if close_on_eof && !has_unread(dst) {
+                    return Ok(End::Whole);
+                }
+                shutdown_write(dst);
+                return Ok(End::Half);
             }
-            Some(n) => total += n as u64,
+            Some(n) => {
+                total.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         // Slow path: the destination is full. Hold the rest (at most one chunk) until it
         // drains; do not read more meanwhile, so memory stays bounded by one chunk.
@@ -176,6 +258,25 @@ fn write_clearing(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Whether `sock` has bytes waiting that nobody has read (an EOF is not such a byte): one
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte. Closing a socket with unread bytes sends a
+/// reset, which can destroy the answer still in flight to the peer, so such a connection
+/// is ended by the half-close path instead. An error counts as unread (the slow, careful
+/// path will see it).
+fn has_unread(sock: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: the fd is open for the duration of the call; `byte` is valid for one byte.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+}
+
 /// Passes a half-close on. Errors (the peer is already gone) are irrelevant: the other
 /// direction will see them.
 fn shutdown_write(dst: &TcpStream) {
@@ -207,7 +308,7 @@ mod tests {
         // Like `forward`, close both sockets as soon as the copy returns: the second EOF is
         // passed on by that close, not by a shutdown.
         let proxy = async {
-            let r = bidirectional(&p1, &p2, &activity).await;
+            let r = bidirectional(&p1, &p2, &activity, BackendEof::PassOn).await;
             drop((p1, p2));
             r
         };
@@ -242,6 +343,65 @@ mod tests {
         assert!(activity.answered());
     }
 
+    #[tokio::test]
+    async fn a_backend_eof_ends_the_connection_once_delivered() {
+        let (mut client, p1) = pair().await;
+        let (p2, mut server) = pair().await;
+        let activity = Activity::default();
+        let backend = async {
+            let mut req = [0u8; 3];
+            server.read_exact(&mut req).await.unwrap();
+            server.write_all(b"response").await.unwrap();
+            drop(server);
+        };
+        let talk = async {
+            client.write_all(b"req").await.unwrap();
+        };
+        // The copy returns although the client never closed its side.
+        let ((), (), r) = tokio::join!(
+            backend,
+            talk,
+            bidirectional(&p1, &p2, &activity, BackendEof::Close)
+        );
+        assert_eq!(r.unwrap(), (3, 8));
+        drop((p1, p2));
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"response");
+    }
+
+    #[tokio::test]
+    async fn a_backend_half_close_is_passed_on_when_asked() {
+        let (mut client, p1) = pair().await;
+        let (p2, mut server) = pair().await;
+        let activity = Activity::default();
+        let proxy = async {
+            let r = bidirectional(&p1, &p2, &activity, BackendEof::PassOn).await;
+            drop((p1, p2));
+            r
+        };
+        // The server speaks first and shuts its side, then goes on reading the client.
+        let backend = async {
+            server.write_all(b"greeting").await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            rest
+        };
+        let talk = async {
+            let mut got = [0u8; 8];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"greeting");
+            let mut eof = [0u8; 1];
+            assert_eq!(client.read(&mut eof).await.unwrap(), 0);
+            client.write_all(b"after the server's EOF").await.unwrap();
+            client.shutdown().await.unwrap();
+        };
+        let (r, rest, ()) = tokio::join!(proxy, backend, talk);
+        assert_eq!(rest, b"after the server's EOF");
+        assert_eq!(r.unwrap(), (22, 8));
+    }
+
     #[test]
     fn idle_connection_future_does_not_carry_the_chunk() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -251,7 +411,7 @@ mod tests {
         rt.block_on(async {
             let (a, b) = pair().await;
             let activity = Activity::default();
-            let fut = bidirectional(&a, &b, &activity);
+            let fut = bidirectional(&a, &b, &activity, BackendEof::Close);
             assert!(
                 std::mem::size_of_val(&fut) < CHUNK,
                 "future is {} bytes",

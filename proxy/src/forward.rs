@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 use crate::activity::{watch, Activity, Expired};
 use crate::backends::Backends;
 use crate::client_addr::ClientAddr;
+use crate::connect::{self, Connecting};
+pub use crate::copy::BackendEof;
 
 /// Knobs for forwarding, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -31,6 +33,9 @@ pub struct ForwardConfig {
     /// Start every backend connection with a PROXY protocol header carrying the client's
     /// address (`--send-proxy`), for backends that must know who the client is.
     pub send_proxy: Option<crate::proxy_header::Version>,
+    /// What a backend's EOF means: the end of the connection (the default, as nginx's
+    /// `proxy_half_close off`), or a half-close to pass on (`--half-close`).
+    pub on_backend_eof: BackendEof,
 }
 
 impl Default for ForwardConfig {
@@ -40,6 +45,7 @@ impl Default for ForwardConfig {
             idle_timeout: None,
             response_timeout: None,
             send_proxy: None,
+            on_backend_eof: BackendEof::default(),
         }
     }
 }
@@ -145,11 +151,17 @@ pub async fn forward(
         // Counted as open from the pick, not from the connect: least-conn must see it at
         // once, or concurrent picks all land on the same idle-looking worker.
         let active = backend.open();
-        let connect =
-            tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr));
-        let connected = tokio::select! {
-            c = connect => c,
-            () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+        // A loopback connect is done within the call: no timer, no wait (connect.rs).
+        let connected = match connect::start(backend.addr) {
+            Ok(Connecting::Done(stream)) => Ok(Ok(stream)),
+            Err(e) => Ok(Err(e)),
+            Ok(Connecting::Pending(stream)) => {
+                let wait = tokio::time::timeout(config.connect_timeout, connect::finish(stream));
+                tokio::select! {
+                    c = wait => c,
+                    () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+                }
+            }
         };
         match connected {
             Ok(Ok(stream)) => {
@@ -175,8 +187,8 @@ pub async fn forward(
         tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
         tried.push(backend.key);
     };
-    // The client socket inherited TCP_NODELAY from the listener (set once there).
-    let _ = upstream.set_nodelay(true);
+    // The client socket inherited TCP_NODELAY from the listener (set once there), the
+    // backend's was set before its connect.
     if let Some(version) = config.send_proxy {
         // The first bytes the backend reads; the socket is new, so they fit its buffer.
         let sent = match crate::proxy_header::header(version, from) {
@@ -189,7 +201,7 @@ pub async fn forward(
         }
     }
     let activity = Activity::default();
-    let copy = crate::copy::bidirectional(&client, &upstream, &activity);
+    let copy = crate::copy::bidirectional(&client, &upstream, &activity, config.on_backend_eof);
     let outcome = tokio::select! {
         copied = copy => copied.map_err(|e| {
             // One side reset (or the stream broke): the other side must learn it as a reset

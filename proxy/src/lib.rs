@@ -8,6 +8,7 @@
 pub mod activity;
 pub mod backends;
 pub mod client_addr;
+mod connect;
 pub mod copy;
 pub mod forward;
 pub mod health;
@@ -18,6 +19,7 @@ pub mod tls;
 
 pub use backends::{Backend, Backends, Policy};
 pub use client_addr::ClientAddr;
+pub use copy::BackendEof;
 pub use forward::{forward, ForwardConfig, ForwardError, Forwarded, Transfer};
 pub use server::{serve, Connections, Proxy, Stats};
 
