@@ -163,7 +163,7 @@ def load_line(series) -> str:
     loads = [p.load1 for p in series.points]
     if not loads:
         return ""
-    return (f"Load average (1 min) at the start of the runs: median {statistics.median(loads):.1f}, "
+    return (f"load average (1 min) at the start of the runs: median {statistics.median(loads):.1f}, "
             f"{min(loads):.1f}–{max(loads):.1f}; at the start and end of the series "
             f"{series.load_start[0]:.1f} and {series.load_end[0]:.1f} (2 CPUs).")
 
@@ -175,9 +175,10 @@ def markdown(a, series, rows: list[Row], meta: dict[str, str], has_chart: bool) 
     s += [
         f"Made by `{meta['command']}` on {meta['date']}: {a.rounds} round(s), each target and level for "
         f"{a.duration:g} s, interleaved (per level every target in turn, the order rotating; then the next level; "
-        "then the next round).",
+        "then the next round). Every round starts fresh processes (an allocator keeps what 10,000 connections "
+        "needed), and its levels go up, so a level's memory includes only what the smaller ones left.",
         "",
-        f"- Machine: {meta['machine']}, shared with other builds: compare within this run. {load_line(series)}",
+        f"- Machine: {meta['machine']}, shared with other builds: compare within this run; {load_line(series)}",
         f"- Versions: balancer {meta['balancer']}; nginx {meta['nginx']}; HAProxy {meta['haproxy']}; wrk {meta['wrk']}.",
         "- Setup: 2 built-in workers behind balancer `proxy`, nginx `stream` and HAProxy `mode tcp` (the same two); "
         "balancer `handoff` with 2 built-in workers of its own. wrk, 2 threads, keep-alive, `--latency`, 5 s request timeout.",

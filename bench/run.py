@@ -425,7 +425,7 @@ def readme_block(a, out: Outcome, rows, meta) -> str:
     s = [
         f"Run of {meta['date']}, `{meta['command']}` ({a.rounds} rounds × {a.duration:g} s per target and load, "
         f"interleaved; load average (1 min) at the start of the runs: median {statistics.median(loadavg):.1f}, "
-        f"{min(loadavg):.1f}–{max(loadavg):.1f}, on 2 CPUs shared with other builds). Balancer commit: "
+        f"{min(loadavg):.1f}–{max(loadavg):.1f}, on 2 CPUs shared with other builds); balancer "
         f"{meta['balancer']}. Method, noise and every run: [docs/bench-results.md](docs/bench-results.md).",
         "",
         goals.markdown(goals.check(out.runs, rows, a.loads, out.memory, out.respawns)),
