@@ -17,7 +17,7 @@ nginx, HAProxy and balancer `proxy` all forward to the same two built-in workers
 `proxy` balancer); balancer `handoff` passes each accepted socket to two built-in workers of its
 own, since a handed-off socket can only go to the master's own children. Runs are interleaved:
 within a round, each level runs every target in turn (the order rotates from level to level),
-then the next level. Every wrk run is bounded in time, rounds and levels in count; every process
+then the next level; each round starts all four on fresh processes. Every wrk run is bounded in time, rounds and levels in count; every process
 started is stopped by PID at the end, also on Ctrl-C.
 """
 
@@ -82,7 +82,7 @@ CONNECT_TIMEOUT = "10s"
 #: The curve is about holding many connections, so both are told to accept all that wait.
 NGINX_MULTI_ACCEPT = True
 HAPROXY_MAXACCEPT = -1
-#: Warm-up run per target before the first round (connections, seconds).
+#: Warm-up run per target at the start of each round (connections, seconds).
 WARMUP = (100, 1.0)
 
 
