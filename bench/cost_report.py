@@ -192,7 +192,7 @@ def markdown(a, series, rows: list[Row], meta: dict[str, str], has_chart: bool) 
         "- req/s, p99, CPU, RSS: medians over rounds; RSS peak: the highest sample of any round; reached "
         "workers: the fewest connections the workers held at once in any round (their open fds above idle, "
         "sampled every 0.25 s); all reached after: the slowest round's time from wrk's start until the workers "
-        "held 99% of the connections (\"never\" if some round did not get there); connect errors and timeouts: "
+        "held 99% of the connections (0.3 s is the first sample; \"never\" if some round did not get there); connect errors and timeouts: "
         "wrk's, summed over rounds.",
         "- Runs last the duration above, but at least 1 s per 1,000 connections (10 s at 10,000): connects "
         "that overflow a listen queue (4096 for every proxy here, nginx given `backlog=4096`) are retried by the "
