@@ -119,9 +119,18 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     );
     keep("user", new.privilege != running.privilege);
     keep("half-close", new.half_close != running.half_close);
+    // Remote backends are discovered by tasks started once (their health settings are live).
     keep(
-        "balance",
-        format!("{:?}", new.policy) != format!("{:?}", running.policy),
+        "upstream",
+        new.upstream.upstreams != running.upstream.upstreams,
+    );
+    keep(
+        "resolver",
+        new.upstream.resolvers != running.upstream.resolvers,
+    );
+    keep(
+        "resolve-interval",
+        new.upstream.resolve_interval != running.upstream.resolve_interval,
     );
     new.listen = running.listen;
     new.mode = running.mode;
@@ -132,7 +141,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     new.idle_timeout = running.idle_timeout;
     new.response_timeout = running.response_timeout;
     new.half_close = running.half_close;
-    new.policy = running.policy;
+    new.upstream = running.upstream.clone();
     new.privilege = running.privilege.clone();
     Ok(Reread {
         config: Arc::new(new),
@@ -149,6 +158,8 @@ pub struct Controls {
     pub has_file: bool,
     /// Where the configuration in force lives.
     pub ctx: Arc<Context>,
+    /// The remote backends' health settings in force.
+    pub upstream_health: Arc<crate::upstream::LiveHealth>,
     /// Asks the supervisor for a rolling reload (full: one is pending).
     pub reload: mpsc::Sender<()>,
     /// Asks the supervisor to change the worker count.
@@ -171,6 +182,7 @@ impl Controls {
                         tracing::warn!(settings = %kept.join(", "), "SIGHUP: these settings change only with a restart; kept as they run");
                     }
                     let workers = config.workers;
+                    self.apply_live(&running, &config);
                     self.ctx.set_config(config);
                     tracing::info!("SIGHUP: configuration re-read");
                     if workers != running.workers {
@@ -184,6 +196,20 @@ impl Controls {
             tracing::info!("SIGHUP: rolling reload requested");
         } else {
             tracing::info!("SIGHUP: a reload is already pending; coalesced");
+        }
+    }
+
+    /// What takes effect at once rather than through the reload: the selection policy
+    /// (the next connection is picked by the new one) and the remote backends' health
+    /// settings (from each one's next check). The workers' health settings need nothing
+    /// here: each replacement started by the reload reads the new configuration.
+    fn apply_live(&self, running: &Config, new: &Config) {
+        if new.policy != running.policy {
+            self.ctx.proxy.backends.set_policy(new.policy);
+            tracing::info!(from = ?running.policy, to = ?new.policy, "SIGHUP: balance changed");
+        }
+        if new.health != running.health {
+            self.upstream_health.set(&new.health);
         }
     }
 

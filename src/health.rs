@@ -57,7 +57,7 @@ impl CheckKind {
 }
 
 /// Active health-check settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     /// Which check.
     pub kind: CheckKind,
@@ -103,6 +103,13 @@ impl Tally {
             rise: rise.max(1),
             fall: fall.max(1),
         }
+    }
+
+    /// New thresholds (a re-read configuration, for a backend that is not replaced); the
+    /// results in a row so far count towards them.
+    pub fn set_limits(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
     }
 
     /// Whether the worker is up.

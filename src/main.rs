@@ -163,7 +163,9 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         let registry = Arc::new(status::Registry::new(config.workers));
         // Upstreams (#11): remote backends in the same rotation.
         let upstream_table = Arc::new(upstream::Table::default());
-        let upstream_task = start_upstreams(&config, &backends, &upstream_table, &stop)?;
+        let upstream_health = Arc::new(upstream::LiveHealth::new(&config.health));
+        let upstream_task =
+            start_upstreams(&config, &backends, &upstream_table, &upstream_health, &stop)?;
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let (scale, scales) = tokio::sync::mpsc::channel(SCALE_QUEUE);
         let ctx = Arc::new(instance::Context::new(
@@ -198,6 +200,7 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             args,
             has_file: cli.config.is_some(),
             ctx: Arc::clone(&ctx),
+            upstream_health,
             reload,
             scale,
         };
@@ -264,12 +267,13 @@ fn start_upstreams(
     config: &Config,
     backends: &Arc<Backends>,
     table: &Arc<upstream::Table>,
+    health: &Arc<upstream::LiveHealth>,
     stop: &StopTokens,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let upstreams = upstream::Upstreams::new(config.upstream.clone())?;
     Ok(tokio::spawn(upstreams.run(
         Arc::clone(backends),
-        config.health.clone(),
+        Arc::clone(health),
         config.grace,
         Arc::clone(table),
         stop.graceful.clone(),

@@ -12,7 +12,7 @@
 //! client is offered to the next.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -233,7 +233,9 @@ impl Sets {
 pub struct Backends {
     set: ArcSwap<Sets>,
     next: AtomicUsize,
-    policy: Policy,
+    /// The [`Policy`], as its `u8`: atomic so that a re-read configuration can change it
+    /// while connections pick (one relaxed load per pick).
+    policy: AtomicU8,
     /// Serialises writers; readers never take it.
     write: Mutex<()>,
 }
@@ -241,9 +243,25 @@ pub struct Backends {
 impl Backends {
     /// An empty set using `policy`.
     pub fn new(policy: Policy) -> Self {
-        Self {
-            policy,
-            ..Self::default()
+        let set = Self::default();
+        set.set_policy(policy);
+        set
+    }
+
+    /// Changes how the next backends are chosen; picks already made stand.
+    pub fn set_policy(&self, policy: Policy) {
+        let raw = match policy {
+            Policy::RoundRobin => 0,
+            Policy::LeastConn => 1,
+        };
+        self.policy.store(raw, Ordering::Relaxed);
+    }
+
+    /// How the next backend is chosen.
+    pub fn policy(&self) -> Policy {
+        match self.policy.load(Ordering::Relaxed) {
+            0 => Policy::RoundRobin,
+            _ => Policy::LeastConn,
         }
     }
 
@@ -392,7 +410,7 @@ impl Backends {
         let candidates = (0..n)
             .map(|i| &set[(start + i) % n])
             .filter(|b| !tried.contains(&b.key));
-        match self.policy {
+        match self.policy() {
             Policy::RoundRobin => candidates.into_iter().next().cloned(),
             // `min_by_key` keeps the first minimum, and candidates start at the round-robin
             // offset: that is the tie-break.

@@ -32,7 +32,7 @@ pub use table::Table;
 const REMOTE_KEY: u64 = 1 << 63;
 
 /// Settings for remote backends, from the validated config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Every `--upstream`.
     pub upstreams: Vec<UpstreamSpec>,
@@ -47,11 +47,8 @@ pub struct Settings {
 pub struct Context {
     /// The rotation.
     pub backends: Arc<Backends>,
-    /// Active-check settings (the workers' own).
-    pub health: HealthConfig,
-    /// The check every remote backend gets (`--health-check`, with `auto` and `ipc` meaning
-    /// TCP: a remote backend has no IPC channel).
-    pub check: Check,
+    /// Active-check settings (the workers' own), as in force now.
+    pub health: Arc<LiveHealth>,
     /// How long a retired backend's connections may take to finish.
     pub grace: Duration,
     /// Time between two lookups of a name (sooner when the TTL is shorter).
@@ -71,6 +68,48 @@ impl Context {
 
     fn next_index(&self) -> usize {
         self.indexes.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The remote backends' active-check settings, replaced when SIGHUP re-reads `--config`:
+/// each backend reads them before every check, so changed `--health-*` settings apply to
+/// the running backends without a restart (the workers get theirs through the reload).
+#[derive(Debug)]
+pub struct LiveHealth(arc_swap::ArcSwap<Checks>);
+
+/// One version of [`LiveHealth`].
+#[derive(Debug)]
+pub struct Checks {
+    /// Interval, timeout, rise and fall.
+    pub health: HealthConfig,
+    /// The check every remote backend gets (`--health-check`, with `auto` and `ipc` meaning
+    /// TCP: a remote backend has no IPC channel).
+    pub check: Check,
+}
+
+impl LiveHealth {
+    /// The settings at start.
+    pub fn new(health: &HealthConfig) -> Self {
+        Self(arc_swap::ArcSwap::from_pointee(Checks::from(health)))
+    }
+
+    /// Puts `health` in force from each backend's next check.
+    pub fn set(&self, health: &HealthConfig) {
+        self.0.store(Arc::new(Checks::from(health)));
+    }
+
+    /// The settings in force.
+    pub fn load(&self) -> Arc<Checks> {
+        self.0.load_full()
+    }
+}
+
+impl From<&HealthConfig> for Checks {
+    fn from(health: &HealthConfig) -> Self {
+        Self {
+            check: health.kind.resolve(false, false, true),
+            health: health.clone(),
+        }
     }
 }
 
@@ -103,16 +142,14 @@ impl Upstreams {
     pub async fn run(
         self,
         backends: Arc<Backends>,
-        health: HealthConfig,
+        health: Arc<LiveHealth>,
         grace: Duration,
         table: Arc<Table>,
         stop: CancellationToken,
     ) {
-        let check = health.kind.resolve(false, false, true);
         let ctx = Arc::new(Context {
             backends,
             health,
-            check,
             grace,
             resolve_interval: self.settings.resolve_interval,
             table,

@@ -99,17 +99,21 @@ impl Life {
             }
             (None, false) if !failed_before => Change::NotYet,
             (None, false) => Change::None,
-            (Some(t), ok) => match t.record(ok) {
-                Flip::Down => {
-                    self.state = State::Down;
-                    Change::Leave("health checks failing")
+            // The thresholds in force now: a SIGHUP may have changed them.
+            (Some(t), ok) => {
+                t.set_limits(rise, fall);
+                match t.record(ok) {
+                    Flip::Down => {
+                        self.state = State::Down;
+                        Change::Leave("health checks failing")
+                    }
+                    Flip::Up => {
+                        self.state = State::Up;
+                        Change::Enter("health checks passing")
+                    }
+                    Flip::None => Change::None,
                 }
-                Flip::Up => {
-                    self.state = State::Up;
-                    Change::Enter("health checks passing")
-                }
-                Flip::None => Change::None,
-            },
+            }
         }
     }
 
@@ -136,8 +140,8 @@ impl Life {
 }
 
 async fn run(ctx: Arc<Context>, backend: Arc<Backend>, retire: CancellationToken) {
-    let health = &ctx.health;
-    let name = ctx.table.added(&backend, &ctx.check);
+    let mut checks = ctx.health.load();
+    let name = ctx.table.added(&backend, &checks.check);
     let (key, addr) = (backend.key, backend.addr);
     let source = backend.upstream.clone().unwrap_or_default();
     // The HTTP check's Host: the upstream as given (`app:8080`, or the literal address).
@@ -145,12 +149,21 @@ async fn run(ctx: Arc<Context>, backend: Arc<Backend>, retire: CancellationToken
     let mut life = Life::new();
     let mut failed_before = false;
     // The first tick is at once: a new address is checked as soon as it is known.
-    let mut ticker = interval(health.interval);
+    let mut ticker = interval(checks.health.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
+        // A SIGHUP may have changed the settings: a new interval starts from now.
+        let now = ctx.health.load();
+        if now.health.interval != checks.health.interval {
+            let period = now.health.interval;
+            ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
+        checks = now;
+        let health = &checks.health;
         let checked = async {
             ticker.tick().await;
-            probe(&ctx.check, addr, &host, health.timeout).await
+            probe(&checks.check, addr, &host, health.timeout).await
         };
         let result = tokio::select! {
             _ = ctx.stop.cancelled() => {

@@ -7,6 +7,7 @@ mod admin;
 mod client;
 mod config;
 mod privilege;
+mod reread;
 mod scale;
 mod top;
 

@@ -1,0 +1,161 @@
+//! SIGHUP re-reading `--config` (issue 14): a changed `balance` and changed health settings
+//! take effect without a restart; `listen` and `mode` stay as they run and are named in the
+//! log line.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+
+use super::*;
+
+fn write(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("writing the config file");
+}
+
+/// Opens a client connection through the master and leaves it idle, then waits until the
+/// admin endpoint counts it on a worker; returns the connection and that worker's pid.
+fn hold_one(addr: SocketAddr, admin: SocketAddr) -> (TcpStream, u64) {
+    let held = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connecting");
+    let mut on = None;
+    let counted = wait_until(Duration::from_secs(10), || {
+        let status: serde_json::Value = match get(admin, "/status") {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+            _ => return false,
+        };
+        on = status["workers"].as_array().and_then(|ws| {
+            ws.iter()
+                .find(|w| w["connections"]["active"] == 1)
+                .and_then(|w| w["pid"].as_u64())
+        });
+        on.is_some()
+    });
+    assert!(counted, "the held connection was never counted on a worker");
+    (held, on.expect("counted"))
+}
+
+/// Open connections the admin endpoint counts on the workers, all together.
+fn active_total(admin: SocketAddr) -> Option<u64> {
+    let status: serde_json::Value = match get(admin, "/status") {
+        Ok((200, body)) => serde_json::from_str(&body).ok()?,
+        _ => return None,
+    };
+    let workers = status["workers"].as_array()?;
+    Some(
+        workers
+            .iter()
+            .filter_map(|w| w["connections"]["active"].as_u64())
+            .sum(),
+    )
+}
+
+/// The pids that answer `n` requests in a row, each sent once the one before is no longer
+/// counted as open (the client reads the whole answer a moment before the master closes
+/// its side): every pick sees only the held connection.
+fn answering(addr: SocketAddr, admin: SocketAddr, n: usize) -> HashSet<u32> {
+    (0..n)
+        .map(|_| {
+            let pid = body_pid(&get_ok(addr, "/"));
+            assert!(
+                wait_until(Duration::from_secs(10), || active_total(admin) == Some(1)),
+                "the request to {pid} stayed counted as open"
+            );
+            pid
+        })
+        .collect()
+}
+
+#[test]
+fn sighup_changes_balance_at_once_and_names_listen_and_mode_as_kept() {
+    let dir = TempDir::new("ops-reread-balance");
+    let file = dir.path().join("balancer.toml");
+    let base = "listen = \"127.0.0.1:0\"\ncpus = 2\nadmin = \"127.0.0.1:0\"\n";
+    write(&file, &format!("{base}balance = \"round-robin\"\n"));
+    let file_arg = file.to_str().expect("UTF-8 path");
+    let b = Balancer::start_exact(&["--config", file_arg]);
+    let addr = b.addr();
+    let admin = admin_addr(&b);
+    wait_all_ready(&b, 2);
+
+    // Round robin: with a connection held on one worker, new ones still alternate.
+    let (held, _) = hold_one(addr, admin);
+    assert_eq!(
+        answering(addr, admin, 6).len(),
+        2,
+        "round robin:\n{}",
+        b.dump()
+    );
+    drop(held);
+
+    // least-conn, and restart-only changes beside it.
+    write(
+        &file,
+        &format!("{base}balance = \"least-conn\"\nmode = \"handoff\"\n")
+            .replace("127.0.0.1:0\"\ncpus", "127.0.0.1:1\"\ncpus"),
+    );
+    send_signal(b.pid(), libc::SIGHUP);
+    let (_, kept) = b.expect_line(0, "the restart-only line", STARTUP, |l| {
+        l.contains("change only with a restart")
+    });
+    assert!(kept.ends_with("settings=listen, mode"), "{kept}");
+    assert!(!kept.contains("balance"), "{kept}");
+    let (_, changed) = b.expect_line(0, "`SIGHUP: balance changed`", STARTUP, |l| {
+        is_event(l, "SIGHUP: balance changed")
+    });
+    assert_eq!(field(&changed, "to"), Some("LeastConn"), "{changed}");
+    b.expect_line(0, "`rolling reload done`", READY_TIMEOUT, |l| {
+        is_event(l, "rolling reload done")
+    });
+
+    // Least connections: every new connection avoids the worker holding one.
+    let (held, busy) = hold_one(addr, admin);
+    let answers = answering(addr, admin, 6);
+    assert_eq!(answers.len(), 1, "least-conn: {answers:?}\n{}", b.dump());
+    assert!(
+        !answers.contains(&(busy as u32)),
+        "the busy worker {busy} answered"
+    );
+    assert_eq!(b.addr(), addr, "listen is kept");
+    drop(held);
+    assert_no_panic(&b);
+}
+
+#[test]
+fn sighup_changes_a_remote_backends_health_settings_without_a_restart() {
+    let dir = TempDir::new("ops-reread-health");
+    let file = dir.path().join("balancer.toml");
+    // A remote backend: a listener whose backlog completes the TCP checks.
+    let remote = TcpListener::bind("127.0.0.1:0").expect("a remote backend");
+    let remote_addr = remote.local_addr().expect("its address").to_string();
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\ncpus = 1\nupstream = [\"{remote_addr}\"]\nhealth-check = \"tcp\"\n"
+    );
+    // At these settings a dead backend would stay in rotation for 100 s.
+    write(
+        &file,
+        &format!("{base}health-interval = \"1s\"\nhealth-fall = 100\n"),
+    );
+    let file_arg = file.to_str().expect("UTF-8 path");
+    let b = Balancer::start_exact(&["--config", file_arg]);
+    b.addr();
+    b.expect_line(0, "`upstream backend up`", READY_TIMEOUT, |l| {
+        is_event(l, "upstream backend up") && field(l, "addr") == Some(remote_addr.as_str())
+    });
+
+    drop(remote);
+    write(
+        &file,
+        &format!("{base}health-interval = \"100ms\"\nhealth-fall = 1\n"),
+    );
+    send_signal(b.pid(), libc::SIGHUP);
+    // The next check (within the old 1 s interval) uses fall 1: down in about a second.
+    let (_, down) = b.expect_line(0, "`upstream backend down`", Duration::from_secs(10), |l| {
+        is_event(l, "upstream backend down")
+    });
+    assert_eq!(field(&down, "addr"), Some(remote_addr.as_str()), "{down}");
+    assert!(
+        !b.lines()
+            .iter()
+            .any(|l| l.contains("change only with a restart")),
+        "health settings are not restart-only:\n{}",
+        b.dump()
+    );
+}
