@@ -2,7 +2,8 @@
 """Chaos soak (issue 16): balancer under steady load for a long time while faults keep coming,
 recording what clients saw and how the master's resources evolve.
 
-    python3 bench/soak.py                     # 10 minutes, written to docs/ and README.md
+    python3 bench/soak.py                     # 10 minutes in tcp (proxy) mode, into docs/ and README.md
+    python3 bench/soak.py --protocol http     # the same in http mode (its own files and README block)
     python3 bench/soak.py --duration 60 --out target/soak-quick --no-readme
 
 Load (all on loopback): `--new-conn` threads that each open a new connection per request
@@ -15,17 +16,23 @@ answer that changes (each detected from `balancer --help`; reported as "not in t
 otherwise).
 
 What is recorded:
-- **failed new requests**, by kind: a request on a new connection that failed and was not
-  open during a kill or a stop of a worker (a request that was can have been forwarded to the
-  victim: that is an **in-flight casualty**, counted apart). A keep-alive connection that a
-  dead worker's end closed between two requests is retried once on a new connection, as HTTP
-  clients do for idempotent requests; that retry counts as a new request.
+- **failed new requests**, by kind: a request that failed and was not an in-flight casualty.
+- **in-flight casualties**, by cause: a request open while a worker it may have reached was
+  killed or stopped; one cut when the master closed a retired backend's connections (an
+  address that left DNS, `--grace` after: in tcp mode the master cannot tell where a
+  request ends, so the cut can land mid-response, by design); one on a reused connection
+  cut by an in-place upgrade's exec.
+- A keep-alive connection closed under the client with **zero response bytes** (a dead
+  worker's end, a retired backend's cut between two requests) is retried once on a new
+  connection, as HTTP clients do for idempotent requests (urllib3, curl, browsers); the
+  retry counts as a new request, and the closes are counted in a row of their own.
 - the master's RSS, open fds, threads and children, sampled every second.
 
-Outputs: `soak-results.md` (the table), `soak-samples.csv`, `soak-requests.csv` (failures only)
-and `soak.png` (matplotlib, installed with pip if missing) or `soak.svg` (written by hand when
-matplotlib cannot be had) in `--out`; and the table and chart between the soak markers of
-README.md's "Reliability" section. Every process it starts is stopped by PID at the end.
+Outputs, per protocol P: `soak-P-results.md` (the table), `soak-P-samples.csv`,
+`soak-P-requests.csv` (failures only) and `soak-P.png` (matplotlib, installed with pip if
+missing) or `soak-P.svg` (written by hand when matplotlib cannot be had) in `--out`; and the
+table and chart between README.md's `soak:P:begin`/`soak:P:end` markers ("Reliability").
+Every process it starts is stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine  # noqa: E402
+import readme  # noqa: E402
 from processes import ProcessSet  # noqa: E402
 from targets import Balancer, balancer_env, parse_log_line  # noqa: E402
 
@@ -247,6 +255,10 @@ class Faults:
     #: When the master closed a retired backend's connections (`grace period over`, from its
     #: log): a keep-alive connection to an address that left DNS is cut --grace after.
     retired_cuts: list[float] = field(default_factory=list)
+    #: In-place upgrades, from the log: (SIGUSR2 sent, the new image `listening`), and how
+    #: many the master refused (a worker not ready, a mode it cannot carry).
+    upgrade_windows: list[tuple[float, float]] = field(default_factory=list)
+    upgrades_refused: int = 0
 
 
 def alive(pid: int) -> bool:
@@ -284,12 +296,18 @@ class Remote:
 
 
 def fault_loop(
-    bal: Balancer, faults: Faults, until: float, stop: threading.Event, features: set[str], remote: Remote | None
+    bal: Balancer,
+    faults: Faults,
+    until: float,
+    stop: threading.Event,
+    features: set[str],
+    remote: Remote | None,
+    upgrade_every: float,
 ) -> None:
     rng = random.Random(int(time.time()))
     t0 = time.time()
     next_kill, next_stop, next_reload = t0 + KILL_EVERY, t0 + STOP_EVERY / 2, t0 + RELOAD_EVERY
-    next_upgrade = t0 + UPGRADE_EVERY
+    next_upgrade = t0 + upgrade_every
     next_outage, next_flip, outage_since = t0 + UPSTREAM_EVERY / 2, t0 + DNS_FLIP_EVERY, None
     stopped: tuple[int, float] | None = None
     while not stop.is_set() and time.time() < until:
@@ -334,8 +352,8 @@ def fault_loop(
             next_flip += DNS_FLIP_EVERY
             remote.dns.ip = DNS_UPSTREAMS[1] if remote.dns.ip == DNS_UPSTREAMS[0] else DNS_UPSTREAMS[0]
             faults.dns_flips.append(time.time())
-        if "upgrade" in features and now >= next_upgrade:
-            next_upgrade += UPGRADE_EVERY
+        if "upgrade" in features and upgrade_every > 0 and now >= next_upgrade:
+            next_upgrade += upgrade_every
             os.kill(bal.pid, signal.SIGUSR2)
             faults.upgrades.append(time.time())
         time.sleep(0.01)
@@ -472,9 +490,16 @@ def casualty(a: Attempt, faults: Faults) -> bool:
 
 
 def retired_cut(a: Attempt, faults: Faults) -> bool:
-    """Whether a failed request on a reused connection was cut when the master closed a
-    retired backend's connections (the log's timestamp, to the millisecond)."""
-    return a.conn == "reused" and any(a.start - 0.1 <= t <= a.end + 0.1 for t in faults.retired_cuts)
+    """Whether a failed request was open when the master closed a retired backend's
+    connections (the log's timestamp, to the millisecond)."""
+    return any(a.start - 0.1 <= t <= a.end + 0.1 for t in faults.retired_cuts)
+
+
+def upgrade_cut(a: Attempt, faults: Faults) -> bool:
+    """Whether a failed request on a reused connection was open across an in-place
+    upgrade (its drain, then the exec, closes the connections still open). A request on a
+    new connection has no such excuse: the listen backlog holds it through the exec."""
+    return a.conn == "reused" and any(a.start <= hi + KILL_WINDOW and a.end >= lo for lo, hi in faults.upgrade_windows)
 
 
 def slope_per_min(xs: list[float], ys: list[float]) -> float:
@@ -491,6 +516,8 @@ def series_rows(samples: list[tuple[float, int, int, int, int]]) -> list[list[st
     t0 = samples[0][0]
     names = [("RSS (MiB)", 1, 1 / 1024), ("open fds", 2, 1), ("threads", 3, 1), ("children", 4, 1)]
     rows = []
+    # "start → end" are the first and last samples; the medians of the first and last
+    # minute say the same without one sample's noise (a replacement worker being spawned).
     for name, i, scale in names:
         xs = [s[0] - t0 for s in samples]
         ys = [s[i] * scale for s in samples]
@@ -502,8 +529,8 @@ def series_rows(samples: list[tuple[float, int, int, int, int]]) -> list[list[st
         rows.append(
             [
                 name,
-                f"{statistics.median(first):.1f}",
-                f"{statistics.median(last):.1f}",
+                f"{ys[0]:.1f} → {ys[-1]:.1f}",
+                f"{statistics.median(first):.1f} → {statistics.median(last):.1f}",
                 f"{min(ys):.1f}",
                 f"{max(ys):.1f}",
                 f"{slope:+.3f}",
@@ -530,7 +557,9 @@ def ensure_matplotlib() -> bool:
     return done.returncode == 0
 
 
-def chart_png(path: Path, samples, fails: list[Attempt], casualties: list[Attempt], faults: Faults, t0: float) -> None:
+def chart_png(
+    path: Path, samples, fails: list[Attempt], casualties: list[Attempt], faults: Faults, t0: float, protocol: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -554,11 +583,13 @@ def chart_png(path: Path, samples, fails: list[Attempt], casualties: list[Attemp
         ax.step([i * 10 / 60 for i in range(bins)], counts, where="post", color=colour, label=label)
     for r in faults.reloads:
         ax.axvline((r - t0) / 60, color="grey", alpha=0.2, lw=0.8)
+    for lo, _ in faults.upgrade_windows:
+        ax.axvline((lo - t0) / 60, color="green", alpha=0.4, lw=0.8)
     ax.set_ylabel("requests")
-    ax.set_xlabel("minutes (grey lines: rolling reloads)")
+    ax.set_xlabel("minutes (grey lines: rolling reloads; green: in-place upgrades)")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
-    fig.suptitle("balancer chaos soak: master resources and client failures")
+    fig.suptitle(f"balancer chaos soak, {protocol} mode: master resources and client failures")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -582,20 +613,9 @@ def chart_svg(path: Path, samples, t0: float) -> None:
     path.write_text("\n".join(parts))
 
 
-README_BEGIN = "<!-- soak:begin -->"
-README_END = "<!-- soak:end -->"
-
-
-def write_readme(block: str) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        _, tail = rest.split(README_END, 1)
-        text = head + README_BEGIN + "\n" + block + "\n" + README_END + tail
-    else:
-        text = text.rstrip("\n") + "\n\n### Chaos soak\n\n" + README_BEGIN + "\n" + block + "\n" + README_END + "\n"
-    readme.write_text(text)
+def write_readme(block: str, protocol: str) -> None:
+    """Puts `block` between this protocol's markers (each mode keeps its own run)."""
+    readme.splice(REPO / "README.md", f"soak:{protocol}", block, f"### Chaos soak, {protocol} mode")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +624,8 @@ def write_readme(block: str) -> None:
 def features_of(binary: Path) -> set[str]:
     text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30).stdout
     found = set()
-    if "SIGUSR2" in text:
+    upgrade = subprocess.run([str(binary), "upgrade", "--help"], capture_output=True, timeout=30)
+    if "SIGUSR2" in text or upgrade.returncode == 0:
         found.add("upgrade")
     if "--upstream" in text:
         found.add("upstream")
@@ -621,7 +642,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--new-conn", type=int, default=4, help="load threads with a new connection per request")
     p.add_argument("--keep-alive", type=int, default=2, help="load threads reusing one connection")
-    p.add_argument("--protocol", choices=["tcp", "http"], default="tcp")
+    p.add_argument("--protocol", choices=["tcp", "http"], default="tcp", help="tcp (proxy mode, the default) or http")
+    p.add_argument(
+        "--upgrade-every",
+        type=float,
+        default=UPGRADE_EVERY,
+        help=f"seconds between in-place upgrades (SIGUSR2) when this build has them; 0: none (default {UPGRADE_EVERY:.0f})",
+    )
     p.add_argument("--binary", type=Path, help="default: target/release/balancer (built if missing)")
     p.add_argument("--out", type=Path, default=REPO / "docs")
     p.add_argument("--no-readme", action="store_true", help="do not write README.md")
@@ -678,7 +705,7 @@ def main(argv: list[str]) -> int:
         samples: list[tuple[float, int, int, int, int]] = []
         load = Load(host, int(port), a.new_conn, a.keep_alive, until)
         sampler = threading.Thread(target=sample_loop, args=(bal.pid, samples, until, stop), daemon=True)
-        chaos = threading.Thread(target=fault_loop, args=(bal, faults, until, stop, features, remote), daemon=True)
+        chaos = threading.Thread(target=fault_loop, args=(bal, faults, until, stop, features, remote, a.upgrade_every), daemon=True)
         sampler.start()
         load.start()
         chaos.start()
@@ -702,65 +729,98 @@ def main(argv: list[str]) -> int:
             remote.dns.close()
         procs.stop_all()
 
+    upgrade_sent = sorted(faults.upgrades)
     for _, text in proc.lines:
         line = parse_log_line(text)
-        if line and line.message.startswith("grace period over; closing the retired backend"):
+        if line is None:
+            continue
+        if line.message.startswith("grace period over; closing the retired backend"):
             faults.retired_cuts.append(line.ts)
+        elif line.message == "listening" and line.fields.get("upgraded") == "true":
+            # The new image serving: the window opened at the last SIGUSR2 before it.
+            sent = [t for t in upgrade_sent if t <= line.ts]
+            if sent:
+                faults.upgrade_windows.append((sent[-1], line.ts))
+        elif "upgrade" in line.message and line.level in ("WARN", "ERROR"):
+            faults.upgrades_refused += 1
     attempts = sorted(load.attempts, key=lambda x: x.start)
     failed = [x for x in attempts if x.kind != "ok"]
-    casualties = [x for x in failed if casualty(x, faults)]
-    retired = [x for x in failed if x not in casualties and retired_cut(x, faults)]
-    failed_new = [x for x in failed if x not in casualties and x not in retired]
-    by_kind: dict[str, int] = {}
-    for x in failed_new:
-        by_kind[x.kind] = by_kind.get(x.kind, 0) + 1
+    cause: dict[int, str] = {}
+    for x in failed:
+        if casualty(x, faults):
+            cause[id(x)] = "kill or stop of their worker"
+        elif retired_cut(x, faults):
+            cause[id(x)] = "cut at a retired backend's --grace"
+        elif upgrade_cut(x, faults):
+            cause[id(x)] = "reused connection cut by an in-place upgrade"
+    casualties = [x for x in failed if id(x) in cause]
+    failed_new = [x for x in failed if id(x) not in cause]
+
+    def counts(xs, key) -> str:
+        c: dict[str, int] = {}
+        for x in xs:
+            c[key(x)] = c.get(key(x), 0) + 1
+        return ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))
+
     elapsed = (attempts[-1].end - attempts[0].start) if attempts else 0.0
     panics = sum(1 for _, l in proc.lines if "panicked" in l)
+    upgrades = "not in this build"
+    if "upgrade" in features:
+        upgrades = (
+            f"{len(faults.upgrades)} asked (every {a.upgrade_every:.0f} s): {len(faults.upgrade_windows)} done, "
+            f"{faults.upgrades_refused} refused or failed (log)"
+            if a.upgrade_every > 0
+            else "off (--upgrade-every 0)"
+        )
 
     summary = [
         ["duration", f"{a.duration:.0f} s ({a.workers} workers, {a.protocol} mode, {a.new_conn} new-connection + {a.keep_alive} keep-alive client threads)"],
         ["requests", f"{len(attempts)} ({len(attempts) / elapsed:.0f}/s)" if elapsed else "0"],
-        ["**failed new requests**", f"**{len(failed_new)}**" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(by_kind.items()))})" if by_kind else "")],
-        ["in-flight casualties", f"{len(casualties)} (open during a kill or stop of their worker)"],
-        ["keep-alive requests cut when the master closed a retired backend's connections (--grace after its address left DNS)", f"{len(retired)} ({len(faults.retired_cuts)} such closes)"],
-        ["keep-alive connections closed under the client, retried", str(load.retried)],
+        ["**failed new requests**", f"**{len(failed_new)}**" + (f" ({counts(failed_new, lambda x: f'{x.kind} on a {x.conn} connection')})" if failed_new else "")],
+        ["in-flight casualties", f"{len(casualties)}" + (f" ({counts(casualties, lambda x: cause[id(x)])})" if casualties else "")],
+        ["in-flight casualties by kind", counts(casualties, lambda x: x.kind) or "-"],
+        ["keep-alive connections closed under the client with zero response bytes, retried on a new connection", str(load.retried)],
+        ["retired backends' connections closed at --grace (master log)", str(len(faults.retired_cuts))],
         ["kill -9 of a worker", f"{len(faults.kills)} (every {KILL_EVERY:.0f} s; {faults.skipped_kills} skipped with < 2 in rotation)"],
         ["SIGSTOP/SIGCONT of a worker", f"{len(faults.stops)} ({STOP_FOR} s each, every {STOP_EVERY:.0f} s)"],
         ["rolling reloads", f"{len(faults.reloads)} (every {RELOAD_EVERY:.0f} s)"],
-        ["in-place upgrades", str(len(faults.upgrades)) if "upgrade" in features else "not in this build"],
+        ["in-place upgrades", upgrades],
         ["remote upstream gone and back", f"{len(faults.upstream_outages)} ({UPSTREAM_DOWN_FOR:.0f} s down every {UPSTREAM_EVERY:.0f} s)" if "upstream" in features else "not in this build"],
         ["DNS answer changed", f"{len(faults.dns_flips)} (every {DNS_FLIP_EVERY:.0f} s, TTL 1 s)" if "dns" in features else "not in this build"],
         ["master at the end", f"{'alive' if master_survived else 'DIED'}; SIGTERM exit status {status}; panics in log: {panics}"],
     ]
     table = md_table(["what", "result"], summary)
     resources = md_table(
-        ["master", "first minute (median)", "last minute (median)", "min", "max", "trend after minute 1 (per min)"],
+        ["master", "start → end", "median, first → last minute", "min", "max", "trend after minute 1 (per min)"],
         series_rows(samples),
     )
-    chart_name = "soak.png"
+    stem = f"soak-{a.protocol}"
+    chart_name = f"{stem}.png"
     t_start = samples[0][0] if samples else time.time()
     if ensure_matplotlib():
-        chart_png(a.out / chart_name, samples, failed_new, casualties, faults, t_start)
+        chart_png(a.out / chart_name, samples, failed_new, casualties, faults, t_start, a.protocol)
     else:
-        chart_name = "soak.svg"
+        chart_name = f"{stem}.svg"
         chart_svg(a.out / chart_name, samples, t_start)
-    with open(a.out / "soak-samples.csv", "w", newline="") as f:
+    with open(a.out / f"{stem}-samples.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["t", "rss_kib", "fds", "threads", "children"])
         for s in samples:
             w.writerow([f"{s[0] - t_start:.1f}", *s[1:]])
-    with open(a.out / "soak-requests.csv", "w", newline="") as f:
+    with open(a.out / f"{stem}-requests.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["start", "end", "kind", "sent", "conn", "class"])
         for x in failed:
-            w.writerow([f"{x.start - t_start:.3f}", f"{x.end - t_start:.3f}", x.kind, x.sent, x.conn, "casualty" if x in casualties else "retired" if x in retired else "failed-new"])
+            w.writerow([f"{x.start - t_start:.3f}", f"{x.end - t_start:.3f}", x.kind, x.sent, x.conn, cause.get(id(x), "failed-new")])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
-    cmd = "python3 bench/soak.py" + ("" if a.duration == 600 else f" --duration {a.duration:.0f}")
+    cmd = "python3 bench/soak.py" + ("" if a.protocol == "tcp" else f" --protocol {a.protocol}")
+    cmd += "" if a.duration == 600 else f" --duration {a.duration:.0f}"
+    cmd += "" if a.upgrade_every == UPGRADE_EVERY else f" --upgrade-every {a.upgrade_every:.0f}"
     rel = os.path.relpath(a.out / chart_name, REPO)
-    block = f"Run of {when}, `{cmd}` (release build, 2-core machine shared with other work):\n\n{table}\n\n{resources}\n\n![soak chart]({rel})"
-    (a.out / "soak-results.md").write_text(f"# Chaos soak\n\n{block.replace(rel, chart_name)}\n")
+    block = f"Run of {when}, `{cmd}` (release build, 2-core machine shared with other work):\n\n{table}\n\n{resources}\n\n![soak chart, {a.protocol} mode]({rel})"
+    (a.out / f"{stem}-results.md").write_text(f"# Chaos soak, {a.protocol} mode\n\n{block.replace(rel, chart_name)}\n")
     if not a.no_readme:
-        write_readme(block)
+        write_readme(block, a.protocol)
     print(block)
     return 0 if master_survived and not failed_new else 1
 

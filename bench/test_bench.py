@@ -15,6 +15,7 @@ import cost_report
 import goals
 import readme
 import report
+import soak
 import targets
 import wrk
 
@@ -196,6 +197,34 @@ class ReadmeTests(unittest.TestCase):
             self.assertEqual(text.count("## X"), 1)
             self.assertIn("<!-- x:begin -->\ntwo\n<!-- x:end -->", text)
             self.assertNotIn("one", text)
+
+
+class SoakTests(unittest.TestCase):
+    def attempt(self, start, conn, kind="short"):
+        return soak.Attempt(start, start + 0.05, kind, True, conn)
+
+    def test_a_cut_at_a_retired_backends_grace_is_a_casualty(self):
+        faults = soak.Faults(retired_cuts=[10.02])
+        self.assertTrue(soak.retired_cut(self.attempt(10.0, "reused"), faults))
+        self.assertFalse(soak.retired_cut(self.attempt(12.0, "reused"), faults))
+
+    def test_an_upgrade_excuses_reused_connections_only(self):
+        faults = soak.Faults(upgrade_windows=[(20.0, 21.0)])
+        self.assertTrue(soak.upgrade_cut(self.attempt(20.5, "reused"), faults))
+        self.assertFalse(soak.upgrade_cut(self.attempt(20.5, "new"), faults))
+        self.assertFalse(soak.upgrade_cut(self.attempt(30.0, "reused"), faults))
+
+    def test_a_kill_window_makes_a_sent_request_a_casualty(self):
+        faults = soak.Faults(kills=[(5.0, 5.01)])
+        self.assertTrue(soak.casualty(self.attempt(5.2, "new", "reset"), faults))
+        unsent = soak.Attempt(5.2, 5.25, "refused", False, "new")
+        self.assertFalse(soak.casualty(unsent, faults))
+
+    def test_start_end_and_trend_of_a_series(self):
+        samples = [(float(t), 1024 * 10, 40, 6, 4) for t in range(0, 180)]
+        rows = {r[0]: r for r in soak.series_rows(samples)}
+        self.assertEqual(rows["RSS (MiB)"][1], "10.0 → 10.0")
+        self.assertEqual(rows["open fds"][5], "+0.000")
 
 
 if __name__ == "__main__":
