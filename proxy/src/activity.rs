@@ -59,6 +59,12 @@ impl Activity {
     pub fn answered(&self) -> bool {
         self.answered.load(Ordering::Relaxed)
     }
+
+    /// Whether nothing was read from either side yet: the client's bytes, if it sent any,
+    /// are still in its socket, and the backend said nothing.
+    pub fn untouched(&self) -> bool {
+        self.waits.load(Ordering::Relaxed) == 0 && !self.answered()
+    }
 }
 
 /// Which timeout fired.

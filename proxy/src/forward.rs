@@ -1,6 +1,7 @@
 //! Forwarding one client connection: pick a backend, connect (trying the next one on
-//! failure), then copy bytes both ways until both sides are done. A reset on either side is
-//! passed on as a reset (`SO_LINGER` 0) to the other.
+//! failure, or when the backend fails before a byte either way), then copy bytes both ways
+//! until both sides are done. A reset on either side is passed on as a reset (`SO_LINGER`
+//! 0) to the other.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -122,114 +123,131 @@ pub async fn forward(
     }
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
-    let (_active, backend, mut upstream) = loop {
-        let Some(backend) = backends.pick_excluding(&tried) else {
-            return Err(match last_error {
-                Some(last) => ForwardError::AllFailed {
-                    tries: tried.len(),
-                    last,
-                },
-                None => ForwardError::NoBackend,
-            });
-        };
-        if let Some(conns) = &backend.handoff {
-            // A full queue (the worker is not keeping up) or a closed one (it is going away)
-            // sends the client to the next worker.
-            match conns.try_send(client) {
-                Ok(()) => return Ok(Forwarded::HandedOff { slot: backend.slot }),
-                Err(mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c)) => {
-                    client = c
+    // Once more per backend that closed before a byte either way (see below).
+    'backends: loop {
+        let (_active, backend, mut upstream) = loop {
+            let Some(backend) = backends.pick_excluding(&tried) else {
+                return Err(match last_error {
+                    Some(last) => ForwardError::AllFailed {
+                        tries: tried.len(),
+                        last,
+                    },
+                    None => ForwardError::NoBackend,
+                });
+            };
+            if let Some(conns) = &backend.handoff {
+                // A full queue (the worker is not keeping up) or a closed one (it is going away)
+                // sends the client to the next worker.
+                match conns.try_send(client) {
+                    Ok(()) => return Ok(Forwarded::HandedOff { slot: backend.slot }),
+                    Err(
+                        mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c),
+                    ) => client = c,
                 }
+                last_error = Some(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "hand-off queue full or closed",
+                ));
+                tried.push(backend.key);
+                continue;
             }
-            last_error = Some(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "hand-off queue full or closed",
-            ));
+            // Counted as open from the pick, not from the connect: least-conn must see it at
+            // once, or concurrent picks all land on the same idle-looking worker.
+            let active = backend.open();
+            // A loopback connect is done within the call: no timer, no wait (connect.rs).
+            let connected = match connect::start(backend.addr) {
+                Ok(Connecting::Done(stream)) => Ok(Ok(stream)),
+                Err(e) => Ok(Err(e)),
+                Ok(Connecting::Pending(stream)) => {
+                    let wait =
+                        tokio::time::timeout(config.connect_timeout, connect::finish(stream));
+                    tokio::select! {
+                        c = wait => c,
+                        () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+                    }
+                }
+            };
+            match connected {
+                Ok(Ok(stream)) => {
+                    backend.record_connect(true);
+                    break (active, backend, stream);
+                }
+                Ok(Err(e)) if crate::is_out_of_resources(&e) => {
+                    // The master is out of descriptors, not the worker out of service: do not
+                    // count it against the worker. The client is closed at once: waiting would
+                    // hold its descriptor while every other accepted client waits for one too.
+                    return Err(ForwardError::OutOfDescriptors(e));
+                }
+                Ok(Err(e)) => {
+                    backend.record_connect(false);
+                    last_error = Some(e);
+                }
+                // A connect that times out found the worker's accept queue full (loopback drops
+                // the SYN), or the worker stopped: load, or a stall the active checks see. It is
+                // not counted as a passive failure: counting it took every worker of an
+                // overloaded set out of rotation at once. A refusal (nobody listens) still counts.
+                Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),
+            }
+            tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
             tried.push(backend.key);
-            continue;
+        };
+        // The client socket inherited TCP_NODELAY from the listener (set once there), the
+        // backend's was set before its connect.
+        if let Some(version) = config.send_proxy {
+            // The first bytes the backend reads; the socket is new, so they fit its buffer.
+            let sent = match crate::proxy_header::header(version, from) {
+                Ok(h) => upstream.write_all(&h).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                abort(&client);
+                return Err(ForwardError::Copy(e));
+            }
         }
-        // Counted as open from the pick, not from the connect: least-conn must see it at
-        // once, or concurrent picks all land on the same idle-looking worker.
-        let active = backend.open();
-        // A loopback connect is done within the call: no timer, no wait (connect.rs).
-        let connected = match connect::start(backend.addr) {
-            Ok(Connecting::Done(stream)) => Ok(Ok(stream)),
-            Err(e) => Ok(Err(e)),
-            Ok(Connecting::Pending(stream)) => {
-                let wait = tokio::time::timeout(config.connect_timeout, connect::finish(stream));
-                tokio::select! {
-                    c = wait => c,
-                    () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+        let activity = Activity::default();
+        let copy = crate::copy::bidirectional(&client, &upstream, &activity, config.on_backend_eof);
+        let outcome = tokio::select! {
+            copied = copy => match copied {
+                // The backend failed before a byte either way: nothing was delivered and the
+                // client's bytes (if any) are unread, so another backend can have it. That is
+                // a worker killed between the connect and a slow client's first write (its
+                // listen queue reset as it died); the client never sees it.
+                Err(e) if activity.untouched() && peek(&client) != Peek::Closed => {
+                    backend.record_connect(false);
+                    tracing::debug!(slot = backend.slot, addr = %backend.addr, error = %e, "backend failed before a byte either way, trying next");
+                    last_error = Some(e);
+                    tried.push(backend.key);
+                    continue 'backends;
                 }
+                copied => copied.map_err(|e| {
+                    // One side reset (or the stream broke): the other side must learn it as a
+                    // reset too, not as a clean end that makes a truncated answer look whole.
+                    abort(&client);
+                    abort(&upstream);
+                    ForwardError::Copy(e)
+                }),
+            },
+            expired = watch(&activity, config.idle_timeout, config.response_timeout) => {
+                Err(match expired {
+                    Expired::Idle(t) => ForwardError::Idle(t),
+                    Expired::Response(t) => ForwardError::NoResponse(t),
+                })
             }
+            _ = backend.closed() => return Err(ForwardError::Closed),
         };
-        match connected {
-            Ok(Ok(stream)) => {
-                backend.record_connect(true);
-                break (active, backend, stream);
-            }
-            Ok(Err(e)) if crate::is_out_of_resources(&e) => {
-                // The master is out of descriptors, not the worker out of service: do not
-                // count it against the worker. The client is closed at once: waiting would
-                // hold its descriptor while every other accepted client waits for one too.
-                return Err(ForwardError::OutOfDescriptors(e));
-            }
-            Ok(Err(e)) => {
-                backend.record_connect(false);
-                last_error = Some(e);
-            }
-            // A connect that times out found the worker's accept queue full (loopback drops
-            // the SYN), or the worker stopped: load, or a stall the active checks see. It is
-            // not counted as a passive failure: counting it took every worker of an
-            // overloaded set out of rotation at once. A refusal (nobody listens) still counts.
-            Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),
+        // Passive health: an answer proves life however the connection ended (a client that
+        // left before reading it included).
+        match &outcome {
+            Err(ForwardError::NoResponse(_)) => backend.record_response(false),
+            _ if activity.answered() => backend.record_response(true),
+            _ => {}
         }
-        tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?last_error, "backend connect failed, trying next");
-        tried.push(backend.key);
-    };
-    // The client socket inherited TCP_NODELAY from the listener (set once there), the
-    // backend's was set before its connect.
-    if let Some(version) = config.send_proxy {
-        // The first bytes the backend reads; the socket is new, so they fit its buffer.
-        let sent = match crate::proxy_header::header(version, from) {
-            Ok(h) => upstream.write_all(&h).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            abort(&client);
-            return Err(ForwardError::Copy(e));
-        }
+        let (to_backend, to_client) = outcome?;
+        return Ok(Forwarded::Copied(Transfer {
+            to_backend,
+            to_client,
+        }));
     }
-    let activity = Activity::default();
-    let copy = crate::copy::bidirectional(&client, &upstream, &activity, config.on_backend_eof);
-    let outcome = tokio::select! {
-        copied = copy => copied.map_err(|e| {
-            // One side reset (or the stream broke): the other side must learn it as a reset
-            // too, not as a clean end that makes a truncated answer look whole.
-            abort(&client);
-            abort(&upstream);
-            ForwardError::Copy(e)
-        }),
-        expired = watch(&activity, config.idle_timeout, config.response_timeout) => {
-            Err(match expired {
-                Expired::Idle(t) => ForwardError::Idle(t),
-                Expired::Response(t) => ForwardError::NoResponse(t),
-            })
-        }
-        _ = backend.closed() => return Err(ForwardError::Closed),
-    };
-    // Passive health: an answer proves life however the connection ended (a client that
-    // left before reading it included).
-    match &outcome {
-        Err(ForwardError::NoResponse(_)) => backend.record_response(false),
-        _ if activity.answered() => backend.record_response(true),
-        _ => {}
-    }
-    let (to_backend, to_client) = outcome?;
-    Ok(Forwarded::Copied(Transfer {
-        to_backend,
-        to_client,
-    }))
 }
 
 /// What a client has sent so far, seen without reading it.
@@ -392,6 +410,33 @@ mod tests {
             .cloned()
             .unwrap();
         assert!(bad_backend.connect_failures() >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_resets_before_a_byte_is_skipped_for_a_slow_client() {
+        let (good, _echo) = echo_backend().await;
+        // Accepts and resets at once: a worker killed with the connection in its queue.
+        let resetter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bad = resetter.local_addr().unwrap();
+        let _resets = tokio::spawn(async move {
+            while let Ok((s, _)) = resetter.accept().await {
+                abort(&s);
+            }
+        });
+        let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
+        backends.insert(1, 0, bad);
+        backends.insert(2, 1, good);
+        for _ in 0..4 {
+            let (mut client, task) = proxied(std::sync::Arc::clone(&backends)).await;
+            // The client writes only once the reset has had time to come and be acted on.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(b"x").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"x");
+            assert!(task.await.unwrap().is_ok());
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Remote backends (#11): `--upstream` addresses and DNS names in the rotation, with real
 //! backends on 127.0.0.x and a real DNS server on 127.0.0.1 whose answers the tests change.
 
+mod first_byte;
 mod retire_http;
 mod servers;
 

@@ -403,3 +403,65 @@ fn hold(
     }
     while read_or_stop(&mut stream, &mut buf, stop).is_some() {}
 }
+
+/// A backend that accepts each connection and resets it ([`RESET_AFTER`]), before reading or
+/// writing a byte: what a worker killed between the master's connect and the client's first bytes
+/// looks like from the master. Counts the connections it accepted.
+pub struct Resetter {
+    pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long after accepting a [`Resetter`] resets.
+const RESET_AFTER: Duration = Duration::from_millis(20);
+
+impl Resetter {
+    pub fn start(addr: SocketAddr) -> std::io::Result<Resetter> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (flag, count) = (Arc::clone(&stop), Arc::clone(&accepted));
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(stream) = conn {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || {
+                        // The kill comes just after the connect completed (a reset racing
+                        // the handshake fails the connect itself, a case the master already
+                        // retries).
+                        std::thread::sleep(RESET_AFTER);
+                        // SO_LINGER 0: the close sends RST.
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    });
+                }
+            }
+        });
+        Ok(Resetter {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Connections accepted (health checks included).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Resetter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
