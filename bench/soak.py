@@ -585,6 +585,7 @@ def chart_png(
         ax.axvline((r - t0) / 60, color="grey", alpha=0.2, lw=0.8)
     for lo, _ in faults.upgrade_windows:
         ax.axvline((lo - t0) / 60, color="green", alpha=0.4, lw=0.8)
+    ax.set_ylim(bottom=0, top=max(1, ax.get_ylim()[1]))
     ax.set_ylabel("requests")
     ax.set_xlabel("minutes (grey lines: rolling reloads; green: in-place upgrades)")
     ax.legend(loc="upper right")
