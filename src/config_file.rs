@@ -35,7 +35,21 @@ pub fn parse(args: &[OsString]) -> anyhow::Result<Cli> {
     let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
         return Cli::from_arg_matches(&matches).map_err(one_line);
     };
-    let mut from_file = file_args(&path, &matches)?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    merge(args, &matches, &path, &text)
+}
+
+/// The rest of [`parse`] once the file is read: `text` (read from `path`, which errors
+/// name) merged under `args`, whose clap `matches` the caller has. Separate from the read
+/// so the fuzz target (`fuzz/fuzz_targets/config_file.rs`) drives it with no file.
+pub fn merge(
+    args: &[OsString],
+    matches: &ArgMatches,
+    path: &Path,
+    text: &str,
+) -> anyhow::Result<Cli> {
+    let mut from_file = file_args(path, text, matches)?;
     let mut merged: Vec<OsString> = args.iter().take(1).cloned().collect();
     merged.extend(from_file.flags.drain(..).map(OsString::from));
     merged.extend(args.iter().skip(1).cloned());
@@ -74,25 +88,26 @@ struct FileArgs {
     located: Vec<(String, String, String)>,
 }
 
-fn file_args(path: &Path, given: &ArgMatches) -> anyhow::Result<FileArgs> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --config {}", path.display()))?;
-    let table = DeTable::parse(&text).map_err(|e| {
-        let line = e.span().map_or(0, |s| line_of(&text, s.start));
+fn file_args(path: &Path, text: &str, given: &ArgMatches) -> anyhow::Result<FileArgs> {
+    let table = DeTable::parse(text).map_err(|e| {
+        let line = e.span().map_or(0, |s| line_of(text, s.start));
         anyhow::anyhow!("{} line {line}: {}", path.display(), e.message().trim())
     })?;
     let command = Cli::command();
     let mut out = FileArgs::default();
     let mut seen: Vec<String> = Vec::new();
     for (key, value) in table.get_ref() {
-        let line = line_of(&text, key.span().start);
+        let line = line_of(text, key.span().start);
         let at = || format!("{} line {line}", path.display());
         let name = key.get_ref().replace('_', "-");
+        // As errors show it: a quoted TOML key may hold a newline, and errors are one line
+        // (found by fuzz/fuzz_targets/config_file.rs).
+        let shown = key.get_ref().escape_debug().to_string();
         if matches!(value.get_ref(), DeValue::Table(_)) {
             bail!(
                 "{}: key `{}`: found a table; keys are flags, with no sections",
                 at(),
-                key.get_ref()
+                shown
             );
         }
         let arg = command
@@ -103,9 +118,9 @@ fn file_args(path: &Path, given: &ArgMatches) -> anyhow::Result<FileArgs> {
                     && (a.get_long() == Some(name.as_str())
                         || (a.is_positional() && a.get_id() == COMMAND && name == COMMAND))
             })
-            .with_context(|| format!("{}: unknown key `{}`", at(), key.get_ref()))?;
+            .with_context(|| format!("{}: unknown key `{}`", at(), shown))?;
         if seen.contains(&name) {
-            bail!("{}: key `{}` given twice", at(), key.get_ref());
+            bail!("{}: key `{}` given twice", at(), shown);
         }
         seen.push(name.clone());
         let id = arg.get_id().as_str();
@@ -116,9 +131,9 @@ fn file_args(path: &Path, given: &ArgMatches) -> anyhow::Result<FileArgs> {
             continue;
         }
         let values = to_strings(value)
-            .map_err(|found| anyhow::anyhow!("{}: key `{}`: {found}", at(), key.get_ref()))?;
+            .map_err(|found| anyhow::anyhow!("{}: key `{}`: {found}", at(), shown))?;
         let pieces = pieces(&name, arg.get_action(), arg.is_positional(), values)
-            .map_err(|why| anyhow::anyhow!("{}: key `{}`: {why}", at(), key.get_ref()))?;
+            .map_err(|why| anyhow::anyhow!("{}: key `{}`: {why}", at(), shown))?;
         if arg.is_positional() {
             out.command = Some(pieces);
             continue;
@@ -128,15 +143,12 @@ fn file_args(path: &Path, given: &ArgMatches) -> anyhow::Result<FileArgs> {
         let mut alone = vec!["balancer".to_owned()];
         alone.extend(pieces.iter().cloned());
         if let Err(e) = Cli::command().try_get_matches_from(&alone) {
-            bail!("{}: key `{}`: {}", at(), key.get_ref(), one_line(e));
+            bail!("{}: key `{}`: {}", at(), shown, one_line(e));
         }
         if let [piece] = pieces.as_slice() {
             if let Some((_, value)) = piece.split_once('=') {
-                out.located.push((
-                    format!("--{name} {value:?}"),
-                    at(),
-                    key.get_ref().to_string(),
-                ));
+                out.located
+                    .push((format!("--{name} {value:?}"), at(), shown.clone()));
             }
         }
         out.flags.extend(pieces);
@@ -290,6 +302,8 @@ mod tests {
         assert!(e.contains("unknown key `config`"), "{e}");
         let e = err("\ngrace = 30\n");
         assert!(e.contains("line 2: key `grace`: --grace \"30\""), "{e}");
+        let e = err("\"a\\nb\" = 1\n");
+        assert!(e.contains("unknown key `a\\nb`"), "one line: {e}");
         let e = err("verbose = 1\nquiet = 1\n");
         assert!(e.contains("cannot be used with"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");

@@ -9,6 +9,7 @@
 //! driven by the thread that uses it.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -41,6 +42,14 @@ pub fn pool(config: &HttpConfig, connect_timeout: Duration) -> Pool {
         // The Host header is the client's; never invent one from the backend address.
         .set_host(false)
         .build(connector)
+}
+
+/// The URI a request for `uri` is sent to on the backend at `addr`: `http://ADDR/path?query`
+/// (the pool's key is the address; the client's `Host` header is kept). `None` only for a
+/// path no URI can hold, which hyper never hands over.
+pub fn backend_uri(uri: &Uri, addr: SocketAddr) -> Option<Uri> {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    Uri::try_from(format!("http://{addr}{pq}")).ok()
 }
 
 /// Backends a request has been sent to and must not be sent to again (a request
@@ -106,14 +115,9 @@ impl tower::Service<Request<ReplayBody>> for Balance {
         // Counted from the pick: least-conn must see it at once, or concurrent picks all
         // land on the same idle-looking backend.
         let active = backend.open();
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        match Uri::try_from(format!("http://{}{pq}", backend.addr)) {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => {
+        match backend_uri(req.uri(), backend.addr) {
+            Some(uri) => *req.uri_mut() = uri,
+            None => {
                 // Unreachable for an origin-form path; answered as a failed backend rather
                 // than a panic.
                 return Box::pin(std::future::ready(Err(ProxyError::AllFailed { tries: 0 })));

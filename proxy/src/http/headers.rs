@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, UPGRADE};
-use hyper::HeaderMap;
+use hyper::{HeaderMap, Request, Version};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -82,16 +82,33 @@ pub struct Origin {
     pub trusted: bool,
 }
 
+/// Everything the HTTP path changes in a client's request before it goes to a backend:
+/// `Host` from the authority where only that was sent (backends speak HTTP/1.1, so an
+/// HTTP/2 request's `:authority` becomes its `Host`), the hop-by-hop headers removed
+/// (`Upgrade` kept when `upgrade`), the forwarding headers set, and the version 1.1.
+/// One function so the fuzz target (`fuzz/fuzz_targets/http_request.rs`) runs exactly it.
+pub fn rewrite_request<B>(req: &mut Request<B>, origin: &Origin, upgrade: bool) {
+    let host = host_of(req.headers(), req.uri());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    // After the strip: `Connection: host` must not take the client's Host away (found by
+    // the fuzz target; the backend then saw no Host at all).
+    if let Some(h) = &host {
+        req.headers_mut().insert(HOST, h.clone());
+    }
+    set_forwarded(req.headers_mut(), origin, host.as_ref());
+    *req.version_mut() = Version::HTTP_11;
+}
+
 /// Removes the hop-by-hop headers and every header named in `Connection`. With
 /// `upgrade`, `Upgrade` survives and `Connection: upgrade` is set again, so the backend
 /// sees the upgrade request (or the client the backend's 101).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Split as bytes: a field with one non-ASCII option still names the others.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     let kept_upgrade = if upgrade {
         headers.get(UPGRADE).cloned()
@@ -210,6 +227,25 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn connection_cannot_take_host_and_non_ascii_does_not_hide_names() {
+        // Both found by fuzz/fuzz_targets/http_request.rs.
+        let mut req = Request::new(());
+        let h = req.headers_mut();
+        h.insert(HOST, HeaderValue::from_static("example.test"));
+        h.insert(CONNECTION, HeaderValue::from_static("close, host"));
+        h.append(
+            CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, caf\xe9").unwrap(),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        rewrite_request(&mut req, &origin("10.0.0.7:5000", false), false);
+        assert_eq!(req.headers()[HOST], "example.test");
+        assert!(!req.headers().contains_key("x-secret"));
+        assert!(!req.headers().contains_key(CONNECTION));
+        assert_eq!(req.version(), Version::HTTP_11);
     }
 
     #[test]

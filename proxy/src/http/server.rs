@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, HOST};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::header::CONTENT_LENGTH;
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
@@ -224,14 +224,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> 
         }
     }
     let client_upgrade = upgrade::requested(&req).then(|| hyper::upgrade::on(&mut req));
-    let host = headers::host_of(req.headers(), req.uri());
-    if let Some(h) = &host {
-        // Backends speak HTTP/1.1: an HTTP/2 request's authority becomes its Host.
-        req.headers_mut().insert(HOST, h.clone());
-    }
-    headers::strip_hop_by_hop(req.headers_mut(), client_upgrade.is_some());
-    headers::set_forwarded(req.headers_mut(), &conn.origin, host.as_ref());
-    *req.version_mut() = Version::HTTP_11;
+    headers::rewrite_request(&mut req, &conn.origin, client_upgrade.is_some());
     let (parts, body) = req.into_parts();
     let body = ReplayBody::new(body, config.replay_buffer, config.max_body);
     let probe = body.replay();

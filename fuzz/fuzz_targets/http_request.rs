@@ -1,0 +1,267 @@
+//! Fuzzes what the HTTP path (`--protocol http`) does to a request between hyper's parser
+//! and the backend: `upgrade::requested`, `headers::rewrite_request` (Host from the
+//! authority, hop-by-hop and `Connection`-named headers removed, `Upgrade` kept for an
+//! upgrade, `X-Forwarded-*` and `Forwarded` set, trusted or not), `client::backend_uri`
+//! (the URI sent to the backend), and `headers::strip_hop_by_hop` on the same headers as a
+//! backend's response.
+//!
+//! Input: byte 0 holds flags (bit 0: the peer is a trusted proxy; bits 1–2: the client
+//! address, IPv4, IPv6, IPv4-mapped or loopback; bit 3: https; bit 4: the response is a
+//! 101). The rest is a request head as text: `METHOD URI` on the first line, then
+//! `name: value` lines (`\r` optional). A method, URI, name or value that `http` refuses
+//! is left out, as hyper would never hand it over.
+//!
+//! Checks besides "no panic", against the head as sent:
+//! - no hop-by-hop header and no header named in any `Connection` field survives (but
+//!   `Upgrade` with `Connection: upgrade` on an upgrade), and every other header is
+//!   passed on unchanged;
+//! - `Host` is the client's (its `Host`, or else the URI's authority);
+//! - `X-Forwarded-For` is one field ending in the client address, replacing a client's
+//!   own or appended to a trusted proxy's; `X-Forwarded-Proto` likewise;
+//! - `Forwarded` ends in an element for the client whose `host=` reads back to the host;
+//! - the backend URI keeps the path and query and names the backend.
+#![no_main]
+
+use std::net::{IpAddr, SocketAddr};
+
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, UPGRADE};
+use hyper::{HeaderMap, Method, Request, Uri, Version};
+use libfuzzer_sys::fuzz_target;
+use proxy::http::client::backend_uri;
+use proxy::http::headers::{self, Origin, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use proxy::http::upgrade;
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+/// Headers the rewrite sets itself, whatever the client named in `Connection`.
+const SET_BY_US: [&str; 5] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+const CLIENTS: [&str; 4] = [
+    "192.0.2.10:40000",
+    "[2001:db8::7]:40000",
+    "[::ffff:198.51.100.3]:40000",
+    "127.0.0.1:1",
+];
+const BACKEND: &str = "127.0.0.1:8081";
+
+/// The request hyper would have handed over for this head.
+fn request(head: &[u8]) -> Request<()> {
+    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut req = Request::new(());
+    if let Some(first) = lines.next() {
+        let mut parts = first.splitn(3, |&b| b == b' ');
+        if let Some(m) = parts.next().and_then(|m| Method::from_bytes(m).ok()) {
+            *req.method_mut() = m;
+        }
+        if let Some(u) = parts.next().and_then(|u| Uri::try_from(u).ok()) {
+            *req.uri_mut() = u;
+        }
+    }
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let value = line[colon + 1..].trim_ascii();
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(value),
+        ) {
+            req.headers_mut().append(n, v);
+        }
+    }
+    req
+}
+
+/// The header names listed in the `Connection` fields (RFC 9110 §7.6.1), read from the
+/// raw bytes: a field the rewrite cannot read as text still names headers.
+fn named_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+        .collect()
+}
+
+fn values(h: &HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
+    h.get_all(name).iter().cloned().collect()
+}
+
+/// The comma-joined text of the fields of `name` the rewrite can read as text.
+fn joined_text(h: &HeaderMap, name: &HeaderName) -> Vec<String> {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks that hop-by-hop headers are gone from `after` and the rest kept from `before`.
+fn check_hop_by_hop(before: &HeaderMap, after: &HeaderMap, upgrade: bool, exempt: &[&str]) {
+    let named = named_in_connection(before);
+    let upgrade_kept = upgrade && before.contains_key(UPGRADE);
+    for name in after.keys() {
+        let s = name.as_str();
+        if exempt.contains(&s) {
+            continue;
+        }
+        if upgrade_kept && (name == UPGRADE || name == CONNECTION) {
+            continue;
+        }
+        assert!(!HOP_BY_HOP.contains(&s), "hop-by-hop {s} survived");
+        assert!(!named.contains(name), "{s}, named in Connection, survived");
+    }
+    if upgrade_kept {
+        assert_eq!(after.get_all(UPGRADE).iter().count(), 1);
+        assert_eq!(after.get(UPGRADE), before.get(UPGRADE));
+        assert_eq!(values(after, &CONNECTION), [HeaderValue::from_static("upgrade")]);
+    }
+    for name in before.keys() {
+        let s = name.as_str();
+        if HOP_BY_HOP.contains(&s) || named.contains(name) || exempt.contains(&s) {
+            continue;
+        }
+        assert_eq!(values(before, name), values(after, name), "{s} changed");
+    }
+}
+
+/// The value of `host=` in a `Forwarded` element, unquoted.
+fn forwarded_host(element: &str) -> Option<String> {
+    let start = element.find(";host=")? + ";host=".len();
+    let rest = &element[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = quoted.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.push(chars.next()?),
+                '"' => return Some(out),
+                c => out.push(c),
+            }
+        }
+        None
+    } else {
+        Some(rest.split(';').next()?.to_owned())
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, head)) = data.split_first() else {
+        return;
+    };
+    let trusted = flags & 1 != 0;
+    let client: SocketAddr = CLIENTS[usize::from(flags >> 1) & 3].parse().unwrap();
+    let proto = if flags & 8 != 0 { "https" } else { "http" };
+    let switching = flags & 16 != 0;
+    let origin = Origin {
+        client,
+        proto,
+        trusted,
+    };
+    let ip = match client.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client.ip(), IpAddr::V4),
+        v4 => v4,
+    };
+
+    let original = request(head);
+    let before = original.headers().clone();
+    let named = named_in_connection(&before);
+    let kept = |n: &HeaderName| trusted && !named.contains(n);
+    let host = before.get(HOST).cloned().or_else(|| {
+        original
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+
+    let mut req = request(head);
+    let upgrading = upgrade::requested(&req);
+    headers::rewrite_request(&mut req, &origin, upgrading);
+    let after = req.headers();
+    assert_eq!(req.version(), Version::HTTP_11);
+    assert_eq!(req.method(), original.method());
+    assert_eq!(req.uri(), original.uri());
+    check_hop_by_hop(&before, after, upgrading, &SET_BY_US);
+
+    // Host.
+    assert_eq!(after.get(HOST), host.as_ref(), "Host is not the client's");
+    if let Some(h) = &host {
+        assert_eq!(after.get_all(HOST).iter().count(), 1);
+        if !kept(&X_FORWARDED_HOST) || !before.contains_key(&X_FORWARDED_HOST) {
+            assert_eq!(values(after, &X_FORWARDED_HOST), [h.clone()]);
+        }
+    }
+
+    // X-Forwarded-For: one field, ending in the client.
+    let xff = values(after, &X_FORWARDED_FOR);
+    assert_eq!(xff.len(), 1, "X-Forwarded-For fields: {xff:?}");
+    let xff = xff[0].to_str().expect("X-Forwarded-For is text");
+    let mut expected = if kept(&X_FORWARDED_FOR) {
+        joined_text(&before, &X_FORWARDED_FOR)
+    } else {
+        Vec::new()
+    };
+    expected.push(ip.to_string());
+    assert_eq!(xff, expected.join(", "), "X-Forwarded-For");
+
+    // X-Forwarded-Proto: a trusted proxy's is kept, anyone else's replaced.
+    let xfp = values(after, &X_FORWARDED_PROTO);
+    if kept(&X_FORWARDED_PROTO) && before.contains_key(&X_FORWARDED_PROTO) {
+        assert_eq!(xfp, values(&before, &X_FORWARDED_PROTO));
+    } else {
+        assert_eq!(xfp, [HeaderValue::from_static(proto)]);
+    }
+
+    // Forwarded: one field, the client's element last, its host reading back.
+    let fwd = values(after, &FORWARDED);
+    assert_eq!(fwd.len(), 1, "Forwarded fields: {fwd:?}");
+    let fwd = fwd[0].to_str().expect("Forwarded is text");
+    let prior = if kept(&FORWARDED) {
+        joined_text(&before, &FORWARDED)
+    } else {
+        Vec::new()
+    };
+    let prefix: String = prior.iter().map(|p| format!("{p}, ")).collect();
+    let element = fwd
+        .strip_prefix(prefix.as_str())
+        .unwrap_or_else(|| panic!("Forwarded {fwd:?} does not start with {prefix:?}"));
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    assert!(element.starts_with(&format!("for={node}")), "{element:?}");
+    assert!(element.ends_with(&format!(";proto={proto}")), "{element:?}");
+    let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+    let without_proto = &element[..element.len() - ";proto=".len() - proto.len()];
+    assert_eq!(
+        forwarded_host(without_proto).as_deref(),
+        host_text,
+        "Forwarded host= of {element:?}"
+    );
+
+    // The URI sent to the backend.
+    let addr: SocketAddr = BACKEND.parse().unwrap();
+    let pq = original.uri().path_and_query().map(|pq| pq.as_str());
+    if pq.is_none_or(|p| p.starts_with('/')) {
+        let uri = backend_uri(original.uri(), addr).expect("an origin-form path fits a URI");
+        assert_eq!(uri.authority().map(|a| a.as_str()), Some(BACKEND));
+        assert_eq!(uri.path_and_query().map(|p| p.as_str()), Some(pq.unwrap_or("/")));
+    }
+
+    // The same headers as a backend's response.
+    let mut response = before.clone();
+    headers::strip_hop_by_hop(&mut response, switching);
+    check_hop_by_hop(&before, &response, switching, &[]);
+});
