@@ -14,7 +14,8 @@
 //! How the loader is linked: the `balancer` package is a binary with no library target,
 //! and its modules use each other through `crate::`. This target is therefore the crate
 //! root of the loader's own modules, included by `#[path]` from `src/` (the loader, the
-//! flags, validation, and what validation uses: health, endpoint, protocol, upstream),
+//! flags, validation, and what validation uses: health, endpoint, privilege, protocol,
+//! upstream),
 //! so `crate::cli::Cli` here is the real one. Chosen over a `[lib]` target in the root
 //! package (every module would be compiled twice, as lib and bin, with the bin's
 //! dead-code analysis changed, in a crate other engineers are editing) and over moving
@@ -35,6 +36,8 @@ mod config_file;
 mod endpoint;
 #[path = "../../src/health.rs"]
 mod health;
+#[path = "../../src/privilege.rs"]
+mod privilege;
 #[path = "../../src/protocol.rs"]
 mod protocol;
 #[path = "../../src/upstream/mod.rs"]
