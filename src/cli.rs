@@ -253,6 +253,9 @@ pub enum Sub {
     /// connections, restarts, uptime), remote upstreams, and connections (or requests) per
     /// second as sparklines, total and per worker. q, Esc or Ctrl-C quits.
     Top(TopArgs),
+    /// Re-execute the master's binary in the same pid (as SIGUSR2), keeping its listeners
+    /// and workers; waits until the new image serves.
+    Upgrade(ClientArgs),
 }
 
 /// `balancer top`.

@@ -6,6 +6,7 @@
 //! runtime: every worker is forked from the main thread, which lives as long as the master,
 //! so `PR_SET_PDEATHSIG` stays armed for the workers' whole lives.
 
+mod accept;
 mod admin;
 mod bind;
 mod child;
@@ -27,6 +28,7 @@ mod state;
 mod status;
 mod supervisor;
 mod systemd;
+mod upgrade;
 mod upstream;
 
 use std::process::ExitCode;
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Some(Sub::Reload(ref args)) => client::reload(args),
         Some(Sub::Scale(ref args)) => client::scale(args),
         Some(Sub::Top(ref args)) => client::top(args),
+        Some(Sub::Upgrade(ref args)) => client::upgrade(args),
         None if cli.check => Config::try_from(&cli).map(|_| println!("configuration ok")),
         None => run_master(&cli, args),
     };
@@ -112,9 +115,14 @@ fn init_logging(verbose: u8, quiet: u8, format: cli::LogFormat) {
 }
 
 fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
-    // First, before anything opens a file or starts a thread: a socket-activated master
-    // serves on the listener systemd passed (fd 3), and the watchdog variables are taken.
-    let activated = systemd::inherited_listener()?;
+    // First, before anything opens a file or starts a thread: a master started by an
+    // in-place upgrade takes over what the previous image passed on; a socket-activated
+    // master serves on the listener systemd passed (fd 3); the watchdog variables are taken.
+    let mut handed = upgrade::handover::take()?;
+    let activated = match handed {
+        Some(_) => None,
+        None => systemd::inherited_listener()?,
+    };
     let socket_activated = activated.is_some();
     let watchdog = systemd::watchdog_interval();
     let config = Arc::new(Config::try_from(cli)?);
@@ -124,18 +132,19 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not become a child subreaper; processes that workers leave behind may outlive the master");
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let bound = match activated {
-        Some(listener) => systemd::bound(listener, config.mode, threads)?,
-        None => {
+    let bound = match (&mut handed, activated) {
+        (Some(taken), _) => upgrade::bound(taken, &config)?,
+        (None, Some(listener)) => systemd::bound(listener, config.mode, threads)?,
+        (None, None) => {
             Bound::new(&config, threads).with_context(|| format!("binding {}", config.listen))?
         }
     };
     let local = bound.local;
+    let threads = bound.proxy_listeners.len().max(1);
 
     let (proxy, max_conns) = data_path(&config, threads);
     let backends = Arc::clone(&proxy.backends);
     let data = Arc::new(protocol::DataPath::new(&config.data, Arc::clone(&proxy))?);
-    let stop_accepting = tokio_util::sync::CancellationToken::new();
     let conns = Connections::default();
 
     let supervisor_runtime = tokio::runtime::Builder::new_current_thread()
@@ -144,18 +153,18 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         .context("starting the supervisor runtime")?;
     supervisor_runtime.block_on(async {
         let mut signals = Signals::install().context("installing signal handlers")?;
-        let start_proxy = |listeners| {
-            start_proxy_threads(listeners, &data, &stop_accepting, &conns).context("starting the proxy threads")
-        };
+        upgrade::signals_ready(handed.as_ref().map_or(&[][..], |t| &t.state.pending_signals));
+        let mut proxy_threads = accept::ProxyThreads::new(Arc::clone(&data), conns.clone());
         // Socket-activated, the connection that woke the service is already queued: accept
         // only once a worker can take it, so it waits in the backlog instead of failing.
-        let (mut proxy_threads, mut unserved) = if socket_activated && config.workers > 0 {
-            (Vec::new(), Some(bound.proxy_listeners))
+        let mut unserved = if socket_activated && config.workers > 0 {
+            Some(bound.proxy_listeners)
         } else {
-            (start_proxy(bound.proxy_listeners)?, None)
+            proxy_threads.start(bound.proxy_listeners).context("starting the proxy threads")?;
+            None
         };
-        tracing::info!(addr = %local, workers = config.workers, upstreams = config.upstream.upstreams.len(), mode = %config.mode, protocol = %config.data.protocol, tls = config.data.tls.is_some(), max_conns, socket_activated, "listening");
-        if !socket_activated {
+        tracing::info!(addr = %local, workers = config.workers, upstreams = config.upstream.upstreams.len(), mode = %config.mode, protocol = %config.data.protocol, tls = config.data.tls.is_some(), max_conns, socket_activated, upgraded = handed.is_some(), "listening");
+        if !socket_activated && handed.is_none() {
             log_listen_name(&config, local);
         }
 
@@ -168,6 +177,7 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             start_upstreams(&config, &backends, &upstream_table, &upstream_health, &stop)?;
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let (scale, scales) = tokio::sync::mpsc::channel(SCALE_QUEUE);
+        let (upgrade_tx, mut upgrades) = tokio::sync::mpsc::channel(1);
         let ctx = Arc::new(instance::Context::new(
             Arc::clone(&config),
             Arc::clone(&proxy),
@@ -176,8 +186,15 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             bound.shared_listener,
             Arc::clone(&registry),
         ));
+        let adopted = handed.map(|t| upgrade::restore(t, &ctx)).unwrap_or_default();
+        let mut upgrader = upgrade::Upgrader::new(args.clone(), Arc::clone(&ctx))
+            .context("finding the master's own binary")?;
         if let Some(addr) = &config.admin {
-            let listener = admin::Listener::bind(addr)?;
+            let listener = match adopted.admin {
+                Some((fd, path)) => admin::Listener::inherit(fd, path)?,
+                None => admin::Listener::bind(addr)?,
+            };
+            upgrader.carry_admin(listener.carry().context("keeping the admin listener")?);
             tracing::info!(addr = %listener.local(), "admin endpoint listening");
             let view = admin::View {
                 config: Arc::clone(&config),
@@ -188,6 +205,7 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 registry: Arc::clone(&registry),
                 reload: reload.clone(),
                 scale: scale.clone(),
+                upgrade: upgrade_tx,
                 token: config.admin_token.clone(),
                 upstreams: Arc::clone(&upstream_table),
                 http: data.http().cloned(),
@@ -204,16 +222,11 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             reload,
             scale,
         };
-        let mut supervisor = tokio::spawn(supervisor::run(ctx, stop.clone(), reloads, scales));
+        let mut supervisor = tokio::spawn(supervisor::run(ctx, stop.clone(), reloads, scales, adopted.workers));
 
         systemd_started(watchdog, &config, local);
-        let start_accepting = |listeners| {
-            proxy_threads = start_proxy(listeners)?;
-            tracing::info!(addr = %local, "a worker is ready: accepting on the inherited listener");
-            anyhow::Ok(())
-        };
         let on_signal = |intent| match intent {
-            Intent::Graceful => {}
+            Intent::Graceful | Intent::Upgrade => {}
             Intent::Reload => {
                 data.reload_tls();
                 controls.on_hangup();
@@ -221,12 +234,16 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             Intent::ScaleUp => controls.request_scale(control::ScaleTo::Up(1), "SIGTTIN"),
             Intent::ScaleDown => controls.request_scale(control::ScaleTo::Down(1), "SIGTTOU"),
         };
-        serve_until_stopped(&mut signals, &registry, &mut unserved, start_accepting, on_signal).await?;
-        drain_and_stop(&config, &conns, &stop_accepting, &stop, &mut signals, &mut supervisor).await;
-        let _ = upstream_task.await;
-        for t in proxy_threads {
-            let _ = t.join();
+        loop {
+            let wake = serve_until(&mut signals, &registry, &mut unserved, &mut proxy_threads, &mut upgrades, on_signal).await?;
+            let Wake::Upgrade(reply) = wake else { break };
+            let serving = unserved.is_none();
+            let why = upgrader.upgrade(&mut proxy_threads, &conns, &mut signals, serving, reply).await;
+            tracing::error!("{why}");
         }
+        drain_and_stop(&config, &conns, &proxy_threads, &stop, &mut signals, &mut supervisor).await;
+        let _ = upstream_task.await;
+        proxy_threads.join();
         tracing::info!("stopped");
         anyhow::Ok(())
     })?;
@@ -291,29 +308,42 @@ fn systemd_started(watchdog: Option<Duration>, config: &Config, local: std::net:
     }
 }
 
-/// Serves until SIGTERM or SIGINT, handing every other signal to `on_signal`; with socket
-/// activation, `start_accepting` gets the `unserved` listeners once a worker is ready.
-async fn serve_until_stopped(
+/// Why the master stopped serving as usual.
+enum Wake {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGUSR2 (no one to answer) or `POST /upgrade`.
+    Upgrade(Option<upgrade::Request>),
+}
+
+/// Serves until SIGTERM, SIGINT or an upgrade request, handing every other signal to
+/// `on_signal`; with socket activation, the proxy threads start on the `unserved` listeners
+/// once a worker is ready.
+async fn serve_until(
     signals: &mut Signals,
     registry: &status::Registry,
     unserved: &mut Option<Vec<std::net::TcpListener>>,
-    mut start_accepting: impl FnMut(Vec<std::net::TcpListener>) -> anyhow::Result<()>,
+    proxy_threads: &mut accept::ProxyThreads,
+    upgrades: &mut tokio::sync::mpsc::Receiver<upgrade::Request>,
     mut on_signal: impl FnMut(Intent),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Wake> {
     loop {
         let intent = tokio::select! {
             intent = signals.next() => intent,
+            Some(reply) = upgrades.recv() => return Ok(Wake::Upgrade(Some(reply))),
             () = registry.first_ready(), if unserved.is_some() => {
                 if let Some(listeners) = unserved.take() {
-                    start_accepting(listeners)?;
+                    proxy_threads.start(listeners).context("starting the proxy threads")?;
+                    tracing::info!("a worker is ready: accepting on the inherited listener");
                 }
                 continue;
             }
         };
-        if intent == Intent::Graceful {
-            return Ok(());
+        match intent {
+            Intent::Graceful => return Ok(Wake::Stop),
+            Intent::Upgrade => return Ok(Wake::Upgrade(None)),
+            other => on_signal(other),
         }
-        on_signal(intent);
     }
 }
 
@@ -322,7 +352,7 @@ async fn serve_until_stopped(
 async fn drain_and_stop(
     config: &Config,
     conns: &Connections,
-    stop_accepting: &tokio_util::sync::CancellationToken,
+    proxy_threads: &accept::ProxyThreads,
     stop: &StopTokens,
     signals: &mut Signals,
     supervisor: &mut tokio::task::JoinHandle<()>,
@@ -331,7 +361,7 @@ async fn drain_and_stop(
     systemd::stopping();
     let open = conns.tracker.len();
     tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
-    stop_accepting.cancel();
+    proxy_threads.stop_accepting();
     // Workers drain too, from now: only they can tell an idle keep-alive connection from a
     // busy one, and close it.
     stop.drain.cancel();
@@ -385,40 +415,10 @@ fn log_listen_name(config: &Config, local: std::net::SocketAddr) {
     }
 }
 
-/// Resolves on the next SIGTERM or SIGINT (SIGHUP, SIGTTIN and SIGTTOU are ignored while
-/// stopping).
+/// Resolves on the next SIGTERM or SIGINT (SIGHUP, SIGTTIN, SIGTTOU and SIGUSR2 are
+/// ignored while stopping).
 async fn next_stop_signal(signals: &mut Signals) {
     while signals.next().await != Intent::Graceful {}
-}
-
-/// Runs one proxy thread per listener, each with its own current-thread runtime: a
-/// connection's accept, connect and copies all happen on one thread, with no work stealing
-/// and no cross-thread wake-ups. Each thread returns once it has stopped accepting and every
-/// connection (of all threads) is done.
-fn start_proxy_threads(
-    listeners: Vec<std::net::TcpListener>,
-    data: &Arc<protocol::DataPath>,
-    stop_accepting: &tokio_util::sync::CancellationToken,
-    conns: &Connections,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, listener)| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let (data, stop, conns) = (Arc::clone(data), stop_accepting.clone(), conns.clone());
-            std::thread::Builder::new()
-                .name(format!("balancer-proxy-{i}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        data.serve(listener, stop, conns.clone()).await;
-                        conns.tracker.wait().await;
-                    });
-                })
-        })
-        .collect()
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and settles the connection cap: the
@@ -427,11 +427,12 @@ fn start_proxy_threads(
 /// endpoint).
 fn max_conns(asked: Option<usize>, workers: usize, threads: usize, kept: u64) -> usize {
     let limit = raise_fd_limit();
-    // Kept back: what is open now, per worker its channel and two output pipes (and one
-    // spare for a replacement), per proxy thread its listener, epoll and wake-up fds, and
-    // slack; with a large limit, at least FD_RESERVE.
+    // Kept back: what is open now, per worker its channel and two output pipes with the
+    // copies kept for an upgrade (and one spare for a replacement), per proxy thread its
+    // listener, its kept copy, epoll and wake-up fds, and slack; with a large limit, at
+    // least FD_RESERVE.
     let open_now = std::fs::read_dir("/proc/self/fd").map_or(8, |d| d.count()) as u64;
-    let needed = open_now + 4 * workers as u64 + 3 * threads as u64 + 16 + kept;
+    let needed = open_now + 6 * workers as u64 + 4 * threads as u64 + 16 + kept;
     let reserve = if limit >= 16 * FD_RESERVE {
         needed.max(FD_RESERVE)
     } else {

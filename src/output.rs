@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
@@ -37,24 +39,75 @@ pub struct Output {
     /// The stderr relay, to wait for its EOF after an unexpected exit.
     relay: Option<JoinHandle<()>>,
     tail: Arc<Tail>,
+    /// Duplicates of the read ends of the stdout and stderr pipes (`prefix` mode), kept as
+    /// long as the worker's instance lives: an in-place upgrade passes them to the next
+    /// master image (see `crate::upgrade`), and a relay that reached EOF has closed its own
+    /// copy, whose number could be reused meanwhile.
+    carried: [Option<OwnedFd>; 2],
 }
 
 impl Output {
     /// Starts relaying the child's piped stdout and stderr (`prefix` mode; in the other
     /// modes they are not pipes).
     pub fn start(child: &mut Child, slot: usize, pid: u32, mode: WorkerOutput) -> Self {
-        let tail = Arc::new(Tail::default());
-        let mut relay = None;
+        let mut out = Self::new(mode);
         if mode == WorkerOutput::Prefix {
-            if let Some(out) = child.stdout.take() {
-                tokio::spawn(relay_lines(out, slot, pid, "stdout", None));
+            if let Some(stdout) = child.stdout.take() {
+                out.carried[0] = dup(stdout.as_fd());
+                tokio::spawn(relay_lines(stdout, slot, pid, "stdout", None));
             }
-            if let Some(err) = child.stderr.take() {
-                let tail = Some(Arc::clone(&tail));
-                relay = Some(tokio::spawn(relay_lines(err, slot, pid, "stderr", tail)));
+            if let Some(stderr) = child.stderr.take() {
+                out.carried[1] = dup(stderr.as_fd());
+                out.relay_stderr(stderr, slot, pid);
             }
         }
-        Self { mode, relay, tail }
+        out
+    }
+
+    /// Relays the output pipes of a worker adopted after an in-place upgrade: the read ends
+    /// the previous master image passed on (`None` where there was none).
+    pub fn adopt(pipes: [Option<OwnedFd>; 2], slot: usize, pid: u32, mode: WorkerOutput) -> Self {
+        use tokio::net::unix::pipe::Receiver;
+        let mut out = Self::new(mode);
+        let [stdout, stderr] = pipes;
+        if let Some(fd) = stdout {
+            out.carried[0] = dup(fd.as_fd());
+            match Receiver::from_owned_fd(fd) {
+                Ok(r) => drop(tokio::spawn(relay_lines(r, slot, pid, "stdout", None))),
+                Err(e) => {
+                    tracing::warn!(slot, pid, error = %e, "could not relay the adopted worker's stdout")
+                }
+            }
+        }
+        if let Some(fd) = stderr {
+            out.carried[1] = dup(fd.as_fd());
+            match Receiver::from_owned_fd(fd) {
+                Ok(r) => out.relay_stderr(r, slot, pid),
+                Err(e) => {
+                    tracing::warn!(slot, pid, error = %e, "could not relay the adopted worker's stderr")
+                }
+            }
+        }
+        out
+    }
+
+    fn new(mode: WorkerOutput) -> Self {
+        Self {
+            mode,
+            relay: None,
+            tail: Arc::new(Tail::default()),
+            carried: [None, None],
+        }
+    }
+
+    fn relay_stderr<R: AsyncRead + Unpin + Send + 'static>(&mut self, r: R, slot: usize, pid: u32) {
+        let tail = Some(Arc::clone(&self.tail));
+        self.relay = Some(tokio::spawn(relay_lines(r, slot, pid, "stderr", tail)));
+    }
+
+    /// The pipes' read ends to pass on at an upgrade: `[stdout, stderr]`.
+    pub fn carried_fds(&self) -> [Option<RawFd>; 2] {
+        [0, 1].map(|i| self.carried[i].as_ref().map(AsRawFd::as_raw_fd))
     }
 
     /// Waits (at most [`EOF_WAIT`]) for the end of the worker's stderr, so that its last
@@ -86,6 +139,15 @@ impl Output {
                 .unwrap_or_else(|| "(nothing on stderr)".to_owned()),
         }
     }
+}
+
+/// A close-on-exec duplicate of `fd` (`None`, logged, if the fd table is full).
+fn dup(fd: BorrowedFd<'_>) -> Option<OwnedFd> {
+    fd.try_clone_to_owned()
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "could not keep a worker's output pipe for an upgrade"),
+        )
+        .ok()
 }
 
 /// The last [`TAIL_LINES`] lines of one worker's stderr.
@@ -224,11 +286,7 @@ mod tests {
     }
 
     fn output(mode: WorkerOutput) -> Output {
-        Output {
-            mode,
-            relay: None,
-            tail: Arc::default(),
-        }
+        Output::new(mode)
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub enum Reason {
     Spawned,
     /// Passed admission.
     Admitted,
+    /// Carried across an in-place upgrade of the master, admitted before it.
+    Adopted,
     /// `--health-rise` checks in a row passed after it was down.
     ChecksPassing,
     /// `--health-fall` checks in a row failed.
@@ -124,6 +126,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::Spawned => f.write_str("spawned"),
             Reason::Admitted => f.write_str("admitted"),
+            Reason::Adopted => f.write_str("adopted after an upgrade"),
             Reason::ChecksPassing => f.write_str("health checks passing"),
             Reason::ChecksFailing => f.write_str("health checks failing"),
             Reason::ConnectsFailing => f.write_str("connects failing"),

@@ -27,7 +27,7 @@ pub struct WorkerStatus {
 }
 
 /// What a slot has been through, as shown by `/status`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SlotStats {
     /// Workers spawned in it, the first included.
     pub spawns: u64,
@@ -44,6 +44,8 @@ pub struct Registry {
     /// Whether any worker has been ready yet: a socket-activated master starts accepting only
     /// then, so the connection that activated it waits in the backlog instead of failing.
     served: tokio::sync::watch::Sender<bool>,
+    /// In-place upgrades so far (`/status`'s `upgrades`: what `balancer upgrade` waits on).
+    upgrades: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -53,6 +55,7 @@ impl Registry {
             workers: Mutex::new(BTreeMap::new()),
             slots: Mutex::new(vec![SlotStats::default(); slots]),
             served: tokio::sync::watch::Sender::new(false),
+            upgrades: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -74,6 +77,39 @@ impl Registry {
                 instance: key,
             },
         );
+    }
+
+    /// A worker carried across an in-place upgrade, spawned at `started` (seconds since the
+    /// Unix epoch), is instance `key` of `slot` in this image (its spawn was counted before).
+    pub fn adopted(&self, key: u64, slot: usize, pid: u32, started: u64) {
+        self.with_slot(slot, |_| {});
+        self.lock().insert(
+            key,
+            WorkerStatus {
+                slot,
+                pid,
+                state: State::Starting,
+                reason: Reason::Adopted.to_string(),
+                addr: None,
+                started,
+                instance: key,
+            },
+        );
+    }
+
+    /// The slots' histories as the previous master image had them (after an upgrade).
+    pub fn restore_slots(&self, slots: Vec<SlotStats>) {
+        *self.slots.lock().unwrap_or_else(|p| p.into_inner()) = slots;
+    }
+
+    /// How many in-place upgrades this master has been through.
+    pub fn upgrades(&self) -> u64 {
+        self.upgrades.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the count of in-place upgrades (carried from the previous image, plus one).
+    pub fn set_upgrades(&self, n: u64) {
+        self.upgrades.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Instance `key` moved to `state` for `reason`.

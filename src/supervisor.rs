@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{ScaleRequest, Scaled};
-use crate::instance::{Context, Instance, StopTokens};
+use crate::instance::{Context, Inherited, Instance, StopTokens};
 
 /// First respawn delay for a worker that died before becoming ready.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -46,16 +46,38 @@ struct SlotHandle {
 /// arrive during a reload are coalesced into one more. Each message on `scales` changes the
 /// number of slots, also during a reload. Must run on a thread that lives as long as the
 /// master (see [`crate::child::spawn`]).
+///
+/// `adopted`: workers carried across an in-place upgrade; each takes its slot instead of a
+/// new spawn (a slot without one spawns as usual).
 pub async fn run(
     ctx: Arc<Context>,
     stop: StopTokens,
     mut reloads: mpsc::Receiver<()>,
     mut scales: mpsc::Receiver<ScaleRequest>,
+    adopted: Vec<Inherited>,
 ) {
     let mut tasks = JoinSet::new();
     let mut slots: Vec<SlotHandle> = Vec::new();
-    for _ in 0..ctx.desired() {
-        add_slot(&mut slots, &mut tasks, &ctx, &stop);
+    let mut adopted: Vec<Option<Inherited>> = {
+        let mut by_slot: Vec<Option<Inherited>> = (0..ctx.desired()).map(|_| None).collect();
+        for w in adopted {
+            // Told apart from what workers leave behind before the orphan reaper first runs.
+            ctx.orphans.started(w.record.pid);
+            match by_slot.get_mut(w.record.slot) {
+                Some(place @ None) => *place = Some(w),
+                // Not a slot of this master: dropping it closes its channel, so it exits.
+                _ => tracing::warn!(
+                    slot = w.record.slot,
+                    pid = w.record.pid,
+                    "carried worker has no slot; its channel is closed"
+                ),
+            }
+        }
+        by_slot
+    };
+    for slot in 0..ctx.desired() {
+        let first = adopted.get_mut(slot).and_then(Option::take);
+        add_slot(&mut slots, &mut tasks, &ctx, &stop, first);
     }
     // Processes that workers left behind and that exit by themselves are reaped by pid (see
     // `orphans`); the ones still running are stopped when a worker ends and at the end.
@@ -110,23 +132,27 @@ pub async fn run(
     }
 }
 
-/// Starts slot number `slots.len()`.
+/// Starts slot number `slots.len()`, with its `first` worker adopted if given.
 fn add_slot(
     slots: &mut Vec<SlotHandle>,
     tasks: &mut JoinSet<()>,
     ctx: &Arc<Context>,
     stop: &StopTokens,
+    first: Option<Inherited>,
 ) {
     let (reload, rx) = mpsc::channel::<ReloadRequest>(1);
     let remove = CancellationToken::new();
     let slot = slots.len();
-    ctx.registry.new_slot(slot);
+    if first.is_none() {
+        ctx.registry.new_slot(slot);
+    }
     tasks.spawn(run_slot(
         slot,
         Arc::clone(ctx),
         stop.clone(),
         rx,
         remove.clone(),
+        first,
     ));
     slots.push(SlotHandle { reload, remove });
 }
@@ -151,7 +177,7 @@ fn scale(
     }
     ctx.set_desired(to);
     while slots.len() < to {
-        add_slot(slots, tasks, ctx, stop);
+        add_slot(slots, tasks, ctx, stop, None);
     }
     while slots.len() > to {
         if let Some(gone) = slots.pop() {
@@ -192,6 +218,7 @@ async fn run_slot(
     stop: StopTokens,
     mut reloads: mpsc::Receiver<ReloadRequest>,
     remove: CancellationToken,
+    mut first: Option<Inherited>,
 ) {
     let mut backoff = Backoff::default();
     'respawn: while !stop.graceful.is_cancelled()
@@ -199,7 +226,10 @@ async fn run_slot(
         && !stop.drain.is_cancelled()
     {
         let started = Instant::now();
-        let mut current = Instance::start(slot, Arc::clone(&ctx), stop.clone());
+        let mut current = match first.take() {
+            Some(inherited) => Instance::adopt(inherited, Arc::clone(&ctx), stop.clone()),
+            None => Instance::start(slot, Arc::clone(&ctx), stop.clone()),
+        };
         let ending = loop {
             tokio::select! {
                 ending = current.finished() => break ending,

@@ -4,6 +4,7 @@
 //! but one that a running master still answers on is not.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,33 @@ impl Listener {
                 bind_unix(path).with_context(|| format!("binding --admin {}", path.display()))
             }
         }
+    }
+
+    /// Takes over the admin listener an in-place upgrade passed on: a TCP listener, or a Unix
+    /// one (with `path`, its socket file, which stays where it is and is removed at exit as
+    /// usual). Must run inside a tokio runtime.
+    pub fn inherit(fd: OwnedFd, path: Option<PathBuf>) -> io::Result<Self> {
+        match path {
+            None => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::Tcp(TcpListener::from_std(std)?))
+            }
+            Some(path) => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::Unix(UnixListener::from_std(std)?, SocketFile(path)))
+            }
+        }
+    }
+
+    /// A duplicate of the listening socket, and a Unix socket's path: what an upgrade
+    /// passes on (the socket file is not removed by the exec: no destructor runs).
+    pub fn carry(&self) -> io::Result<(OwnedFd, Option<PathBuf>)> {
+        Ok(match self {
+            Self::Tcp(l) => (l.as_fd().try_clone_to_owned()?, None),
+            Self::Unix(l, f) => (l.as_fd().try_clone_to_owned()?, Some(f.0.clone())),
+        })
     }
 
     /// Where it listens, as the log and `/status` show it (the real port for `:0`).

@@ -75,6 +75,8 @@ pub struct View {
     pub reload: mpsc::Sender<()>,
     /// Asks the supervisor to change the worker count.
     pub scale: mpsc::Sender<crate::control::ScaleRequest>,
+    /// Asks the master to upgrade in place (answered once refused or under way).
+    pub upgrade: mpsc::Sender<crate::upgrade::Request>,
     /// What changes over TCP need.
     pub token: Option<Token>,
     /// Remote backends and upstream names (#11).

@@ -1,7 +1,8 @@
 //! What the admin endpoint answers: `GET /status` (JSON), `GET /metrics` (Prometheus text),
 //! `GET /healthz` (200 while at least one worker is in rotation, else 503, for an
 //! orchestrator's readiness probe), and the changes `POST /reload` (a rolling reload, as
-//! SIGHUP) and `POST /scale?workers=N` (or `+K`, `-K`: as SIGTTIN/SIGTTOU, by any amount). Reads take `GET` or `HEAD`, changes `POST` (`405` otherwise); no request body is
+//! SIGHUP), `POST /scale?workers=N` (or `+K`, `-K`: as SIGTTIN/SIGTTOU, by any amount) and
+//! `POST /upgrade` (an in-place upgrade, as SIGUSR2). Reads take `GET` or `HEAD`, changes `POST` (`405` otherwise); no request body is
 //! read.
 
 use std::fmt::Write as _;
@@ -19,7 +20,7 @@ use crate::state::State;
 use super::{Peer, View};
 
 /// Paths that change something: `POST` only, and authorized (see [`refusal`]).
-const CHANGES: [&str; 2] = ["/reload", "/scale"];
+const CHANGES: [&str; 3] = ["/reload", "/scale", "/upgrade"];
 /// How long `POST /scale` waits for the supervisor's answer (it answers at once unless the
 /// master is stopping).
 const SCALE_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
@@ -76,6 +77,7 @@ async fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Ful
         return match path {
             "/reload" => reload(view),
             "/scale" => scale(view, req.uri().query().unwrap_or("")).await,
+            "/upgrade" => upgrade(view).await,
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         };
     }
@@ -102,7 +104,7 @@ async fn route(view: &View, peer: Peer, req: &Request<Incoming>) -> Response<Ful
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try GET /status, /metrics, /healthz or POST /reload, /scale?workers=N\n"
+            "not found: try GET /status, /metrics, /healthz or POST /reload, /scale?workers=N, /upgrade\n"
                 .into(),
         ),
     };
@@ -159,6 +161,36 @@ fn reload(view: &View) -> Response<Full<Bytes>> {
     };
     tracing::info!("admin: {said}");
     reply(StatusCode::ACCEPTED, "text/plain", format!("{said}\n"))
+}
+
+/// `POST /upgrade`: an in-place upgrade, exactly as SIGUSR2 does. Answered `202` once the
+/// pre-flight passed (the exec follows; this connection is cut by it), or `409` with why it
+/// was refused. `balancer upgrade` then waits for `/status`'s `upgrades` to move.
+async fn upgrade(view: &View) -> Response<Full<Bytes>> {
+    let text = |status, body: String| reply(status, "text/plain", body);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if view.upgrade.try_send(tx).is_err() {
+        return text(
+            StatusCode::CONFLICT,
+            "an upgrade is already under way\n".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(())) => {
+            tracing::info!("admin: upgrade requested");
+            let mut res = text(StatusCode::ACCEPTED, "upgrade started\n".into());
+            res.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            res
+        }
+        Ok(Err(why)) => text(StatusCode::CONFLICT, format!("upgrade refused: {why}\n")),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the master did not answer (stopping?)\n".into(),
+        ),
+    }
 }
 
 /// `POST /scale?workers=N` (or `+K`, `-K`, with `+` sent as `%2B`): asks the supervisor
@@ -322,6 +354,8 @@ fn status_json(view: &View) -> String {
         // `balancer top` labels its rates by it: connections (tcp) or requests (http).
         "protocol": view.config.data.protocol.to_string(),
         "tls": view.config.data.tls.is_some(),
+        "pid": std::process::id(),
+        "upgrades": view.registry.upgrades(),
         "workers_wanted": view.ctx.desired(),
         "workers_running": view.registry.workers().len(),
         "in_rotation": view.proxy.backends.len(),

@@ -1,11 +1,12 @@
-//! The operator subcommands (`balancer health`, `status`, `reload`, `scale`, `top`): thin clients of a
-//! running master's admin endpoint. Each parses its flags (in [`crate::cli`]), makes one
+//! The operator subcommands (`balancer health`, `status`, `reload`, `scale`, `top`,
+//! `upgrade`): thin clients of a running master's admin endpoint. Each parses its flags (in [`crate::cli`]), makes one
 //! request over TCP or a Unix socket, and renders the answer; none of them knows anything
 //! the master does not say. Errors are one line for `main` to print, and a non-zero exit.
 
 mod status;
 mod top;
 mod transport;
+mod upgrade;
 
 use std::time::Duration;
 
@@ -110,6 +111,14 @@ pub fn scale(args: &ScaleArgs) -> anyhow::Result<()> {
 /// `balancer top`: the live view, until `q`.
 pub fn top(args: &TopArgs) -> anyhow::Result<()> {
     top::run(args)
+}
+
+/// `balancer upgrade`: an in-place upgrade of the master, as SIGUSR2; returns once the new
+/// image serves, or with the one line that says why it was refused.
+pub fn upgrade(args: &ClientArgs) -> anyhow::Result<()> {
+    let endpoint = Endpoint::from_args(args)?;
+    let said = upgrade::upgrade(&endpoint)?;
+    print(&said)
 }
 
 /// Writes `text` to stdout; a closed stdout (`| head`) is not an error worth a panic.

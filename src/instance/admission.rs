@@ -194,6 +194,13 @@ impl Worker {
                 return;
             }
         };
+        self.on_admitted_as(at, Reason::Admitted);
+        self.record_carried(at);
+    }
+
+    /// Admitted at `at` (by the probe, or carried across an upgrade): checks start and it
+    /// enters rotation.
+    pub(super) fn on_admitted_as(&mut self, at: SocketAddr, why: Reason) {
         self.admission.addr = Some(at);
         if self.delivery.is_some() {
             self.rotation.handoff = Some(self.handoff_tx.clone());
@@ -208,7 +215,7 @@ impl Worker {
             .kind
             .resolve(builtin, self.supports_ping, own_address);
         self.health.start(check, config.health.interval);
-        self.rotation.enter(at, Reason::Admitted);
+        self.rotation.enter(at, why);
     }
 
     /// Not admitted within `--ready-timeout`: replaced.

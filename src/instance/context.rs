@@ -3,15 +3,17 @@
 //! tell them to stop. Owned by the instance side; the supervisor builds one and hands it to
 //! each slot.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use proxy::{Backends, Connections, Proxy};
 
+use super::carry::CarriedWorker;
 use crate::config::Config;
 use crate::orphans::Orphans;
 use crate::status::Registry;
@@ -57,6 +59,8 @@ pub struct Context {
     in_rotation: AtomicUsize,
     /// Whether "all workers ready" has been logged at info level already.
     announced_all_ready: AtomicBool,
+    /// Admitted workers an in-place upgrade can carry, by backend key.
+    carried: Mutex<BTreeMap<u64, CarriedWorker>>,
 }
 
 impl Context {
@@ -82,6 +86,7 @@ impl Context {
             next_key: AtomicU64::new(1),
             in_rotation: AtomicUsize::new(0),
             announced_all_ready: AtomicBool::new(false),
+            carried: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -108,6 +113,33 @@ impl Context {
     /// A backend key no other instance has.
     pub fn next_key(&self) -> u64 {
         self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Backend keys from now on start above `key` (after an upgrade, above every carried
+    /// worker's).
+    pub fn keys_above(&self, key: u64) {
+        self.next_key.fetch_max(key + 1, Ordering::Relaxed);
+    }
+
+    /// Every admitted worker an upgrade can carry, by slot.
+    pub fn carried(&self) -> Vec<CarriedWorker> {
+        let mut all: Vec<_> = self.carried_lock().values().cloned().collect();
+        all.sort_by_key(|w| w.slot);
+        all
+    }
+
+    /// Lists an admitted worker as one an upgrade can carry.
+    pub(super) fn carry(&self, worker: CarriedWorker) {
+        self.carried_lock().insert(worker.key, worker);
+    }
+
+    /// Instance `key` ended: its descriptors are about to close.
+    pub(super) fn uncarry(&self, key: u64) {
+        self.carried_lock().remove(&key);
+    }
+
+    fn carried_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, CarriedWorker>> {
+        self.carried.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Workers in rotation right now.

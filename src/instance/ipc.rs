@@ -38,6 +38,11 @@ impl Ipc {
         }
     }
 
+    /// The channel's descriptor number (the master's end), for an upgrade to pass on.
+    pub(super) fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.write.as_ref())
+    }
+
     /// The next line from the worker (`None` at EOF).
     pub(super) async fn next_line(&mut self) -> Read {
         self.reader.next_line().await.transpose()

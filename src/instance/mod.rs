@@ -15,11 +15,13 @@
 //! - [`stop`]: `Draining`, `Stopping`, SIGTERM/SIGKILL and reaping.
 
 mod admission;
+mod carry;
 mod context;
 mod handoff;
 mod health;
 mod ipc;
 mod node;
+mod process;
 mod rotation;
 mod run;
 mod spawn;
@@ -33,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::state::{Reason, State};
+pub use carry::{CarriedWorker, Inherited};
 pub use context::{Context, StopTokens};
 
 /// How one worker's life ended.
@@ -62,10 +65,19 @@ pub struct Instance {
 impl Instance {
     /// Spawns a worker for `slot` and starts driving it.
     pub fn start(slot: usize, ctx: Arc<Context>, stop: StopTokens) -> Self {
+        Self::begin(run::Start::Spawn(slot), ctx, stop)
+    }
+
+    /// Takes over a worker carried across an in-place upgrade and starts driving it.
+    pub fn adopt(inherited: Inherited, ctx: Arc<Context>, stop: StopTokens) -> Self {
+        Self::begin(run::Start::Adopt(Box::new(inherited)), ctx, stop)
+    }
+
+    fn begin(start: run::Start, ctx: Arc<Context>, stop: StopTokens) -> Self {
         let (retire, retire_rx) = mpsc::channel(1);
         let (state_tx, state) = watch::channel(State::Starting);
         let task = tokio::spawn(async move {
-            let ending = run::run(slot, ctx, stop, retire_rx, state_tx.clone()).await;
+            let ending = run::run(start, ctx, stop, retire_rx, state_tx.clone()).await;
             state_tx.send_replace(State::Exited);
             ending
         });

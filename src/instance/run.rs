@@ -10,7 +10,6 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -19,30 +18,48 @@ use worker::protocol::{MasterMessage, Mode, WorkerMessage};
 use crate::output::Output;
 
 use super::admission::{Admission, Gate};
+use super::carry::Inherited;
 use super::context::{Context, StopTokens};
 use super::handoff::{Delivery, MAX_RESENDS};
 use super::health::Health;
 use super::ipc::{self, Ipc, WRITE_TIMEOUT};
 use super::node::Node;
+use super::process::Process;
 use super::rotation::Rotation;
 use super::stop::{DRAIN_POLL, EXIT_AFTER_EOF};
 use super::strikes::Strikes;
 use super::Ending;
 use crate::state::{Reason, State};
 
-/// Drives one worker from spawn to reaped.
+/// How an instance's life in this image begins.
+pub(super) enum Start {
+    /// A new worker process for the slot.
+    Spawn(usize),
+    /// A worker carried across an in-place upgrade, already admitted.
+    Adopt(Box<Inherited>),
+}
+
+/// Drives one worker from spawn (or adoption) to reaped.
 pub(super) async fn run(
-    slot: usize,
+    start: Start,
     ctx: Arc<Context>,
     stop: StopTokens,
     retire: mpsc::Receiver<()>,
     state: watch::Sender<State>,
 ) -> Ending {
-    let mut worker = match Worker::spawn(slot, ctx, stop, retire, state) {
-        Ok(w) => w,
-        Err(ending) => return ending,
+    let mut worker = match start {
+        Start::Spawn(slot) => match Worker::spawn(slot, ctx, stop, retire, state) {
+            Ok(mut w) => {
+                w.begin().await;
+                w
+            }
+            Err(ending) => return ending,
+        },
+        Start::Adopt(inherited) => match Worker::adopt(*inherited, ctx, stop, retire, state) {
+            Ok(w) => w,
+            Err(ending) => return ending,
+        },
     };
-    worker.begin().await;
     let end = loop {
         let event = worker.next_event().await;
         if let ControlFlow::Break(end) = worker.dispatch(event).await {
@@ -63,7 +80,7 @@ pub(super) struct Worker {
     pub(super) pid: u32,
     /// Its backend key (unique per instance).
     pub(super) key: u64,
-    pub(super) child: Child,
+    pub(super) child: Process,
     pub(super) ipc: Ipc,
     pub(super) rotation: Rotation,
     pub(super) admission: Admission,

@@ -22,6 +22,7 @@ use super::handoff;
 use super::health::Health;
 use super::ipc::Ipc;
 use super::node::Node;
+use super::process::Process;
 use super::rotation::Rotation;
 use super::run::Worker;
 use super::strikes::Strikes;
@@ -61,13 +62,43 @@ impl Worker {
         let key = ctx.next_key();
         tracing::info!(slot, pid, "worker spawned");
         ctx.registry.spawned(key, slot, pid);
-
         let output = Output::start(&mut child, slot, pid, config.worker_output);
+        let parts = Parts {
+            slot,
+            pid,
+            key,
+            child: Process::Spawned(child),
+            ipc,
+            output,
+            assigned_port,
+        };
+        Ok(Worker::assemble(parts, ctx, stop, retire, state))
+    }
+
+    /// A worker's state at the start of its life in this image, around its process, channel
+    /// and output (spawned now, or adopted after an upgrade).
+    pub(super) fn assemble(
+        parts: Parts,
+        ctx: Arc<Context>,
+        stop: StopTokens,
+        retire: mpsc::Receiver<()>,
+        state: watch::Sender<State>,
+    ) -> Self {
+        let Parts {
+            slot,
+            pid,
+            key,
+            child,
+            ipc,
+            output,
+            assigned_port,
+        } = parts;
+        let config = ctx.config().clone();
         let (events_tx, events) = mpsc::channel(4);
         // Hand-off: the proxy queues clients here; `delivery` passes them to the worker.
         let (handoff_tx, handoff_rx) = mpsc::channel::<TcpStream>(handoff::QUEUE);
         let health = &config.health;
-        Ok(Worker {
+        Worker {
             rotation: Rotation::new(Arc::clone(&ctx), slot, pid, key, state),
             admission: Admission::new(
                 tokio::time::Instant::now() + config.ready_timeout,
@@ -95,8 +126,22 @@ impl Worker {
             handoff_tx,
             handoff_rx,
             delivery: None,
-        })
+        }
     }
+}
+
+/// What a worker's life in this image starts from.
+pub(super) struct Parts {
+    pub(super) slot: usize,
+    pub(super) pid: u32,
+    /// Its backend key.
+    pub(super) key: u64,
+    pub(super) child: Process,
+    /// The master's end of its channel.
+    pub(super) ipc: tokio::net::UnixStream,
+    pub(super) output: Output,
+    /// The port chosen for it under `--ready port`.
+    pub(super) assigned_port: Option<u16>,
 }
 
 /// Spawns the worker process, with a port chosen for it under `--ready port`.

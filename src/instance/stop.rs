@@ -15,6 +15,7 @@ use crate::child;
 use crate::orphans::LEFTOVER_STOP_TIMEOUT;
 
 use super::context::StopTokens;
+use super::process::Process;
 use super::run::{End, Worker};
 use super::Ending;
 use crate::state::{Reason, State};
@@ -179,6 +180,7 @@ impl Worker {
                 self.give_to_others(d.into_unanswered().collect());
             }
         }
+        self.ctx.uncarry(self.key);
         self.ctx.orphans.reaped(self.pid);
         let daemonized = reason == Reason::Exited
             && status.success()
@@ -271,7 +273,7 @@ impl Worker {
 /// its process group, SIGKILL after [`WORKER_STOP_TIMEOUT`] (at once if `stop.force`
 /// fires), then reaps it.
 async fn terminate(
-    child: &mut tokio::process::Child,
+    child: &mut Process,
     pid: u32,
     stop: &StopTokens,
     patience: Option<Duration>,

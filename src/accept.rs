@@ -1,0 +1,105 @@
+//! The proxy threads: one per client listener, each with its own current-thread runtime,
+//! so a connection's accept, connect and copies all happen on one thread, with no work
+//! stealing and no cross-thread wake-ups. They can stop accepting and start again on the
+//! same sockets: a duplicate of every listener is kept here, so the sockets (and the
+//! connections waiting in their backlog) outlive the accept loops. An in-place upgrade
+//! stops them, passes these duplicates to the next image, and starts them again if the exec
+//! fails.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use proxy::Connections;
+
+use crate::protocol::DataPath;
+
+/// The running proxy threads and the listeners they accept on.
+pub struct ProxyThreads {
+    data: Arc<DataPath>,
+    conns: Connections,
+    /// Cancelled to stop accepting; replaced when accepting resumes.
+    stop: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// One duplicate of each listener the threads accept on.
+    listeners: Vec<std::net::TcpListener>,
+}
+
+impl ProxyThreads {
+    /// No threads yet.
+    pub fn new(data: Arc<DataPath>, conns: Connections) -> Self {
+        Self {
+            data,
+            conns,
+            stop: CancellationToken::new(),
+            threads: Vec::new(),
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Starts one thread per listener. Each returns once it has stopped accepting and
+    /// every connection (of all threads) is done.
+    pub fn start(&mut self, listeners: Vec<std::net::TcpListener>) -> std::io::Result<()> {
+        for listener in listeners {
+            self.listeners.push(listener.try_clone()?);
+            self.spawn(listener)?;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting on every listener; the sockets stay open (and keep queueing
+    /// connections in their backlog).
+    pub fn stop_accepting(&self) {
+        self.stop.cancel();
+    }
+
+    /// Accepts again on the same sockets, after [`stop_accepting`](Self::stop_accepting).
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        self.stop = CancellationToken::new();
+        self.conns.tracker.reopen();
+        let again: Vec<_> = (self.listeners.iter())
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<_>>()?;
+        for listener in again {
+            self.spawn(listener)?;
+        }
+        Ok(())
+    }
+
+    /// The listeners' descriptor numbers (the kept duplicates), in thread order.
+    pub fn listener_fds(&self) -> Vec<RawFd> {
+        self.listeners.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    /// Waits for every thread to end (after the drain).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    fn spawn(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        let i = self.threads.len();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (data, stop, conns) = (
+            Arc::clone(&self.data),
+            self.stop.clone(),
+            self.conns.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("balancer-proxy-{i}"))
+            .spawn(move || {
+                // The master's signals go to the main thread (see `signals::block`).
+                crate::signals::block();
+                runtime.block_on(async move {
+                    data.serve(listener, stop, conns.clone()).await;
+                    conns.tracker.wait().await;
+                });
+            })?;
+        self.threads.push(thread);
+        Ok(())
+    }
+}
