@@ -157,7 +157,9 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         let mut proxy_threads = accept::ProxyThreads::new(Arc::clone(&data), conns.clone());
         // Socket-activated, the connection that woke the service is already queued: accept
         // only once a worker can take it, so it waits in the backlog instead of failing.
-        let mut unserved = if socket_activated && config.workers > 0 {
+        // After an upgrade, the same for the connections queued during the exec: the adopted
+        // workers enter rotation on the supervisor's tasks, a moment later.
+        let mut unserved = if (socket_activated || handed.is_some()) && config.workers > 0 {
             Some(bound.proxy_listeners)
         } else {
             proxy_threads.start(bound.proxy_listeners).context("starting the proxy threads")?;

@@ -13,6 +13,7 @@ mod http;
 mod ops;
 mod redispatch;
 mod systemd;
+mod upgrade;
 mod upstream;
 
 use std::collections::{HashMap, HashSet};

@@ -87,6 +87,14 @@ impl Balancer {
         Balancer::spawn(cmd)
     }
 
+    /// Starts `PROGRAM ARGS...`, where the program is a copy of the binary under test (for
+    /// tests that replace the file on disk, as an in-place upgrade does).
+    pub fn start_program<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> Balancer {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Balancer::spawn(cmd)
+    }
+
     /// Starts `WRAPPER... balancer ARGS...`, for a wrapper that execs the binary in its own
     /// process (such as `systemd-socket-activate`), so the pid is the master's all the same.
     pub fn start_wrapped<S: AsRef<OsStr>>(wrapper: &[S], args: &[S]) -> Balancer {

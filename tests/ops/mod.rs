@@ -67,16 +67,16 @@ fn peer_closed(stream: &mut TcpStream) -> bool {
 
 /// What a client subcommand did.
 #[derive(Debug)]
-struct Run {
+pub(crate) struct Run {
     /// Its exit code (`None`: killed by a signal).
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `balancer ARGS...` (an operator subcommand) to completion, killing it if it takes
 /// longer than `CLIENT_DEADLINE`.
-fn run_client(args: &[&str]) -> Run {
+pub(crate) fn run_client(args: &[&str]) -> Run {
     use std::process::{Command, Stdio};
     /// Far above the client's own 5 s timeout: only a hung client reaches it.
     const CLIENT_DEADLINE: Duration = Duration::from_secs(20);
@@ -123,7 +123,7 @@ fn run_client(args: &[&str]) -> Run {
 
 /// Asserts `run` failed with exit code 1 and exactly one `balancer: error: ...` line that
 /// contains `expected`.
-fn assert_one_error_line(run: &Run, expected: &str) {
+pub(crate) fn assert_one_error_line(run: &Run, expected: &str) {
     assert_eq!(run.code, Some(1), "{run:?}");
     let lines: Vec<&str> = run.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one error line: {run:?}");

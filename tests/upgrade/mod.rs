@@ -1,0 +1,357 @@
+//! In-place master upgrade (#14): SIGUSR2 and `balancer upgrade` re-execute the binary in
+//! the same pid, keeping the listeners and the workers. Each test runs a copy of the binary
+//! under test from its own directory, so it can replace the file on disk as a deployment
+//! would (a new file renamed over the old one), or break it.
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::helper::*;
+use crate::ops::{assert_one_error_line, run_client};
+
+/// How long one upgrade may take: the pre-flight runs the (debug) binary with `--check`,
+/// then the drain and the new image's start, on a loaded 2-core machine.
+const UPGRADE: Duration = Duration::from_secs(30);
+/// How long a graceful stop with nothing left to drain may take.
+const EXIT: Duration = Duration::from_secs(15);
+/// Pause between two requests of one load thread: a few hundred new connections a second
+/// over the two threads, without filling the host's table of TIME_WAIT entries.
+const PACE: Duration = Duration::from_millis(2);
+
+/// A directory with a copy of the binary under test at `balancer`.
+struct Install {
+    dir: TempDir,
+}
+
+impl Install {
+    fn new(tag: &str) -> Self {
+        let dir = TempDir::new(tag);
+        std::fs::copy(BIN, dir.path().join("balancer")).expect("copying the binary");
+        Install { dir }
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.dir.path().join("balancer")
+    }
+
+    fn admin(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    /// Replaces the binary the way a deployment does: a new file renamed over it (the
+    /// running master's `/proc/self/exe` then says `(deleted)`).
+    fn replace(&self, contents: Replacement) {
+        let next = self.dir.path().join("balancer.next");
+        match contents {
+            Replacement::Same => {
+                std::fs::copy(BIN, &next).expect("copying the binary");
+            }
+            Replacement::NotExecutable => {
+                std::fs::copy(BIN, &next).expect("copying the binary");
+                std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod 644");
+            }
+            Replacement::Failing => {
+                std::fs::write(&next, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n")
+                    .expect("writing the failing binary");
+                std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod 755");
+            }
+        }
+        std::fs::rename(&next, self.bin()).expect("renaming the new binary into place");
+    }
+
+    fn start(&self, args: &[&str]) -> Balancer {
+        let admin = self.admin();
+        let mut all = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            admin.to_str().expect("UTF-8 temp path"),
+        ];
+        all.extend_from_slice(args);
+        Balancer::start_program(&self.bin(), &all)
+    }
+}
+
+/// What to put in place of the binary.
+enum Replacement {
+    /// A fresh copy of the binary under test.
+    Same,
+    /// The binary without its execute bits.
+    NotExecutable,
+    /// A program that fails at once (its `--check` exits 3).
+    Failing,
+}
+
+/// Background clients, each sending `GET /` on a new connection per request until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, threads: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, sent, failures) =
+                    (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&failures));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        match get(addr, "/") {
+                            Ok((200, _)) => {}
+                            other => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("after {:?}: {other:?}", at.elapsed())),
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        thread::sleep(PACE);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            failures,
+            threads,
+        }
+    }
+
+    /// Stops the clients; returns how many requests they sent and the failures.
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
+        (self.sent.load(Ordering::Relaxed), failures)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits for the log line of the new image's `n`th upgrade; returns its index.
+fn expect_upgraded(b: &Balancer, n: u64) -> usize {
+    let (at, _) = b.expect_line(0, &format!("upgrade {n}"), UPGRADE, |l| {
+        is_event(
+            l,
+            "upgraded in place: adopting the previous image's listeners and workers",
+        ) && field(l, "upgrades") == Some(n.to_string().as_str())
+    });
+    at
+}
+
+/// `/status` over the admin socket, parsed.
+fn status(admin: &Path) -> serde_json::Value {
+    let admin = admin.to_str().expect("UTF-8 temp path");
+    let run = run_client(&["status", "--json", "--admin", admin]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    serde_json::from_str(&run.stdout).expect("/status is JSON")
+}
+
+/// The worker pids `/status` lists.
+fn status_pids(admin: &Path) -> HashSet<u32> {
+    let s = status(admin);
+    (s["workers"].as_array().expect("workers"))
+        .iter()
+        .map(|w| w["pid"].as_u64().expect("pid") as u32)
+        .collect()
+}
+
+#[test]
+fn five_upgrades_under_load_fail_no_request_and_keep_every_pid() {
+    let install = Install::new("upgrade-five");
+    let mut b = install.start(&["--cpus", "2"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let master = b.pid();
+    let workers: HashSet<u32> = ready_pids(&b).into_iter().collect();
+    assert_eq!(workers.len(), 2, "{}", b.dump());
+
+    let load = Load::start(addr, 2);
+    assert!(
+        wait_until(Duration::from_secs(10), || load
+            .sent
+            .load(Ordering::Relaxed)
+            > 50),
+        "the load never got going"
+    );
+    let started = Instant::now();
+    for n in 1..=5 {
+        install.replace(Replacement::Same);
+        let before = load.sent.load(Ordering::Relaxed);
+        b.signal(libc::SIGUSR2);
+        expect_upgraded(&b, n);
+        // Traffic flows through the new image before the next upgrade.
+        assert!(
+            wait_until(Duration::from_secs(10), || load
+                .sent
+                .load(Ordering::Relaxed)
+                > before + 100),
+            "no requests after upgrade {n}"
+        );
+        assert!(b.is_running(), "the master exited at upgrade {n}");
+        assert_eq!(status_pids(&install.admin()), workers, "after upgrade {n}");
+    }
+    let elapsed = started.elapsed();
+    let (sent, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed over 5 upgrades: {failures:?}\nlog:\n{}",
+        failures.len(),
+        b.dump()
+    );
+    eprintln!("5 upgrades in {elapsed:?} under load: {sent} requests, 0 failed");
+
+    let s = status(&install.admin());
+    assert_eq!(s["pid"].as_u64(), Some(u64::from(master)));
+    assert_eq!(s["upgrades"].as_u64(), Some(5));
+    for w in s["workers"].as_array().expect("workers") {
+        assert_eq!(w["state"], "ready", "{s:#}");
+        assert_eq!(w["restarts"].as_u64(), Some(0), "{s:#}");
+    }
+    // Every request was served by the original workers.
+    let answering: HashSet<u32> = (0..4).map(|_| body_pid(&get_ok(addr, "/"))).collect();
+    assert!(
+        answering.is_subset(&workers),
+        "{answering:?} vs {workers:?}"
+    );
+    assert_eq!(b.pid(), master);
+    assert_no_panic(&b);
+    b.signal(libc::SIGTERM);
+    assert_eq!(b.expect_exit(EXIT).code(), Some(0), "{}", b.dump());
+}
+
+#[test]
+fn a_missing_execute_bit_or_a_failing_binary_is_refused_and_the_old_master_serves_on() {
+    let install = Install::new("upgrade-refused");
+    let mut b = install.start(&["--cpus", "1"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let workers = status_pids(&install.admin());
+
+    install.replace(Replacement::NotExecutable);
+    b.signal(libc::SIGUSR2);
+    let (at, line) = b.expect_line(0, "`upgrade refused` (not executable)", UPGRADE, |l| {
+        l.contains("upgrade refused")
+    });
+    assert!(line.contains("is not executable"), "{line}");
+    assert_eq!(get(addr, "/").expect("GET / after the refusal").0, 200);
+
+    install.replace(Replacement::Failing);
+    let admin = install.admin();
+    let run = run_client(&["upgrade", "--admin", admin.to_str().expect("UTF-8")]);
+    assert_one_error_line(&run, "--check failed");
+    assert!(run.stderr.contains("broken build"), "{run:?}");
+    b.expect_line(at + 1, "a second `upgrade refused`", UPGRADE, |l| {
+        l.contains("upgrade refused") && l.contains("--check failed")
+    });
+
+    // The old master serves on, with the same workers, and was never replaced.
+    assert!(b.is_running());
+    assert_eq!(get(addr, "/").expect("GET / after the refusals").0, 200);
+    assert_eq!(status_pids(&install.admin()), workers);
+    assert_eq!(status(&install.admin())["upgrades"].as_u64(), Some(0));
+    assert!(
+        b.wait_for_line(Duration::ZERO, |l| is_event(l, "executing the new binary"))
+            .is_none(),
+        "{}",
+        b.dump()
+    );
+    assert_no_panic(&b);
+}
+
+#[test]
+fn balancer_upgrade_over_the_unix_socket_then_supervision_and_stop_still_work() {
+    let install = Install::new("upgrade-client");
+    let mut b = install.start(&["--cpus", "2"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let master = b.pid();
+    let workers = status_pids(&install.admin());
+
+    install.replace(Replacement::Same);
+    let admin = install.admin();
+    let admin_arg = admin.to_str().expect("UTF-8 temp path");
+    let run = run_client(&["upgrade", "--admin", admin_arg]);
+    assert_eq!(run.code, Some(0), "{run:?}\n{}", b.dump());
+    assert_eq!(
+        run.stdout,
+        format!("upgraded in place (pid {master}, upgrade 1)\n"),
+        "{run:?}"
+    );
+    let upgraded_at = expect_upgraded(&b, 1);
+    // The socket file survived the exec (nothing unlinked it), and the new image serves it.
+    assert!(admin.exists(), "the admin socket is gone");
+    assert_eq!(status_pids(&admin), workers);
+
+    // A killed worker is still noticed (by pidfd) and replaced.
+    let victim = *workers.iter().next().expect("a worker");
+    send_signal(victim, libc::SIGKILL);
+    b.expect_line(
+        upgraded_at,
+        "`worker exited` for the victim",
+        UPGRADE,
+        |l| is_event(l, "worker exited") && field_u32(l, "pid") == Some(victim),
+    );
+    b.expect_line(upgraded_at, "a replacement `worker ready`", UPGRADE, |l| {
+        is_event(l, "worker ready") && field_u32(l, "pid").is_some_and(|p| !workers.contains(&p))
+    });
+    assert!(
+        wait_until(UPGRADE, || {
+            let now = status_pids(&admin);
+            now.len() == 2 && !now.contains(&victim)
+        }),
+        "the victim was not replaced:\n{}",
+        b.dump()
+    );
+    assert_eq!(get(addr, "/").expect("GET / after the replacement").0, 200);
+
+    // SIGTERM stops cleanly: every worker (adopted or new) is stopped, none outlives it,
+    // and the socket file goes.
+    b.signal(libc::SIGTERM);
+    assert_eq!(b.expect_exit(EXIT).code(), Some(0), "{}", b.dump());
+    for pid in b.worker_pids() {
+        assert!(!pid_alive(pid), "worker {pid} outlived the master");
+    }
+    assert!(!admin.exists(), "the admin socket was left behind");
+    assert_no_panic(&b);
+}
+
+#[test]
+fn killing_an_upgraded_master_still_kills_its_workers() {
+    let install = Install::new("upgrade-kill9");
+    let mut b = install.start(&["--cpus", "2"]);
+    b.addr();
+    wait_all_ready(&b, 2);
+    let workers = status_pids(&install.admin());
+    b.signal(libc::SIGUSR2);
+    expect_upgraded(&b, 1);
+    assert_eq!(status_pids(&install.admin()), workers);
+
+    // PR_SET_PDEATHSIG was armed by the old image's main thread, which the exec kept.
+    b.signal(libc::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(5), || !workers
+            .iter()
+            .any(|&p| pid_alive(p))),
+        "workers {workers:?} outlived the killed master"
+    );
+}
