@@ -1,7 +1,7 @@
 //! The proxy threads: one per client listener, each with its own current-thread runtime,
 //! so a connection's accept, connect and copies all happen on one thread, with no work
 //! stealing and no cross-thread wake-ups. They can stop accepting and start again on the
-//! same sockets: a duplicate of every listener is kept here, so the sockets (and the
+//! same sockets after a pause: a duplicate of every listener is kept here, so the sockets (and the
 //! connections waiting in their backlog) outlive the accept loops. An in-place upgrade
 //! stops them, passes these duplicates to the next image, and starts them again if the exec
 //! fails.
@@ -48,13 +48,20 @@ impl ProxyThreads {
         Ok(())
     }
 
-    /// Stops accepting on every listener; the sockets stay open (and keep queueing
-    /// connections in their backlog).
-    pub fn stop_accepting(&self) {
+    /// Stops accepting for good (the master's stop): the sockets close once the accept
+    /// loops have dropped theirs, so new connects are refused rather than queued for no one.
+    pub fn stop_accepting(&mut self) {
+        self.stop.cancel();
+        self.listeners.clear();
+    }
+
+    /// Stops accepting on every listener for a moment (an upgrade's exec); the sockets stay
+    /// open and keep queueing connections in their backlog.
+    pub fn pause(&self) {
         self.stop.cancel();
     }
 
-    /// Accepts again on the same sockets, after [`stop_accepting`](Self::stop_accepting).
+    /// Accepts again on the same sockets, after [`pause`](Self::pause).
     pub fn resume(&mut self) -> std::io::Result<()> {
         self.stop = CancellationToken::new();
         self.conns.tracker.reopen();

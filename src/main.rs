@@ -243,7 +243,7 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             let why = upgrader.upgrade(&mut proxy_threads, &conns, &mut signals, serving, reply).await;
             tracing::error!("{why}");
         }
-        drain_and_stop(&config, &conns, &proxy_threads, &stop, &mut signals, &mut supervisor).await;
+        drain_and_stop(&config, &conns, &mut proxy_threads, &stop, &mut signals, &mut supervisor).await;
         let _ = upstream_task.await;
         proxy_threads.join();
         tracing::info!("stopped");
@@ -354,7 +354,7 @@ async fn serve_until(
 async fn drain_and_stop(
     config: &Config,
     conns: &Connections,
-    proxy_threads: &accept::ProxyThreads,
+    proxy_threads: &mut accept::ProxyThreads,
     stop: &StopTokens,
     signals: &mut Signals,
     supervisor: &mut tokio::task::JoinHandle<()>,

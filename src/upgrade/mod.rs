@@ -111,7 +111,7 @@ impl Upgrader {
         let config = self.ctx.config();
         let limit = DRAIN_LIMIT.min(config.grace);
         tracing::info!(binary = %self.exe.display(), open_connections = conns.tracker.len(), drain = ?limit, "upgrading in place: stopping accepting, draining connections");
-        proxy.stop_accepting();
+        proxy.pause();
         conns.tracker.close();
         let started = tokio::time::Instant::now();
         if tokio::time::timeout(limit, conns.tracker.wait())
