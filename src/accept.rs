@@ -9,6 +9,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use proxy::Connections;
@@ -24,17 +25,24 @@ pub struct ProxyThreads {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// One duplicate of each listener the threads accept on.
     listeners: Vec<std::net::TcpListener>,
+    /// Each accept loop holds a clone of this sender until it returns: once the receiver
+    /// sees every one dropped, no accepted connection is still on its way into the tracker.
+    accepting: Option<mpsc::Sender<()>>,
+    accept_loops: mpsc::Receiver<()>,
 }
 
 impl ProxyThreads {
     /// No threads yet.
     pub fn new(data: Arc<DataPath>, conns: Connections) -> Self {
+        let (accepting, accept_loops) = mpsc::channel(1);
         Self {
             data,
             conns,
             stop: CancellationToken::new(),
             threads: Vec::new(),
             listeners: Vec::new(),
+            accepting: Some(accepting),
+            accept_loops,
         }
     }
 
@@ -55,15 +63,21 @@ impl ProxyThreads {
         self.listeners.clear();
     }
 
-    /// Stops accepting on every listener for a moment (an upgrade's exec); the sockets stay
-    /// open and keep queueing connections in their backlog.
-    pub fn pause(&self) {
+    /// Stops accepting on every listener for a moment (an upgrade's exec) and returns once
+    /// every accept loop has returned, so every connection accepted so far is in the
+    /// connection tracker. The sockets stay open and keep queueing connections in their
+    /// backlog.
+    pub async fn pause(&mut self) {
         self.stop.cancel();
+        self.accepting = None;
+        while self.accept_loops.recv().await.is_some() {}
     }
 
     /// Accepts again on the same sockets, after [`pause`](Self::pause).
     pub fn resume(&mut self) -> std::io::Result<()> {
         self.stop = CancellationToken::new();
+        let (accepting, accept_loops) = mpsc::channel(1);
+        (self.accepting, self.accept_loops) = (Some(accepting), accept_loops);
         self.conns.tracker.reopen();
         let again: Vec<_> = (self.listeners.iter())
             .map(std::net::TcpListener::try_clone)
@@ -96,6 +110,7 @@ impl ProxyThreads {
             self.stop.clone(),
             self.conns.clone(),
         );
+        let accepting = self.accepting.clone();
         let thread = std::thread::Builder::new()
             .name(format!("balancer-proxy-{i}"))
             .spawn(move || {
@@ -103,6 +118,7 @@ impl ProxyThreads {
                 crate::signals::block();
                 runtime.block_on(async move {
                     data.serve(listener, stop, conns.clone()).await;
+                    drop(accepting);
                     conns.tracker.wait().await;
                 });
             })?;

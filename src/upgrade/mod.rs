@@ -111,13 +111,19 @@ impl Upgrader {
         let config = self.ctx.config();
         let limit = DRAIN_LIMIT.min(config.grace);
         tracing::info!(binary = %self.exe.display(), open_connections = conns.tracker.len(), drain = ?limit, "upgrading in place: stopping accepting, draining connections");
-        proxy.pause();
-        conns.tracker.close();
         let started = tokio::time::Instant::now();
-        if tokio::time::timeout(limit, conns.tracker.wait())
+        let deadline = started + limit;
+        // Every accept loop returns first, so no accepted connection is still on its way
+        // into the tracker when the tracker is found empty.
+        let paused = tokio::time::timeout_at(deadline, proxy.pause())
             .await
-            .is_err()
-        {
+            .is_ok();
+        conns.tracker.close();
+        let drained = paused
+            && tokio::time::timeout_at(deadline, conns.tracker.wait())
+                .await
+                .is_ok();
+        if !drained {
             tracing::warn!(
                 open_connections = conns.tracker.len(),
                 "upgrade drain over; the exec cuts the connections still open"

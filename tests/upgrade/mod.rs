@@ -355,3 +355,42 @@ fn killing_an_upgraded_master_still_kills_its_workers() {
         "workers {workers:?} outlived the killed master"
     );
 }
+
+#[test]
+fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
+    let install = Install::new("upgrade-inflight");
+    let b = install.start(&["--cpus", "1"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let worker = *status_pids(&install.admin()).iter().next().expect("a worker");
+    let before = proc_stat(worker).expect("worker stat").cpu_ticks;
+    let slow = thread::spawn(move || {
+        get_with_timeout(
+            addr,
+            &format!("/sum?n={}", crate::SLOW_SUM_N),
+            Duration::from_secs(30),
+        )
+    });
+    // In flight once the single-threaded worker is burning CPU on it.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            proc_stat(worker).is_some_and(|s| s.cpu_ticks >= before + 5)
+        }),
+        "the worker never started computing"
+    );
+    install.replace(Replacement::Same);
+    let mut b = b;
+    b.signal(libc::SIGUSR2);
+    b.expect_line(0, "`upgrading in place` with one open connection", UPGRADE, |l| {
+        l.contains("upgrading in place") && field(l, "open_connections") == Some("1")
+    });
+    let (status, body) = slow
+        .join()
+        .expect("request thread")
+        .expect("the in-flight request completes");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.trim().parse::<u64>().is_ok(), "a sum, got {body:?}");
+    expect_upgraded(&b, 1);
+    assert_eq!(status_pids(&install.admin()), HashSet::from([worker]));
+    assert_no_panic(&b);
+}
