@@ -359,7 +359,9 @@ fn killing_an_upgraded_master_still_kills_its_workers() {
 #[test]
 fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
     let install = Install::new("upgrade-inflight");
-    let b = install.start(&["--cpus", "1"]);
+    // The single-threaded worker answers no health check while it computes: checks far
+    // apart keep it from being replaced for that on a loaded machine.
+    let b = install.start(&["--cpus", "1", "--health-interval", "60s"]);
     let addr = b.addr();
     wait_all_ready(&b, 1);
     let worker = *status_pids(&install.admin()).iter().next().expect("a worker");
