@@ -364,7 +364,10 @@ fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
     let b = install.start(&["--cpus", "1", "--health-interval", "60s"]);
     let addr = b.addr();
     wait_all_ready(&b, 1);
-    let worker = *status_pids(&install.admin()).iter().next().expect("a worker");
+    let worker = *status_pids(&install.admin())
+        .iter()
+        .next()
+        .expect("a worker");
     let before = proc_stat(worker).expect("worker stat").cpu_ticks;
     let slow = thread::spawn(move || {
         get_with_timeout(
@@ -383,9 +386,12 @@ fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
     install.replace(Replacement::Same);
     let mut b = b;
     b.signal(libc::SIGUSR2);
-    b.expect_line(0, "`upgrading in place` with one open connection", UPGRADE, |l| {
-        l.contains("upgrading in place") && field(l, "open_connections") == Some("1")
-    });
+    b.expect_line(
+        0,
+        "`upgrading in place` with one open connection",
+        UPGRADE,
+        |l| l.contains("upgrading in place") && field(l, "open_connections") == Some("1"),
+    );
     let (status, body) = slow
         .join()
         .expect("request thread")
