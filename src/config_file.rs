@@ -8,7 +8,9 @@
 //!
 //! Errors name the key and the file's line: an unknown key, a value of the wrong TOML type
 //! for its flag (a list for a one-value flag, a string for a switch), or a value clap
-//! refuses. Hand-written because clap has no config-file layer and the toml crate knows
+//! refuses. An error about several flags (a conflict, `--ready port` with `--mode shared`)
+//! names every key of the file it mentions, each with its line; keys are read in the file's
+//! order, so the error reported is the file's first. Hand-written because clap has no config-file layer and the toml crate knows
 //! nothing of clap; the mapping is about a hundred lines.
 
 use std::ffi::OsString;
@@ -60,7 +62,13 @@ pub fn merge(
     let cli = Cli::command()
         .try_get_matches_from(&merged)
         .and_then(|m| Cli::from_arg_matches(&m))
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(e)))?;
+        .map_err(|e| {
+            let said = format!("{}", one_line(e));
+            match from_file.keys_in(&said) {
+                Some(keys) => anyhow::anyhow!("{}: {keys}: {said}", path.display()),
+                None => anyhow::anyhow!("{}: {said}", path.display()),
+            }
+        })?;
     // Validation names the flag and quotes its value: when that value came from the file,
     // say where. Any other error is left for the caller's own validation to report.
     if let Err(e) = crate::config::Config::try_from(&cli) {
@@ -71,6 +79,11 @@ pub fn merge(
             .find(|(q, _, _)| said.starts_with(q.as_str()))
         {
             bail!("{at}: key `{key}`: {said}");
+        }
+        // An error about several flags (`--ready port is for --mode proxy …`): name every
+        // key of the file it mentions, each with its line.
+        if let Some(keys) = from_file.keys_in(&said) {
+            bail!("{}: {keys}: {said}", path.display());
         }
     }
     Ok(cli)
@@ -86,6 +99,42 @@ struct FileArgs {
     /// `(--flag "value", where, key)` of each one-value key, to place the validation error
     /// that quotes it (`--grace "soon": ...`) at its line.
     located: Vec<(String, String, String)>,
+    /// `(flag name, key as written, line)` of every key the file contributed.
+    keys: Vec<(String, String, usize)>,
+}
+
+impl FileArgs {
+    /// The file's keys whose flag `message` names (`--mode`, not `--mode-x`), as
+    /// ``key `mode` (line 2)`` or ``keys `ready` (line 1), `mode` (line 2)``; `None` when
+    /// it names none of them.
+    fn keys_in(&self, message: &str) -> Option<String> {
+        let mut named: Vec<&(String, String, usize)> = (self.keys.iter())
+            .filter(|(name, _, _)| mentions(message, name))
+            .collect();
+        named.sort_by_key(|(_, _, line)| *line);
+        let named: Vec<String> = (named.iter())
+            .map(|(_, key, line)| format!("`{key}` (line {line})"))
+            .collect();
+        match named.as_slice() {
+            [] => None,
+            [one] => Some(format!("key {one}")),
+            many => Some(format!("keys {}", many.join(", "))),
+        }
+    }
+}
+
+/// Whether `message` names flag `--name` (or the positional command) as a whole word.
+fn mentions(message: &str, name: &str) -> bool {
+    if name == COMMAND {
+        return message.contains("COMMAND");
+    }
+    let flag = format!("--{name}");
+    message.match_indices(&flag).any(|(at, _)| {
+        !message[at + flag.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
 }
 
 fn file_args(path: &Path, text: &str, given: &ArgMatches) -> anyhow::Result<FileArgs> {
@@ -96,7 +145,10 @@ fn file_args(path: &Path, text: &str, given: &ArgMatches) -> anyhow::Result<File
     let command = Cli::command();
     let mut out = FileArgs::default();
     let mut seen: Vec<String> = Vec::new();
-    for (key, value) in table.get_ref() {
+    // In the file's order, so the error reported is the first one in the file.
+    let mut entries: Vec<_> = table.get_ref().iter().collect();
+    entries.sort_by_key(|(key, _)| key.span().start);
+    for (key, value) in entries {
         let line = line_of(text, key.span().start);
         let at = || format!("{} line {line}", path.display());
         let name = key.get_ref().replace('_', "-");
@@ -134,6 +186,7 @@ fn file_args(path: &Path, text: &str, given: &ArgMatches) -> anyhow::Result<File
             .map_err(|found| anyhow::anyhow!("{}: key `{}`: {found}", at(), shown))?;
         let pieces = pieces(&name, arg.get_action(), arg.is_positional(), values)
             .map_err(|why| anyhow::anyhow!("{}: key `{}`: {why}", at(), shown))?;
+        out.keys.push((name.clone(), shown.clone(), line));
         if arg.is_positional() {
             out.command = Some(pieces);
             continue;
@@ -143,7 +196,15 @@ fn file_args(path: &Path, text: &str, given: &ArgMatches) -> anyhow::Result<File
         let mut alone = vec!["balancer".to_owned()];
         alone.extend(pieces.iter().cloned());
         if let Err(e) = Cli::command().try_get_matches_from(&alone) {
-            bail!("{}: key `{}`: {}", at(), shown, one_line(e));
+            // A flag that needs or excludes another (`tls-cert` needs `tls-key`) is judged
+            // with the whole file, below; anything else is this key's own error.
+            use clap::error::ErrorKind;
+            if !matches!(
+                e.kind(),
+                ErrorKind::MissingRequiredArgument | ErrorKind::ArgumentConflict
+            ) {
+                bail!("{}: key `{}`: {}", at(), shown, one_line(e));
+            }
         }
         if let [piece] = pieces.as_slice() {
             if let Some((_, value)) = piece.split_once('=') {
@@ -230,8 +291,17 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// Clap's message without its `error: ` prefix, usage and hints: one line.
 fn one_line(e: clap::Error) -> anyhow::Error {
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid arguments").trim();
-    anyhow::anyhow!("{}", first.strip_prefix("error: ").unwrap_or(first))
+    // The message may go on over a few lines (`required arguments were not provided:` then
+    // the flags); the usage and tips come after a blank line.
+    let message: Vec<&str> = (text.lines())
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    let first = match message.join(" ") {
+        m if m.is_empty() => "invalid arguments".to_owned(),
+        m => m,
+    };
+    anyhow::anyhow!("{}", first.strip_prefix("error: ").unwrap_or(&first))
 }
 
 #[cfg(test)]
@@ -306,6 +376,85 @@ mod tests {
         assert!(e.contains("unknown key `a\\nb`"), "one line: {e}");
         let e = err("verbose = 1\nquiet = 1\n");
         assert!(e.contains("cannot be used with"), "{e}");
+        assert!(
+            e.contains("keys `verbose` (line 1), `quiet` (line 2)"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    /// An error about several flags names each key of the file it is about, with its line.
+    #[test]
+    fn errors_about_several_keys_name_each_with_its_line() {
+        let err = |file: &str| format!("{:#}", parse_with(file, &[]).unwrap_err());
+        let e = err("cpus = 1\nready = \"port\"\nmode = \"shared\"\ncommand = [\"sh\"]\n");
+        assert!(
+            e.contains("keys `ready` (line 2), `mode` (line 3): --ready port is for --mode proxy"),
+            "{e}"
+        );
+        let e = err("\nsend-proxy = \"v1\"\nmode = \"handoff\"\n");
+        assert!(
+            e.contains("keys `send-proxy` (line 2), `mode` (line 3)"),
+            "{e}"
+        );
+        // A flag that needs another is judged with the whole file, not alone: clap names
+        // only the missing flag.
+        let e = err("tls-cert = \"/nonexistent/cert.pem\"\n");
+        assert!(
+            e.contains("required arguments were not provided: --tls-key"),
+            "{e}"
+        );
+        let both = parse_with("tls-cert = \"/tmp/c.pem\"\ntls-key = \"/tmp/k.pem\"\n", &[]);
+        assert!(both.is_ok(), "each needs the other: {both:?}");
+        // An error about a flag from the command line names no key of the file (it is the
+        // caller's validation that reports it).
+        let cli = parse_with("cpus = 2\n", &["--ready", "spawn"]).unwrap();
+        let e = format!("{:#}", crate::config::Config::try_from(&cli).unwrap_err());
+        assert!(!e.contains("key"), "{e}");
+    }
+
+    /// A value of the wrong TOML type for its flag: the key, the line, what was found.
+    #[test]
+    fn wrong_types_name_the_key_and_line() {
+        let err = |file: &str| format!("{:#}", parse_with(file, &[]).unwrap_err());
+        for (file, wanted) in [
+            ("cpus = true\n", "line 1: key `cpus`: found a boolean"),
+            ("\nhealth-rise = 1.5\n", "line 2: key `health-rise`"),
+            ("max-conns = -3\n", "line 1: key `max-conns`"),
+            (
+                "listen = 2026-12-01\n",
+                "line 1: key `listen`: found a date",
+            ),
+            (
+                "access-log = \"yes\"\n",
+                "line 1: key `access-log`: expected true or false",
+            ),
+            (
+                "command = [[\"a\"]]\n",
+                "line 1: key `command`: found a list inside a list",
+            ),
+            (
+                "x = 1\nlisten = { host = \"a\" }\n",
+                "line 1: unknown key `x`",
+            ),
+            (
+                "listen = { host = \"a\" }\n",
+                "line 1: key `listen`: found a table",
+            ),
+            (
+                "upstream = [1.5, true]\n",
+                "line 1: key `upstream`: found a boolean",
+            ),
+            (
+                "verbose = \"loud\"\n",
+                "line 1: key `verbose`: expected a count",
+            ),
+            ("cpus = 99999999999999999999\n", "line 1"),
+            ("cpus = \"2\n", "line 1"),
+        ] {
+            let e = err(file);
+            assert!(e.contains(wanted), "{file:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 }
