@@ -44,7 +44,7 @@ pub fn bound(taken: &mut Taken, config: &Config) -> anyhow::Result<Bound> {
     Ok(Bound {
         local: state.listen,
         proxy_listeners: std::mem::take(&mut taken.proxy_listeners),
-        shared_listener: None,
+        shared_listener: taken.shared_listener.take().map(std::sync::Arc::new),
     })
 }
 

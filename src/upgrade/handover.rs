@@ -40,6 +40,8 @@ pub struct Handover {
     pub listen: SocketAddr,
     /// One client listener per proxy thread (proxy mode).
     pub proxy_fds: Vec<RawFd>,
+    /// The listener the workers accept on (shared mode).
+    pub shared_fd: Option<RawFd>,
     /// The admin listener, and a Unix socket's path.
     pub admin: Option<(RawFd, Option<PathBuf>)>,
     /// How many slots the supervisor keeps.
@@ -58,6 +60,7 @@ impl Handover {
     /// Every descriptor that must stay open across the exec.
     pub fn fds(&self) -> Vec<RawFd> {
         let mut all = self.proxy_fds.clone();
+        all.extend(self.shared_fd);
         all.extend(self.admin.as_ref().map(|(fd, _)| *fd));
         for w in &self.workers {
             all.extend(w.fds());
@@ -89,6 +92,8 @@ pub struct Taken {
     pub state: Handover,
     /// The client listeners, in thread order.
     pub proxy_listeners: Vec<std::net::TcpListener>,
+    /// The shared listener (shared mode).
+    pub shared_listener: Option<std::net::TcpListener>,
     /// The admin listener and a Unix socket's path.
     pub admin: Option<(OwnedFd, Option<PathBuf>)>,
     /// The workers, with their channels and pipes.
@@ -158,6 +163,19 @@ fn own(state: Handover) -> anyhow::Result<Taken> {
         listener.set_nonblocking(true)?;
         proxy_listeners.push(listener);
     }
+    let shared_listener = match state.shared_fd {
+        Some(fd) => {
+            let listener = std::net::TcpListener::from(owned(fd));
+            if listener.local_addr().ok() != Some(state.listen) {
+                bail!(
+                    "descriptor {fd} is not the shared listener on {}",
+                    state.listen
+                );
+            }
+            Some(listener)
+        }
+        None => None,
+    };
     let admin = state.admin.clone().map(|(fd, path)| (owned(fd), path));
     let workers = (state.workers.iter())
         .map(|w| Inherited {
@@ -169,6 +187,7 @@ fn own(state: Handover) -> anyhow::Result<Taken> {
     Ok(Taken {
         state,
         proxy_listeners,
+        shared_listener,
         admin,
         workers,
     })

@@ -5,8 +5,8 @@
 //! survive the exec; [`handover`] carries their state to the new image.
 //!
 //! The sequence ([`Upgrader::upgrade`]), each step before the point of no return checked:
-//! 1. refused at once (one log line) where it cannot be carried: a mode other than proxy,
-//!    Node cluster workers, a worker that is not `ready` (starting, draining, a reload
+//! 1. refused at once (one log line) where it cannot be carried: handoff mode, Node
+//!    cluster workers, a worker that is not `ready` (starting, draining, a reload
 //!    under way), no worker ready yet under socket activation;
 //! 2. [`preflight`]: the binary is an executable file, and `NEWBIN --check ARGS` passes;
 //! 3. stop accepting (the listen backlog holds new connections: the sockets stay open) and
@@ -156,11 +156,12 @@ impl Upgrader {
     /// Why the running master cannot be carried across an exec now, if it cannot.
     fn refusal(&self, serving: bool) -> Option<String> {
         let config = self.ctx.config();
-        if config.mode != Mode::Proxy {
-            return Some(format!(
-                "--mode {} cannot be carried across an upgrade yet (proxy mode can)",
-                config.mode
-            ));
+        if config.mode == Mode::Handoff {
+            // Connections handed to a worker and not yet answered live in the instance.
+            return Some(
+                "--mode handoff cannot be carried across an upgrade yet (proxy, shared and reuseport can)"
+                    .into(),
+            );
         }
         if config.node_cluster {
             return Some("Node cluster workers cannot be carried across an upgrade yet".into());
@@ -207,6 +208,7 @@ impl Upgrader {
             mode: ctx.config().mode.as_str().to_owned(),
             listen: ctx.listen,
             proxy_fds: proxy.listener_fds(),
+            shared_fd: (ctx.shared_listener.as_ref()).map(|l| l.as_raw_fd()),
             admin: (self.admin.as_ref()).map(|(fd, path)| (fd.as_raw_fd(), path.clone())),
             desired: ctx.desired(),
             slots: ctx.registry.slots(),

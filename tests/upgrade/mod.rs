@@ -402,3 +402,65 @@ fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
     assert_eq!(status_pids(&install.admin()), HashSet::from([worker]));
     assert_no_panic(&b);
 }
+
+/// Shared and reuseport modes: the workers accept themselves, so the exec never stops them.
+fn upgrades_in_mode(mode: &str) {
+    let install = Install::new(&format!("upgrade-{mode}"));
+    let mut b = install.start(&["--cpus", "2", "--mode", mode]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let workers = status_pids(&install.admin());
+    let load = Load::start(addr, 2);
+    for n in 1..=2 {
+        install.replace(Replacement::Same);
+        let before = load.sent.load(Ordering::Relaxed);
+        b.signal(libc::SIGUSR2);
+        expect_upgraded(&b, n);
+        assert!(
+            wait_until(Duration::from_secs(10), || load
+                .sent
+                .load(Ordering::Relaxed)
+                > before + 50),
+            "no requests after upgrade {n}"
+        );
+        assert_eq!(status_pids(&install.admin()), workers, "after upgrade {n}");
+    }
+    let (sent, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "--mode {mode}: {} of {sent} requests failed: {failures:?}\n{}",
+        failures.len(),
+        b.dump()
+    );
+    assert_no_panic(&b);
+    b.signal(libc::SIGTERM);
+    assert_eq!(b.expect_exit(EXIT).code(), Some(0), "{}", b.dump());
+    for pid in b.worker_pids() {
+        assert!(!pid_alive(pid), "worker {pid} outlived the master");
+    }
+}
+
+#[test]
+fn shared_mode_upgrades_in_place_under_load() {
+    upgrades_in_mode("shared");
+}
+
+#[test]
+fn reuseport_mode_upgrades_in_place_under_load() {
+    upgrades_in_mode("reuseport");
+}
+
+#[test]
+fn handoff_mode_is_refused_with_one_line() {
+    let install = Install::new("upgrade-handoff");
+    let mut b = install.start(&["--cpus", "1", "--mode", "handoff"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    b.signal(libc::SIGUSR2);
+    let (_, line) = b.expect_line(0, "`upgrade refused` for handoff", UPGRADE, |l| {
+        l.contains("upgrade refused")
+    });
+    assert!(line.contains("--mode handoff"), "{line}");
+    assert_eq!(get(addr, "/").expect("GET / after the refusal").0, 200);
+    assert!(b.is_running());
+}
