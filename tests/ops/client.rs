@@ -186,3 +186,60 @@ fn non_loopback_tcp_admin_without_a_token_is_refused_at_start() {
     );
     assert!(!lines.iter().any(|l| is_event(l, "listening")));
 }
+
+/// The table has a row per remote `--upstream` backend after the workers' rows, with the
+/// master's real state of it: its address, `up` once its first check passed, and later
+/// `down` with the reason once its checks fail.
+#[test]
+fn status_table_shows_remote_upstream_rows() {
+    let dir = TempDir::new("ops-client-upstreams");
+    let sock = dir.path().join("admin.sock").display().to_string();
+    // A remote backend: a listener whose backlog completes the TCP checks.
+    let remote = std::net::TcpListener::bind("127.0.0.1:0").expect("a remote backend");
+    let remote_addr = remote.local_addr().expect("its address").to_string();
+    let args = [
+        "--cpus",
+        "1",
+        "--upstream",
+        remote_addr.as_str(),
+        "--health-check",
+        "tcp",
+        "--health-interval",
+        "200ms",
+        "--health-fall",
+        "1",
+        "--admin",
+        sock.as_str(),
+    ];
+    let b = Balancer::start(&args);
+    b.addr();
+    wait_all_ready(&b, 1);
+    b.expect_line(0, "`upstream backend up`", READY_TIMEOUT, |l| {
+        is_event(l, "upstream backend up")
+    });
+    let remote_row = |table: &str| -> Vec<String> {
+        table
+            .lines()
+            .skip_while(|l| !l.starts_with("UPSTREAM"))
+            .find(|l| l.contains(&remote_addr))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_else(|| panic!("no row for {remote_addr}:\n{table}"))
+    };
+    let run = run_client(&["status", "--admin", &sock]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let mut serving = ready_pids(&b);
+    serving.sort_unstable();
+    assert_eq!(table_pids(&run.stdout), serving, "{}", run.stdout);
+    let row = remote_row(&run.stdout);
+    assert_eq!(row[1], remote_addr, "{}", run.stdout);
+    assert_eq!(row[2], "up", "{}", run.stdout);
+
+    drop(remote);
+    b.expect_line(0, "`upstream backend down`", READY_TIMEOUT, |l| {
+        is_event(l, "upstream backend down")
+    });
+    let table = run_client(&["status", "--admin", &sock]).stdout;
+    let row = remote_row(&table);
+    assert_eq!(row[2], "down", "{table}");
+    assert!(table.contains("health checks failing"), "{table}");
+}
