@@ -50,6 +50,14 @@ impl Activity {
         }
     }
 
+    /// The client's first bytes went to the backend before the copy began (read with the
+    /// connect): from now on the backend owes an answer, but the copy has read nothing, so
+    /// [`Activity::untouched`] holds until it does.
+    pub fn sent_early(&self) {
+        self.moved.store(true, Ordering::Relaxed);
+        self.awaiting.store(true, Ordering::Relaxed);
+    }
+
     /// Bytes moved, direction not known (a buffered rest drained).
     pub fn moved(&self) {
         self.moved.store(true, Ordering::Relaxed);

@@ -1,9 +1,11 @@
 //! Connecting to a backend without a timer in the common case.
 //!
 //! On loopback a non-blocking `connect()` has finished (or been refused) by the time it
-//! returns: the kernel runs the handshake inside the call. A `poll()` with no timeout says
-//! so, and the connection goes straight on. Only a connect still in progress (a remote
-//! backend, a full accept queue) is waited for, by the caller, under its timeout.
+//! returns: the kernel runs the handshake inside the call. When the client's first bytes
+//! are already in hand, sending them is the check: sent (connected), `EAGAIN` (still
+//! connecting) or the connect's error. Otherwise a `poll()` with no timeout says which. Only
+//! a connect still in progress (a remote backend, a full accept queue) is waited for, by the
+//! caller, under its timeout.
 //!
 //! Why not `timeout(TcpStream::connect(..))`: that arms a timer per connection, and a timer
 //! earlier than the runtime's next planned wake-up makes tokio write to its eventfd (a
@@ -20,15 +22,21 @@ use tokio::net::TcpStream;
 /// A connect that was started.
 #[derive(Debug)]
 pub(crate) enum Connecting {
-    /// Established already.
-    Done(TcpStream),
+    /// Established already, with the first `sent` bytes of `first` delivered.
+    Done {
+        /// The connected socket.
+        stream: TcpStream,
+        /// How many bytes of `first` went out.
+        sent: usize,
+    },
     /// Still in progress: wait with [`finish`].
     Pending(TcpStream),
 }
 
 /// Starts a non-blocking connect to `addr` (with `TCP_NODELAY`, as every proxied
-/// connection wants), and says whether it is done. A refusal seen at once is an error.
-pub(crate) fn start(addr: SocketAddr) -> io::Result<Connecting> {
+/// connection wants), sends what it can of `first` once it is up, and says whether it is
+/// done. A refusal seen at once is an error. Nothing of `first` is sent unless `Done`.
+pub(crate) fn start(addr: SocketAddr, first: &[u8]) -> io::Result<Connecting> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -41,13 +49,39 @@ pub(crate) fn start(addr: SocketAddr) -> io::Result<Connecting> {
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
         Err(e) => return Err(e),
     };
-    let done = established || writable_now(&socket)?;
-    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    Ok(if done {
-        Connecting::Done(stream)
+    let sent = if first.is_empty() {
+        (established || writable_now(&socket)?).then_some(0)
     } else {
-        Connecting::Pending(stream)
+        send_now(&socket, first)?
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    Ok(match sent {
+        Some(sent) => Connecting::Done { stream, sent },
+        None => Connecting::Pending(stream),
     })
+}
+
+/// One `send()` of `data` that does not wait: how much went out (`None`: the connect is
+/// still in progress), or the connect's error (a refusal, a reset).
+fn send_now(socket: &Socket, data: &[u8]) -> io::Result<Option<usize>> {
+    // SAFETY: the fd is open for the duration of the call; `data` is a readable slice of
+    // `data.len()` bytes.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock => Ok(None),
+        _ => Err(e),
+    }
 }
 
 /// Waits for a pending connect to finish; its error if it failed.
@@ -93,12 +127,13 @@ mod tests {
         // pending, so one done connect in 20 is the claim.
         let mut done = None;
         for _ in 0..20 {
-            match start(l.local_addr().unwrap()).unwrap() {
-                Connecting::Done(s) => {
+            match start(l.local_addr().unwrap(), &[]).unwrap() {
+                Connecting::Done { stream: s, sent: 0 } => {
                     done = Some(s);
                     break;
                 }
                 Connecting::Pending(s) => drop(finish(s).await.unwrap()),
+                Connecting::Done { sent, .. } => panic!("sent {sent} of nothing"),
             }
         }
         let mut s = done.expect("no loopback connect was done within the call");
@@ -117,17 +152,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn first_bytes_go_out_with_the_connect() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (s, sent) = match start(l.local_addr().unwrap(), b"request").unwrap() {
+            Connecting::Done { stream, sent } => (stream, sent),
+            Connecting::Pending(s) => (finish(s).await.unwrap(), 0),
+        };
+        let mut s = s;
+        s.write_all(&b"request"[sent..]).await.unwrap();
+        let (mut peer, _) = l.accept().await.unwrap();
+        let mut got = [0u8; 7];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"request");
+    }
+
+    #[tokio::test]
     async fn a_refused_connect_is_an_error_at_once() {
         let addr = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap()
             .local_addr()
             .unwrap();
-        let e = match start(addr) {
-            Err(e) => e,
-            Ok(Connecting::Pending(s)) => finish(s).await.unwrap_err(),
-            Ok(Connecting::Done(_)) => panic!("connected to a closed port"),
-        };
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        for first in [&b""[..], b"request"] {
+            let e = match start(addr, first) {
+                Err(e) => e,
+                Ok(Connecting::Pending(s)) => finish(s).await.unwrap_err(),
+                Ok(Connecting::Done { .. }) => panic!("connected to a closed port"),
+            };
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        }
     }
 }

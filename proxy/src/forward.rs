@@ -4,6 +4,7 @@
 //! 0) to the other.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -118,14 +119,16 @@ pub async fn forward(
     backends: &Backends,
     config: &ForwardConfig,
 ) -> Result<Forwarded, ForwardError> {
-    if peek(&client) == Peek::Closed {
-        return Ok(Forwarded::Abandoned);
-    }
     let mut tried: Vec<u64> = Vec::new();
     let mut last_error = None;
+    // The client's first bytes, read (instead of peeked) before the first connect, so they
+    // go out with it: one system call fewer for the peek, one for the connect's check
+    // (connect.rs). `None` until read; a hand-off worker must get the socket unread. Kept
+    // for the next backend if this one fails before a byte either way.
+    let mut early: Option<Vec<u8>> = None;
     // Once more per backend that closed before a byte either way (see below).
     'backends: loop {
-        let (_active, backend, mut upstream) = loop {
+        let (_active, backend, mut upstream, sent) = loop {
             let Some(backend) = backends.pick_excluding(&tried) else {
                 return Err(match last_error {
                     Some(last) => ForwardError::AllFailed {
@@ -135,7 +138,10 @@ pub async fn forward(
                     None => ForwardError::NoBackend,
                 });
             };
-            if let Some(conns) = &backend.handoff {
+            if let (Some(conns), None) = (&backend.handoff, &early) {
+                if tried.is_empty() && peek(&client) == Peek::Closed {
+                    return Ok(Forwarded::Abandoned);
+                }
                 // A full queue (the worker is not keeping up) or a closed one (it is going away)
                 // sends the client to the next worker.
                 match conns.try_send(client) {
@@ -151,26 +157,50 @@ pub async fn forward(
                 tried.push(backend.key);
                 continue;
             }
+            if backend.handoff.is_some() {
+                // The client's bytes were read for a worker that failed: a hand-off worker,
+                // which would need them unread, is not an option any more.
+                tried.push(backend.key);
+                continue;
+            }
+            if early.is_none() {
+                match read_early(&client) {
+                    Some(bytes) => early = Some(bytes),
+                    None => return Ok(Forwarded::Abandoned),
+                }
+            }
+            let bytes = early.as_deref().unwrap_or_default();
             // Counted as open from the pick, not from the connect: least-conn must see it at
             // once, or concurrent picks all land on the same idle-looking worker.
             let active = backend.open();
+            // The PROXY header goes before the client's bytes, so they wait for it.
+            let first: &[u8] = if config.send_proxy.is_some() {
+                &[]
+            } else {
+                bytes
+            };
             // A loopback connect is done within the call: no timer, no wait (connect.rs).
-            let connected = match connect::start(backend.addr) {
-                Ok(Connecting::Done(stream)) => Ok(Ok(stream)),
+            let connected = match connect::start(backend.addr, first) {
+                Ok(Connecting::Done { stream, sent }) => Ok(Ok((stream, sent))),
                 Err(e) => Ok(Err(e)),
                 Ok(Connecting::Pending(stream)) => {
                     let wait =
                         tokio::time::timeout(config.connect_timeout, connect::finish(stream));
-                    tokio::select! {
-                        c = wait => c,
-                        () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+                    if bytes.is_empty() {
+                        tokio::select! {
+                            c = wait => c.map(|r| r.map(|s| (s, 0))),
+                            () = closed_without_data(&client) => return Ok(Forwarded::Abandoned),
+                        }
+                    } else {
+                        // Bytes in hand are the backend's whatever the client does now.
+                        wait.await.map(|r| r.map(|s| (s, 0)))
                     }
                 }
             };
             match connected {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, sent))) => {
                     backend.record_connect(true);
-                    break (active, backend, stream);
+                    break (active, backend, stream, sent);
                 }
                 Ok(Err(e)) if crate::is_out_of_resources(&e) => {
                     // The master is out of descriptors, not the worker out of service: do not
@@ -193,18 +223,34 @@ pub async fn forward(
         };
         // The client socket inherited TCP_NODELAY from the listener (set once there), the
         // backend's was set before its connect.
-        if let Some(version) = config.send_proxy {
-            // The first bytes the backend reads; the socket is new, so they fit its buffer.
-            let sent = match crate::proxy_header::header(version, from) {
-                Ok(h) => upstream.write_all(&h).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = sent {
+        let bytes = early.as_deref().unwrap_or_default();
+        // The first bytes the backend reads: the PROXY header, then what is left of the
+        // client's early bytes; the socket is new, so they fit its buffer.
+        let mut head = match config
+            .send_proxy
+            .map(|v| crate::proxy_header::header(v, from))
+        {
+            Some(Ok(h)) => h,
+            Some(Err(e)) => {
+                abort(&client);
+                return Err(ForwardError::Copy(e));
+            }
+            None => Vec::new(),
+        };
+        head.extend_from_slice(&bytes[sent..]);
+        if !head.is_empty() {
+            if let Err(e) = upstream.write_all(&head).await {
                 abort(&client);
                 return Err(ForwardError::Copy(e));
             }
         }
+        drop(head);
         let activity = Activity::default();
+        if !bytes.is_empty() {
+            // The backend owes an answer (the response timeout runs), but nothing was read
+            // by the copy yet: the bytes are kept, so a swap stays possible.
+            activity.sent_early();
+        }
         let copy = crate::copy::bidirectional(&client, &upstream, &activity, config.on_backend_eof);
         let outcome = tokio::select! {
             copied = copy => match copied {
@@ -212,6 +258,7 @@ pub async fn forward(
                 // client's bytes (if any) are unread, so another backend can have it. That is
                 // a worker killed between the connect and a slow client's first write (its
                 // listen queue reset as it died); the client never sees it.
+                // (A client that reset or closed is gone, whatever bytes of it are in hand.)
                 Err(e) if activity.untouched() && peek(&client) != Peek::Closed => {
                     backend.record_connect(false);
                     tracing::debug!(slot = backend.slot, addr = %backend.addr, error = %e, "backend failed before a byte either way, trying next");
@@ -244,7 +291,7 @@ pub async fn forward(
         }
         let (to_backend, to_client) = outcome?;
         return Ok(Forwarded::Copied(Transfer {
-            to_backend,
+            to_backend: to_backend + bytes.len() as u64,
             to_client,
         }));
     }
@@ -259,6 +306,42 @@ enum Peek {
     Data,
     /// It closed (FIN or RST) without sending anything.
     Closed,
+}
+
+/// At most this much of the client's first bytes is read before the connect: a request
+/// head. They are kept for the connection's life (in case its backend must be swapped),
+/// so a small bound; the rest is left for the copy loop.
+const EARLY_MAX: usize = 2048;
+
+/// What the client has sent so far, read without waiting (at most [`EARLY_MAX`]): its
+/// bytes (empty: nothing yet), or `None` if it closed or failed before sending any. Read
+/// straight from the socket, not through tokio's readiness: the socket was registered a
+/// moment ago and tokio has not polled it yet. The `EPOLLIN` that registration queued is
+/// re-checked by `epoll_wait` when it is collected, so no empty read follows.
+fn read_early(client: &TcpStream) -> Option<Vec<u8>> {
+    let mut buf = [MaybeUninit::<u8>::uninit(); EARLY_MAX];
+    // SAFETY: the fd is open for the duration of the call; `buf` is valid for writes of
+    // `buf.len()` bytes (recv(2) does not need them initialised).
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => None,
+        n if n > 0 => {
+            // SAFETY: recv(2) initialised the first `n` bytes of `buf`.
+            let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+            Some(data.to_vec())
+        }
+        _ => match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Some(Vec::new()),
+            _ => None,
+        },
+    }
 }
 
 /// One `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte: whether the client already left.
