@@ -403,10 +403,14 @@ fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
     assert_no_panic(&b);
 }
 
-/// Shared and reuseport modes: the workers accept themselves, so the exec never stops them.
-fn upgrades_in_mode(mode: &str) {
-    let install = Install::new(&format!("upgrade-{mode}"));
-    let mut b = install.start(&["--cpus", "2", "--mode", mode]);
+/// Two upgrades under load with `args` (a mode, a protocol), which must fail no request.
+/// In shared and reuseport modes the workers accept themselves, so the exec never stops
+/// them; in http mode the master's data path is paused and drained as in tcp.
+fn upgrades_with(tag: &str, args: &[&str]) {
+    let install = Install::new(&format!("upgrade-{tag}"));
+    let mut all = vec!["--cpus", "2"];
+    all.extend_from_slice(args);
+    let mut b = install.start(&all);
     let addr = b.addr();
     wait_all_ready(&b, 2);
     let workers = status_pids(&install.admin());
@@ -428,7 +432,7 @@ fn upgrades_in_mode(mode: &str) {
     let (sent, failures) = load.finish();
     assert!(
         failures.is_empty(),
-        "--mode {mode}: {} of {sent} requests failed: {failures:?}\n{}",
+        "{args:?}: {} of {sent} requests failed: {failures:?}\n{}",
         failures.len(),
         b.dump()
     );
@@ -442,12 +446,17 @@ fn upgrades_in_mode(mode: &str) {
 
 #[test]
 fn shared_mode_upgrades_in_place_under_load() {
-    upgrades_in_mode("shared");
+    upgrades_with("shared", &["--mode", "shared"]);
 }
 
 #[test]
 fn reuseport_mode_upgrades_in_place_under_load() {
-    upgrades_in_mode("reuseport");
+    upgrades_with("reuseport", &["--mode", "reuseport"]);
+}
+
+#[test]
+fn http_protocol_upgrades_in_place_under_load() {
+    upgrades_with("http", &["--protocol", "http"]);
 }
 
 #[test]
