@@ -70,6 +70,13 @@ STOP_EVERY = 10.0
 STOP_FOR = 1.5
 RELOAD_EVERY = 20.0
 UPGRADE_EVERY = 60.0
+#: The first upgrade this long after the first period: midway between two rolling reloads
+#: (every 20 s), since the master refuses an upgrade while a reload is under way.
+UPGRADE_OFFSET = 10.0
+#: A refused upgrade (a worker not ready: one was just killed) is asked again this often,
+#: at most UPGRADE_TRIES times, as an operator would.
+UPGRADE_RETRY = 0.3
+UPGRADE_TRIES = 10
 UPSTREAM_EVERY = 30.0
 UPSTREAM_DOWN_FOR = 5.0
 #: After a kill is sent, how long a failure still counts as the kill's casualty (the victim's
@@ -307,7 +314,7 @@ def fault_loop(
     rng = random.Random(int(time.time()))
     t0 = time.time()
     next_kill, next_stop, next_reload = t0 + KILL_EVERY, t0 + STOP_EVERY / 2, t0 + RELOAD_EVERY
-    next_upgrade = t0 + upgrade_every
+    next_upgrade = t0 + upgrade_every + UPGRADE_OFFSET
     next_outage, next_flip, outage_since = t0 + UPSTREAM_EVERY / 2, t0 + DNS_FLIP_EVERY, None
     stopped: tuple[int, float] | None = None
     while not stop.is_set() and time.time() < until:
@@ -354,8 +361,7 @@ def fault_loop(
             faults.dns_flips.append(time.time())
         if "upgrade" in features and upgrade_every > 0 and now >= next_upgrade:
             next_upgrade += upgrade_every
-            os.kill(bal.pid, signal.SIGUSR2)
-            faults.upgrades.append(time.time())
+            ask_upgrade(bal, faults)
         time.sleep(0.01)
     if stopped and alive(stopped[0]):
         os.kill(stopped[0], signal.SIGCONT)
@@ -363,6 +369,27 @@ def fault_loop(
     if remote and outage_since is not None:
         remote.start_static()
         faults.upstream_outages.append((outage_since, time.time()))
+
+
+def ask_upgrade(bal: Balancer, faults: Faults) -> None:
+    """SIGUSR2, asked again while the master refuses it (its log says at once)."""
+    for _ in range(UPGRADE_TRIES):
+        seen = len(bal.proc.lines)
+        os.kill(bal.pid, signal.SIGUSR2)
+        faults.upgrades.append(time.time())
+        deadline = time.time() + 1.0
+        refused = False
+        while time.time() < deadline:
+            new = [t for _, t in list(bal.proc.lines)[seen:]]
+            if any("upgrade refused" in t for t in new):
+                refused = True
+                break
+            if any("upgrading in place" in t for t in new):
+                return
+            time.sleep(0.02)
+        if not refused:
+            return
+        time.sleep(UPGRADE_RETRY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,7 +795,7 @@ def main(argv: list[str]) -> int:
     upgrades = "not in this build"
     if "upgrade" in features:
         upgrades = (
-            f"{len(faults.upgrades)} asked (every {a.upgrade_every:.0f} s): {len(faults.upgrade_windows)} done, "
+            f"{len(faults.upgrade_windows)} done (one every {a.upgrade_every:.0f} s, asked again {UPGRADE_RETRY} s after a refusal); {len(faults.upgrades)} SIGUSR2 sent, "
             f"{faults.upgrades_refused} refused or failed (log)"
             if a.upgrade_every > 0
             else "off (--upgrade-every 0)"
