@@ -165,11 +165,7 @@ fuzz_target!(|data: &[u8]| {
     let client: SocketAddr = CLIENTS[usize::from(flags >> 1) & 3].parse().unwrap();
     let proto = if flags & 8 != 0 { "https" } else { "http" };
     let switching = flags & 16 != 0;
-    let origin = Origin {
-        client,
-        proto,
-        trusted,
-    };
+    let origin = Origin::new(client, proto, trusted);
     let ip = match client.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client.ip(), IpAddr::V4),
         v4 => v4,
@@ -255,7 +251,8 @@ fuzz_target!(|data: &[u8]| {
     let addr: SocketAddr = BACKEND.parse().unwrap();
     let pq = original.uri().path_and_query().map(|pq| pq.as_str());
     if pq.is_none_or(|p| p.starts_with('/')) {
-        let uri = backend_uri(original.uri(), addr).expect("an origin-form path fits a URI");
+        let authority = addr.to_string().parse().expect("a socket address is an authority");
+        let uri = backend_uri(original.uri().clone(), authority).expect("an origin-form path fits a URI");
         assert_eq!(uri.authority().map(|a| a.as_str()), Some(BACKEND));
         assert_eq!(uri.path_and_query().map(|p| p.as_str()), Some(pq.unwrap_or("/")));
     }

@@ -11,11 +11,12 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -44,14 +45,6 @@ pub fn pool(config: &HttpConfig, connect_timeout: Duration) -> Pool {
         .build(connector)
 }
 
-/// The URI a request for `uri` is sent to on the backend at `addr`: `http://ADDR/path?query`
-/// (the pool's key is the address; the client's `Host` header is kept). `None` only for a
-/// path no URI can hold, which hyper never hands over.
-pub fn backend_uri(uri: &Uri, addr: SocketAddr) -> Option<Uri> {
-    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    Uri::try_from(format!("http://{addr}{pq}")).ok()
-}
-
 /// Backends a request has been sent to and must not be sent to again (a request
 /// extension, updated by the retry policy).
 #[derive(Debug, Clone, Default)]
@@ -70,16 +63,29 @@ pub struct Routed {
 
 /// Picks a backend per request (`--balance`, skipping those in [`Tried`]) and sends the
 /// request over the pool.
+///
+/// Cloned per request (by the stack and by tower's retry), so it is one `Arc`: cloning
+/// the hyper-util client itself copies its whole configuration.
 #[derive(Clone)]
-pub struct Balance {
+pub struct Balance(Arc<Inner>);
+
+struct Inner {
     backends: Arc<Backends>,
     pool: Pool,
+    /// Each backend's address as a URI authority, made once: formatting and parsing a
+    /// socket address per request was a visible share of the proxy's instructions.
+    /// Bounded by [`AUTHORITY_CACHE`]; a few entries in practice, scanned in order.
+    authorities: Mutex<Vec<(SocketAddr, Authority)>>,
 }
+
+/// Backend authorities kept; past it the cache starts over (backends come and go on
+/// reloads and DNS changes, and a stale entry is only memory).
+const AUTHORITY_CACHE: usize = 64;
 
 impl std::fmt::Debug for Balance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Balance")
-            .field("backends", &self.backends.len())
+            .field("backends", &self.0.backends.len())
             .finish_non_exhaustive()
     }
 }
@@ -87,8 +93,42 @@ impl std::fmt::Debug for Balance {
 impl Balance {
     /// Balances over `backends` through `pool`.
     pub fn new(backends: Arc<Backends>, pool: Pool) -> Self {
-        Self { backends, pool }
+        Self(Arc::new(Inner {
+            backends,
+            pool,
+            authorities: Mutex::new(Vec::new()),
+        }))
     }
+}
+
+impl Inner {
+    /// `addr` as a URI authority, from the cache when it is there.
+    fn authority(&self, addr: SocketAddr) -> Option<Authority> {
+        let mut cache = self.authorities.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, a)) = cache.iter().find(|(k, _)| *k == addr) {
+            return Some(a.clone());
+        }
+        let a = Authority::try_from(addr.to_string()).ok()?;
+        if cache.len() >= AUTHORITY_CACHE {
+            cache.clear();
+        }
+        cache.push((addr, a.clone()));
+        Some(a)
+    }
+}
+
+/// The URI a request for `uri` is sent to on the backend at `authority`:
+/// `http://ADDR/path?query`, the path and query moved over, not copied (the pool's key is
+/// the scheme and authority; the client's `Host` header is kept). `None` only for parts no
+/// URI can hold, which hyper never hands over.
+pub fn backend_uri(uri: Uri, authority: Authority) -> Option<Uri> {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).ok()
 }
 
 impl tower::Service<Request<ReplayBody>> for Balance {
@@ -105,7 +145,7 @@ impl tower::Service<Request<ReplayBody>> for Balance {
             .extensions()
             .get::<Tried>()
             .map_or(&[][..], |t| &t.0[..]);
-        let Some(backend) = self.backends.pick_excluding(tried) else {
+        let Some(backend) = self.0.backends.pick_excluding(tried) else {
             let err = match tried.len() {
                 0 => ProxyError::NoBackend,
                 tries => ProxyError::AllFailed { tries },
@@ -115,15 +155,20 @@ impl tower::Service<Request<ReplayBody>> for Balance {
         // Counted from the pick: least-conn must see it at once, or concurrent picks all
         // land on the same idle-looking backend.
         let active = backend.open();
-        match backend_uri(req.uri(), backend.addr) {
+        let uri = std::mem::take(req.uri_mut());
+        match self
+            .0
+            .authority(backend.addr)
+            .and_then(|a| backend_uri(uri, a))
+        {
             Some(uri) => *req.uri_mut() = uri,
             None => {
-                // Unreachable for an origin-form path; answered as a failed backend rather
-                // than a panic.
+                // Unreachable for a socket address and an origin-form path; answered as a
+                // failed backend rather than a panic.
                 return Box::pin(std::future::ready(Err(ProxyError::AllFailed { tries: 0 })));
             }
         }
-        let sent = self.pool.request(req);
+        let sent = self.0.pool.request(req);
         Box::pin(async move {
             // A retired backend's --grace running out ends the wait for its answer (the
             // pooled connection is dropped with the request, never reused).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, StatusCode};
 
 use crate::backends::ActiveGuard;
@@ -121,7 +122,8 @@ pub(crate) struct Finish {
     pub(crate) started: Instant,
     pub(crate) client: SocketAddr,
     pub(crate) method: Method,
-    pub(crate) path: String,
+    /// Shares the request's bytes: no copy per request unless a line is logged.
+    pub(crate) path: PathAndQuery,
     pub(crate) status: StatusCode,
     pub(crate) backend: Option<SocketAddr>,
     /// Holds one request in flight on the backend until the response is done.

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
+use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -130,15 +131,15 @@ async fn connection(thread: Arc<Thread>, tcp: TcpStream, peer: SocketAddr) {
         },
     };
     let h2 = stream.alpn() == Some(b"h2");
-    let origin = Origin {
-        client: peer,
-        proto: if thread.http.tls.is_some() {
+    let origin = Origin::new(
+        peer,
+        if thread.http.tls.is_some() {
             "https"
         } else {
             "http"
         },
-        trusted: config.trusted_proxies.contains(peer.ip()),
-    };
+        config.trusted_proxies.contains(peer.ip()),
+    );
     let clock = Arc::new(Clock::new(!h2));
     let (io, rescue) = Watched::new(stream, Arc::clone(&clock));
     let conn_state = Arc::new(Conn {
@@ -208,7 +209,8 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> 
         path: req
             .uri()
             .path_and_query()
-            .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
         status: StatusCode::OK,
         backend: None,
         _active: None,
