@@ -96,6 +96,20 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     })
 }
 
+/// A command that runs the master's own image: `/proc/self/exe`, resolved in the child
+/// after the fork, is the very file this master runs, even once a deployment has renamed a
+/// new binary over its path (`current_exe()` then ends in ` (deleted)` and cannot be run) or
+/// put a broken one there. A built-in worker must speak this master's protocol, so it comes
+/// from this image; the new binary takes over only through an in-place upgrade. `argv[0]`
+/// stays the path the master was started by, so `ps` shows a name, not `/proc/self/exe`.
+fn own_image() -> Command {
+    let mut c = Command::new("/proc/self/exe");
+    if let Some(arg0) = std::env::args_os().next() {
+        c.arg0(arg0);
+    }
+    c
+}
+
 /// The worker's command line, environment and stdio; `child_fd` is its end of the channel.
 fn command(spec: &SpawnSpec<'_>, child_fd: RawFd) -> io::Result<Command> {
     let SpawnSpec {
@@ -110,14 +124,14 @@ fn command(spec: &SpawnSpec<'_>, child_fd: RawFd) -> io::Result<Command> {
     } = *spec;
     let mut cmd = match program {
         WorkerProgram::Builtin => {
-            let mut c = Command::new(std::env::current_exe()?);
+            let mut c = own_image();
             c.arg("worker");
             c
         }
         WorkerProgram::Command { program, args } if listen_fd.is_some() => {
             // systemd's LISTEN_PID must be the worker's own pid, known only after fork: let
             // this executable set it and exec the program (same pid, same fds).
-            let mut c = Command::new(std::env::current_exe()?);
+            let mut c = own_image();
             c.arg(EXEC_WITH_LISTEN_PID)
                 .arg("--")
                 .arg(program)

@@ -473,3 +473,37 @@ fn handoff_mode_is_refused_with_one_line() {
     assert_eq!(get(addr, "/").expect("GET / after the refusal").0, 200);
     assert!(b.is_running());
 }
+
+/// A deployment renames a new (here: broken) binary over the master's path and no upgrade
+/// follows yet: a built-in worker that dies is still replaced, from the master's own image
+/// (not from the path, which now holds a program that fails at once).
+#[test]
+fn a_replaced_binary_on_disk_does_not_stop_builtin_workers_being_respawned() {
+    let install = Install::new("upgrade-respawn-after-replace");
+    let mut b = install.start(&["--cpus", "1"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let first = ready_pids(&b);
+    assert_eq!(first.len(), 1, "{}", b.dump());
+
+    install.replace(Replacement::Failing);
+    send_signal(first[0], libc::SIGKILL);
+    let replaced = wait_until(READY_TIMEOUT, || {
+        let now = ready_pids(&b);
+        now.len() == 1 && now[0] != first[0]
+    });
+    assert!(
+        replaced,
+        "no replacement worker became ready:\n{}",
+        b.dump()
+    );
+    assert_eq!(get(addr, "/").expect("GET / from the replacement").0, 200);
+    assert!(
+        !b.lines().iter().any(|l| l.contains("broken build")),
+        "a worker ran the replaced file:\n{}",
+        b.dump()
+    );
+    b.signal(libc::SIGTERM);
+    assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
+    assert_no_panic(&b);
+}
