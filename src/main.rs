@@ -274,6 +274,7 @@ fn data_path(config: &Config, threads: usize) -> (Arc<Proxy>, usize) {
             } else {
                 proxy::BackendEof::Close
             },
+            quiesce: Arc::default(),
         },
         max_conns,
     )

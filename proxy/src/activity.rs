@@ -29,6 +29,9 @@ pub struct Activity {
     waits: AtomicU32,
     /// The backend has sent at least one byte on this connection.
     answered: AtomicBool,
+    /// How many backend → client moves there have been: with `waits`, tells a look that
+    /// bytes moved without taking the watcher's `moved` flag from it.
+    answers: AtomicU32,
 }
 
 impl Activity {
@@ -42,6 +45,7 @@ impl Activity {
     /// Bytes moved backend → client: the backend answered.
     pub fn to_client(&self) {
         self.moved.store(true, Ordering::Relaxed);
+        self.answers.fetch_add(1, Ordering::Relaxed);
         if self.awaiting.load(Ordering::Relaxed) {
             self.awaiting.store(false, Ordering::Relaxed);
         }
@@ -66,6 +70,19 @@ impl Activity {
     /// Whether the backend ever sent a byte.
     pub fn answered(&self) -> bool {
         self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend owes an answer: the client sent bytes it has not answered yet.
+    pub fn owes(&self) -> bool {
+        self.awaiting.load(Ordering::Relaxed)
+    }
+
+    /// Counts of the moves each way so far: equal twice means nothing moved in between.
+    pub fn marks(&self) -> (u32, u32) {
+        (
+            self.waits.load(Ordering::Relaxed),
+            self.answers.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether nothing was read from either side yet: the client's bytes, if it sent any,

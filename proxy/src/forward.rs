@@ -38,6 +38,8 @@ pub struct ForwardConfig {
     /// What a backend's EOF means: the end of the connection (the default, as nginx's
     /// `proxy_half_close off`), or a half-close to pass on (`--half-close`).
     pub on_backend_eof: BackendEof,
+    /// Set by an in-place upgrade: idle connections end (see [`crate::quiesce`]).
+    pub quiesce: std::sync::Arc<crate::quiesce::Quiesce>,
 }
 
 impl Default for ForwardConfig {
@@ -48,6 +50,7 @@ impl Default for ForwardConfig {
             response_timeout: None,
             send_proxy: None,
             on_backend_eof: BackendEof::default(),
+            quiesce: std::sync::Arc::default(),
         }
     }
 }
@@ -83,6 +86,9 @@ pub enum ForwardError {
     /// The backend was retired (a remote address gone from DNS) and its grace ran out.
     #[error("backend retired")]
     Closed,
+    /// Idle while the master upgraded in place (see [`crate::quiesce`]).
+    #[error("idle at an in-place upgrade")]
+    Quiesced,
 }
 
 /// Bytes moved by one forwarded connection.
@@ -281,6 +287,7 @@ pub async fn forward(
                 })
             }
             _ = backend.closed() => return Err(ForwardError::Closed),
+            () = config.quiesce.idle(&activity) => Err(ForwardError::Quiesced),
         };
         // Passive health: an answer proves life however the connection ended (a client that
         // left before reading it included).

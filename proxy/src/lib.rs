@@ -14,6 +14,7 @@ pub mod forward;
 pub mod health;
 pub mod http;
 pub mod proxy_header;
+pub mod quiesce;
 pub mod server;
 pub mod tls;
 

@@ -348,7 +348,7 @@ pub(crate) fn record(stats: &Stats, peer: ClientAddr, result: Result<Forwarded, 
             &stats.connect_failed
         }
         Err(ForwardError::Copy(_) | ForwardError::Closed) => &stats.copy_failed,
-        Err(ForwardError::Idle(_)) => &stats.idle_closed,
+        Err(ForwardError::Idle(_) | ForwardError::Quiesced) => &stats.idle_closed,
         Err(ForwardError::NoResponse(_)) => &stats.response_timeouts,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -362,6 +362,7 @@ pub(crate) fn record(stats: &Stats, peer: ClientAddr, result: Result<Forwarded, 
             e @ (ForwardError::Copy(_)
             | ForwardError::Idle(_)
             | ForwardError::NoResponse(_)
+            | ForwardError::Quiesced
             | ForwardError::Closed),
         ) => {
             tracing::debug!(%peer, error = %e, "connection closed")

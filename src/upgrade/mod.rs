@@ -119,6 +119,11 @@ impl Upgrader {
             .await
             .is_ok();
         conns.tracker.close();
+        // Keep-alive clients would hold the drain for its whole bound, and new clients wait
+        // in the backlog meanwhile: their idle connections end now (they retry on a new
+        // connection, which the new image accepts).
+        let quiesce = &self.ctx.proxy.forward.quiesce;
+        quiesce.start();
         let drained = paused
             && tokio::time::timeout_at(deadline, conns.tracker.wait())
                 .await
@@ -135,6 +140,7 @@ impl Upgrader {
         tracing::info!(workers = state.workers.len(), drained_in = ?started.elapsed(), "executing the new binary");
         let err = exec::exec(&self.exe, &self.args, &state);
         // The exec failed: this image goes on.
+        quiesce.stop();
         crate::signals::unblock();
         for intent in pending {
             // SAFETY: kill with this process's own pid and a valid signal number.

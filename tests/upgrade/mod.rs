@@ -507,3 +507,68 @@ fn a_replaced_binary_on_disk_does_not_stop_builtin_workers_being_respawned() {
     assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
     assert_no_panic(&b);
 }
+
+/// An idle keep-alive client does not hold the upgrade's drain for its bound (10 s, while
+/// new clients wait in the backlog): its connection, answered and silent, is closed at once,
+/// as any server closes an idle keep-alive connection, and the upgrade goes on.
+#[test]
+fn an_idle_keep_alive_connection_does_not_hold_the_upgrade() {
+    use std::io::{Read, Write};
+    let install = Install::new("upgrade-keepalive");
+    let mut b = install.start(&["--cpus", "1"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    let mut client = std::net::TcpStream::connect(addr).expect("connecting");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("sending a request");
+    // One whole response (headers and a Content-Length body), the connection kept open.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .and_then(|v| v.parse::<usize>().ok());
+        length.is_some_and(|n| body.len() >= n)
+    };
+    while !complete(&got) {
+        let n = client.read(&mut buf).expect("reading the response");
+        assert!(n > 0, "closed before a whole response: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    install.replace(Replacement::Same);
+    b.signal(libc::SIGUSR2);
+    let (_, line) = b.expect_line(0, "`executing the new binary`", UPGRADE, |l| {
+        is_event(l, "executing the new binary")
+    });
+    let drained_in = field(&line, "drained_in")
+        .and_then(parse_debug_duration)
+        .unwrap_or_else(|| panic!("no drained_in in {line}"));
+    assert!(drained_in < Duration::from_secs(5), "{line}");
+    // The idle connection was closed by the master (EOF, or a reset), not left open.
+    let n = client.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection got bytes: {:?}", &buf[..n]);
+    expect_upgraded(&b, 1);
+    assert_eq!(get(addr, "/").expect("GET / after the upgrade").0, 200);
+    b.signal(libc::SIGTERM);
+    assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
+    assert_no_panic(&b);
+}
