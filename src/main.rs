@@ -155,11 +155,13 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         let mut signals = Signals::install().context("installing signal handlers")?;
         upgrade::signals_ready(handed.as_ref().map_or(&[][..], |t| &t.state.pending_signals));
         let mut proxy_threads = accept::ProxyThreads::new(Arc::clone(&data), conns.clone());
-        // Socket-activated, the connection that woke the service is already queued: accept
-        // only once a worker can take it, so it waits in the backlog instead of failing.
-        // After an upgrade, the same for the connections queued during the exec: the adopted
-        // workers enter rotation on the supervisor's tasks, a moment later.
-        let mut unserved = if (socket_activated || handed.is_some()) && config.workers > 0 {
+        // With local workers, accept only once one can take a connection: until then the
+        // listener stays bound (the port is taken) and clients wait in its backlog instead of
+        // being closed for want of a backend. That covers the connection that woke a
+        // socket-activated service and those queued during an upgrade's exec (the adopted
+        // workers enter rotation on the supervisor's tasks, a moment later). With no local
+        // worker (`--cpus 0`, only `--upstream`), there is nothing to wait for.
+        let mut unserved = if config.workers > 0 {
             Some(bound.proxy_listeners)
         } else {
             proxy_threads.start(bound.proxy_listeners).context("starting the proxy threads")?;
@@ -243,7 +245,9 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             let why = upgrader.upgrade(&mut proxy_threads, &conns, &mut signals, serving, reply).await;
             tracing::error!("{why}");
         }
-        drain_and_stop(&config, &conns, &mut proxy_threads, &stop, &mut signals, &mut supervisor).await;
+        // The grace in force now: a SIGHUP may have re-read it from `--config`.
+        let grace = controls.ctx.config().grace;
+        drain_and_stop(grace, &conns, &mut proxy_threads, &stop, &mut signals, &mut supervisor).await;
         let _ = upstream_task.await;
         proxy_threads.join();
         tracing::info!("stopped");
@@ -320,8 +324,7 @@ enum Wake {
 }
 
 /// Serves until SIGTERM, SIGINT or an upgrade request, handing every other signal to
-/// `on_signal`; with socket activation, the proxy threads start on the `unserved` listeners
-/// once a worker is ready.
+/// `on_signal`; the proxy threads start on the `unserved` listeners once a worker is ready.
 async fn serve_until(
     signals: &mut Signals,
     registry: &status::Registry,
@@ -337,7 +340,7 @@ async fn serve_until(
             () = registry.first_ready(), if unserved.is_some() => {
                 if let Some(listeners) = unserved.take() {
                     proxy_threads.start(listeners).context("starting the proxy threads")?;
-                    tracing::info!("a worker is ready: accepting on the inherited listener");
+                    tracing::info!("a worker is ready: accepting");
                 }
                 continue;
             }
@@ -350,10 +353,11 @@ async fn serve_until(
     }
 }
 
-/// The master's stop: stop accepting and drain connections (up to `--grace`), then stop and
-/// reap the workers (in order, unless a second stop signal says otherwise).
+/// The master's stop: stop accepting and drain connections (up to `grace`, the `--grace` in
+/// force), then stop and reap the workers (in order, unless a second stop signal says
+/// otherwise).
 async fn drain_and_stop(
-    config: &Config,
+    grace: Duration,
     conns: &Connections,
     proxy_threads: &mut accept::ProxyThreads,
     stop: &StopTokens,
@@ -363,7 +367,7 @@ async fn drain_and_stop(
     // 1. Stop accepting; let open connections finish within the grace period.
     systemd::stopping();
     let open = conns.tracker.len();
-    tracing::info!(open_connections = open, grace = ?config.grace, "stopping: draining connections");
+    tracing::info!(open_connections = open, grace = ?grace, "stopping: draining connections");
     proxy_threads.stop_accepting();
     // Workers drain too, from now: only they can tell an idle keep-alive connection from a
     // busy one, and close it.
@@ -371,7 +375,7 @@ async fn drain_and_stop(
     conns.tracker.close();
     let mut forced = false;
     tokio::select! {
-        done = tokio::time::timeout(config.grace, conns.tracker.wait()) => {
+        done = tokio::time::timeout(grace, conns.tracker.wait()) => {
             if done.is_err() {
                 tracing::warn!(open_connections = conns.tracker.len(), "grace period over; closing open connections");
             }

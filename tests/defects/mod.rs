@@ -2,6 +2,7 @@
 //! with a test that failed on the code before its fix.
 
 mod drain;
+mod early_client;
 mod half_close;
 mod node_seed;
 mod orphans;

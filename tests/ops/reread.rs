@@ -159,3 +159,56 @@ fn sighup_changes_a_remote_backends_health_settings_without_a_restart() {
         b.dump()
     );
 }
+
+/// Accepts on `PORT` and holds every connection without answering: only the master's grace
+/// ends a stop with one open.
+const HOLDS: &str = r#"
+import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(64)
+held = []
+while True:
+    held.append(s.accept()[0])
+"#;
+
+#[test]
+fn sighup_changes_the_grace_of_the_masters_own_stop() {
+    let dir = TempDir::new("ops-reread-grace");
+    let file = dir.path().join("balancer.toml");
+    let python = python3().to_str().expect("UTF-8 python path");
+    let base = "listen = \"127.0.0.1:0\"\ncpus = 1\nready = \"port\"\nadmin = \"127.0.0.1:0\"\n";
+    write(&file, &format!("{base}grace = \"30s\"\n"));
+    let file_arg = file.to_str().expect("UTF-8 path");
+    let mut b = Balancer::start_exact(&["--config", file_arg, "--", python, "-c", HOLDS]);
+    let addr = b.addr();
+    let admin = admin_addr(&b);
+    wait_all_ready(&b, 1);
+
+    write(&file, &format!("{base}grace = \"1s\"\n"));
+    send_signal(b.pid(), libc::SIGHUP);
+    b.expect_line(0, "`rolling reload done`", READY_TIMEOUT, |l| {
+        is_event(l, "rolling reload done")
+    });
+
+    // A connection the worker never answers, open when the stop starts.
+    let (mut held, _) = hold_one(addr, admin);
+    held.write_all(b"GET / HTTP/1.1\r\n")
+        .expect("sending a partial request");
+    let stopped = std::time::Instant::now();
+    b.signal(libc::SIGTERM);
+    let (_, line) = b.expect_line(0, "`stopping: draining connections`", STARTUP, |l| {
+        is_event(l, "stopping: draining connections")
+    });
+    assert_eq!(field(&line, "grace"), Some("1s"), "{line}");
+    let exit = b.wait_exit(Duration::from_secs(10));
+    assert!(
+        exit.is_some(),
+        "the master still drains {:?} after SIGTERM with grace 1s\n{}",
+        stopped.elapsed(),
+        b.dump()
+    );
+    drop(held);
+    assert_no_panic(&b);
+}
