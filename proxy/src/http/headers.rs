@@ -131,8 +131,13 @@ pub fn rewrite_request<B>(req: &mut Request<B>, origin: &Origin, upgrade: bool) 
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // After the strip: `Connection: host` must not take the client's Host away (found by
     // the fuzz target; the backend then saw no Host at all).
-    if let Some(h) = host.as_ref().filter(|_| !req.headers().contains_key(HOST)) {
-        req.headers_mut().insert(HOST, h.clone());
+    // Exactly one Host goes on, the one the forwarding headers name: none left (only the
+    // authority was sent) or several sent (HTTP/1.1 forbids it; found by the fuzz target:
+    // the backend saw both while X-Forwarded-Host named the first) become that one.
+    if req.headers().get_all(HOST).iter().count() != 1 {
+        if let Some(h) = &host {
+            req.headers_mut().insert(HOST, h.clone());
+        }
     }
     set_forwarded(req.headers_mut(), origin, host.as_ref());
     *req.version_mut() = Version::HTTP_11;
@@ -323,6 +328,19 @@ mod tests {
         assert!(!req.headers().contains_key("x-secret"));
         assert!(!req.headers().contains_key(CONNECTION));
         assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn several_hosts_become_the_one_the_forwarding_headers_name() {
+        // Found by fuzz/fuzz_targets/http_request.rs.
+        let mut req = Request::new(());
+        let h = req.headers_mut();
+        h.append(HOST, HeaderValue::from_static("first.test"));
+        h.append(HOST, HeaderValue::from_static("second.test:8443"));
+        rewrite_request(&mut req, &origin("10.0.0.7:5000", false), false);
+        let hosts: Vec<_> = req.headers().get_all(HOST).iter().collect();
+        assert_eq!(hosts, ["first.test"]);
+        assert_eq!(req.headers()[&X_FORWARDED_HOST], "first.test");
     }
 
     #[test]
