@@ -762,10 +762,16 @@ pub fn python3() -> &'static Path {
         .expect("python3 is needed for this test and was not found in PATH")
 }
 
-/// Waits until the log says all `n` workers are ready (`READY_TIMEOUT` at most).
+/// Waits until the log says all `n` workers are ready and the master accepts
+/// (`READY_TIMEOUT` at most). The master starts its proxy threads (their runtimes, epoll
+/// fds and listener copies) once the first worker is ready, on its main loop: a test that
+/// counts the master's descriptors or threads must not begin before that.
 pub fn wait_all_ready(b: &Balancer, n: usize) {
     b.expect_line(0, "`all workers ready`", READY_TIMEOUT, |l| {
         is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
+    });
+    b.expect_line(0, "`a worker is ready: accepting`", READY_TIMEOUT, |l| {
+        is_event(l, "a worker is ready: accepting")
     });
 }
 
