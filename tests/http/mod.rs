@@ -234,23 +234,13 @@ fn failures_are_http_answers() {
 
 #[test]
 fn no_backend_is_503_with_retry_after() {
-    // A worker that never announces itself: nothing is in rotation.
-    let py = python3().to_str().unwrap().to_owned();
-    let b = Balancer::start(&[
-        "--cpus",
-        "1",
-        "--protocol",
-        "http",
-        "--ready-timeout",
-        "60s",
-        "--",
-        &py,
-        "-c",
-        "import time; time.sleep(120)",
-    ]);
-    b.expect_line(0, "`worker spawned`", READY, |l| {
-        is_event(l, "worker spawned")
-    });
+    // No local worker (a master with local workers accepts only once one is ready) and
+    // one remote upstream where nothing listens: nothing is in rotation.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let b = Balancer::start(&["--cpus", "0", "--protocol", "http", "--upstream", &upstream]);
+    b.expect_line(0, "`listening`", READY, |l| is_event(l, "listening"));
     let mut s = TcpStream::connect(b.addr()).unwrap();
     let (status, head, body) = exchange(&mut s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 503, "{head}{body}");
