@@ -583,7 +583,26 @@ pub fn get_with_timeout(
     path: &str,
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
+    get_after(addr, path, timeout, Duration::ZERO)
+}
+
+/// [`get`] from a client that lets `hesitate` pass between its connect and its request: a
+/// distant or descheduled client, whose connection the server has accepted and which has
+/// sent nothing yet. (A sleep that is the client's behaviour, not a wait for a condition.)
+pub fn get_hesitant(addr: SocketAddr, path: &str, hesitate: Duration) -> io::Result<(u16, String)> {
+    get_after(addr, path, HTTP_TIMEOUT, hesitate)
+}
+
+fn get_after(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    hesitate: Duration,
+) -> io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+    if !hesitate.is_zero() {
+        thread::sleep(hesitate);
+    }
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(

@@ -22,6 +22,10 @@ const EXIT: Duration = Duration::from_secs(15);
 /// Pause between two requests of one load thread: a few hundred new connections a second
 /// over the two threads, without filling the host's table of TIME_WAIT entries.
 const PACE: Duration = Duration::from_millis(2);
+/// How long a hesitant load thread waits between its connect and its request: its
+/// connection is accepted and silent for most of its life, as a distant client's is for a
+/// round trip, so an upgrade's stop nearly always finds one such connection.
+const HESITATE: Duration = Duration::from_millis(10);
 
 /// A directory with a copy of the binary under test at `balancer`.
 struct Install {
@@ -89,7 +93,8 @@ enum Replacement {
     Failing,
 }
 
-/// Background clients, each sending `GET /` on a new connection per request until stopped.
+/// Background clients, each sending `GET /` on a new connection per request until stopped
+/// (some of them [`HESITATE`] after their connect).
 struct Load {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
@@ -99,22 +104,29 @@ struct Load {
 
 impl Load {
     fn start(addr: std::net::SocketAddr, threads: usize) -> Self {
+        Self::mixed(addr, threads, 0)
+    }
+
+    /// `prompt` threads that send at once, and `hesitant` ones that send [`HESITATE`]
+    /// after their connect.
+    fn mixed(addr: std::net::SocketAddr, prompt: usize, hesitant: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..threads)
-            .map(|_| {
+        let threads = (0..prompt + hesitant)
+            .map(|i| {
                 let (stop, sent, failures) =
                     (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&failures));
+                let hesitate = if i < prompt { Duration::ZERO } else { HESITATE };
                 thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         let at = Instant::now();
-                        match get(addr, "/") {
+                        match get_hesitant(addr, "/", hesitate) {
                             Ok((200, _)) => {}
-                            other => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("after {:?}: {other:?}", at.elapsed())),
+                            other => failures.lock().unwrap().push(format!(
+                                "after {:?} (hesitating {hesitate:?}): {other:?}",
+                                at.elapsed()
+                            )),
                         }
                         sent.fetch_add(1, Ordering::Relaxed);
                         thread::sleep(PACE);
@@ -405,7 +417,9 @@ fn a_request_in_flight_at_the_upgrade_finishes_before_the_exec() {
 
 /// Two upgrades under load with `args` (a mode, a protocol), which must fail no request.
 /// In shared and reuseport modes the workers accept themselves, so the exec never stops
-/// them; in http mode the master's data path is paused and drained as in tcp.
+/// them; in http mode the master's data path is paused and drained as in tcp. One load
+/// thread hesitates after its connects, so each upgrade's stop finds a connection that is
+/// accepted and has not sent its request yet (which an http-mode drain once closed unread).
 fn upgrades_with(tag: &str, args: &[&str]) {
     let install = Install::new(&format!("upgrade-{tag}"));
     let mut all = vec!["--cpus", "2"];
@@ -414,7 +428,7 @@ fn upgrades_with(tag: &str, args: &[&str]) {
     let addr = b.addr();
     wait_all_ready(&b, 2);
     let workers = status_pids(&install.admin());
-    let load = Load::start(addr, 2);
+    let load = Load::mixed(addr, 2, 1);
     for n in 1..=2 {
         install.replace(Replacement::Same);
         let before = load.sent.load(Ordering::Relaxed);

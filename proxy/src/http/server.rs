@@ -3,10 +3,16 @@
 //! chose `h2`), and the per-request handler that rewrites the request, sends it through
 //! the tower stack and turns the result into the client's response.
 //!
-//! Stopping: when `stop` is cancelled, every connection is told to shut down gracefully
-//! (hyper closes an idle HTTP/1 connection at once, lets a busy one finish its response
-//! with `Connection: close`, and sends HTTP/2 clients a GOAWAY); `conns.abort` ends
-//! whatever is left at the end of the grace period.
+//! Stopping: when `stop` is cancelled (a graceful stop, or an in-place upgrade's drain),
+//! every connection is told to shut down gracefully (hyper closes an idle HTTP/1
+//! connection at once, lets a busy one finish its response with `Connection: close`, and
+//! sends HTTP/2 clients a GOAWAY); `conns.abort` ends whatever is left at the end of the
+//! grace period. A connection that has not sent a byte yet is told only once its first
+//! bytes arrive, or after [`FIRST_REQUEST_WAIT`]: hyper takes a connection with nothing
+//! read for idle and closes it at once, and a client that has just connected (accepted
+//! right before the stop) is sending its first request. Closed then, that request is lost
+//! (the client gets a reset or a broken pipe, and no client retries a request on a fresh
+//! connection), which an upgrade promises never to do.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,6 +53,12 @@ const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Concurrent HTTP/2 streams per client connection: as many requests in flight as a
 /// browser opens, bounded so one connection cannot take every backend slot.
 const H2_MAX_STREAMS: u32 = 256;
+/// How long a stopping server waits for the first byte of a connection that has sent
+/// nothing yet before it closes it. A client sends its request right after its connect
+/// returns, so its bytes follow the handshake by about one round trip (and by a scheduling
+/// delay on a loaded client): a second covers both with room. A connection that stays
+/// silent (a browser's pre-connect) holds an upgrade's drain for this long at most.
+pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 /// The body of every response to a client: a backend's (ended early if that backend is
 /// retired and its `--grace` runs out), or one of the proxy's own.
@@ -153,11 +165,21 @@ async fn connection(thread: Arc<Thread>, tcp: TcpStream, peer: SocketAddr) {
     });
     let builder = if h2 { &thread.h2 } else { &thread.h1 };
     let mut served = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
-    let mut draining = thread.stop.is_cancelled();
-    if draining {
-        served.as_mut().graceful_shutdown();
-    }
+    // When the stop was seen: the graceful shutdown follows once the client has spoken (or
+    // FIRST_REQUEST_WAIT later), see the module's doc.
+    let mut stopping = thread.stop.is_cancelled().then(tokio::time::Instant::now);
+    let mut draining = false;
     let expired = loop {
+        let (said, until) = (&*clock, stopping.map(|t| t + FIRST_REQUEST_WAIT));
+        let speak = async move {
+            let Some(until) = until else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                () = watch::spoken(said) => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        };
         tokio::select! {
             done = served.as_mut() => {
                 if let Err(e) = done {
@@ -165,7 +187,10 @@ async fn connection(thread: Arc<Thread>, tcp: TcpStream, peer: SocketAddr) {
                 }
                 break None;
             }
-            () = thread.stop.cancelled(), if !draining => {
+            () = thread.stop.cancelled(), if stopping.is_none() => {
+                stopping = Some(tokio::time::Instant::now());
+            }
+            () = speak, if stopping.is_some() && !draining => {
                 draining = true;
                 served.as_mut().graceful_shutdown();
             }

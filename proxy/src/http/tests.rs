@@ -592,6 +592,52 @@ async fn graceful_stop_finishes_in_flight_with_connection_close() {
         .unwrap();
 }
 
+/// A connection accepted just before a stop (an upgrade's drain) whose request arrives
+/// after it is answered, not closed unread: hyper takes a connection with nothing read for
+/// idle, and closed then the client's request is lost (a reset or a broken pipe on a fresh
+/// connection, which no client retries). One that stays silent is closed after
+/// [`super::server::FIRST_REQUEST_WAIT`], so it cannot hold the drain.
+#[tokio::test]
+async fn a_stop_answers_the_first_request_of_a_connection_accepted_before_it() {
+    let a = backend("a").await;
+    let f = front(Policy::RoundRobin, HttpConfig::default(), &[a.addr]).await;
+    let mut late = TcpStream::connect(f.addr).await.unwrap();
+    let mut silent = TcpStream::connect(f.addr).await.unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while f.conns.tracker.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "never accepted");
+        tokio::task::yield_now().await;
+    }
+    f.stop.cancel();
+    // The client's first bytes come a moment after the stop: the connection's task (on
+    // this runtime) has seen the stop long before, which is what used to close it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    late.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP, late.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .expect("the request is answered, not reset");
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200 "), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.ends_with("\r\n\r\na"), "{text}");
+    assert_eq!(a.hits.load(Ordering::Relaxed), 1);
+    // The silent one is closed without an answer, and the drain ends.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(STEP, silent.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "the silent connection is closed without an answer");
+    f.conns.tracker.close();
+    tokio::time::timeout(STEP, f.conns.tracker.wait())
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn empty_get_bodies_stay_empty() {
     let a = backend("a").await;

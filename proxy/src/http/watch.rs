@@ -7,6 +7,10 @@
 //! from idle, `--header-timeout` from the first byte of a head, none while busy) and is
 //! woken only by those transitions.
 //!
+//! The clock also remembers whether the client has sent anything at all ([`spoken`]): a
+//! server that stops does not shut down a connection that has not yet sent its first
+//! request at once (see `server::FIRST_REQUEST_WAIT`).
+//!
 //! hyper's own `header_read_timeout` is not used: it starts counting as soon as hyper
 //! waits for the next request, so on a keep-alive connection it doubles as the idle
 //! timeout (an idle client would be cut at 10 s and sent a 408 it never asked for), and
@@ -15,7 +19,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,6 +54,10 @@ pub(crate) struct Clock {
     /// Track heads (HTTP/1); an HTTP/2 connection only has idle and busy.
     heads: bool,
     notify: Notify,
+    /// The client has sent at least one byte on this connection.
+    spoke: AtomicBool,
+    /// Woken (one permit) when `spoke` is first set; only [`spoken`] waits on it.
+    first_byte: Notify,
 }
 
 impl Clock {
@@ -62,6 +70,8 @@ impl Clock {
             busy: AtomicUsize::new(0),
             heads,
             notify: Notify::new(),
+            spoke: AtomicBool::new(false),
+            first_byte: Notify::new(),
         }
     }
 
@@ -71,6 +81,10 @@ impl Clock {
 
     /// Bytes arrived from the client.
     fn on_read(&self) {
+        if !self.spoke.load(Ordering::Relaxed) {
+            self.spoke.store(true, Ordering::Relaxed);
+            self.first_byte.notify_one();
+        }
         if self.heads
             && self.busy.load(Ordering::Relaxed) == 0
             && self.phase.load(Ordering::Relaxed) == IDLE
@@ -93,6 +107,16 @@ impl Clock {
             self.phase.store(IDLE, Ordering::Relaxed);
             self.notify.notify_one();
         }
+    }
+}
+
+/// Resolves once the client has sent a byte on this connection (at once if it already has).
+/// One waiter at a time (the connection's task).
+pub(crate) async fn spoken(clock: &Clock) {
+    // `notify_one` keeps a permit when nobody waits yet, so a first byte between the load
+    // and the await is not missed.
+    while !clock.spoke.load(Ordering::Relaxed) {
+        clock.first_byte.notified().await;
     }
 }
 
