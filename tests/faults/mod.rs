@@ -48,7 +48,11 @@ const EXIT: Duration = Duration::from_secs(15);
 // ---------------------------------------------------------------------------------------------
 // Reading the master: its log, its admin endpoint.
 
-/// Waits until `n` workers are in rotation at once (by the log).
+/// Waits until `n` workers are in rotation at once (by the log) and the master accepts.
+/// The master starts its proxy threads (their runtimes, epoll fds and listener copies) on
+/// its main loop once the first worker is ready, a moment after that worker's `worker
+/// ready`: a descriptor count taken before then is short of them (as in
+/// [`wait_all_ready`]).
 fn wait_in_rotation(b: &Balancer, n: usize, timeout: Duration) {
     let ok = wait_until(timeout, || {
         rotation(&b.lines())
@@ -62,6 +66,9 @@ fn wait_in_rotation(b: &Balancer, n: usize, timeout: Duration) {
         "{n} workers never in rotation within {timeout:?}; log:\n{}",
         b.dump()
     );
+    b.expect_line(0, "`a worker is ready: accepting`", timeout, |l| {
+        is_event(l, "a worker is ready: accepting")
+    });
 }
 
 /// The workers in rotation according to the log, `pid -> slot`: `worker ready` puts one in,
