@@ -24,8 +24,9 @@ const EXIT: Duration = Duration::from_secs(15);
 const PACE: Duration = Duration::from_millis(2);
 /// How long a hesitant load thread waits between its connect and its request: its
 /// connection is accepted and silent for most of its life, as a distant client's is for a
-/// round trip, so an upgrade's stop nearly always finds one such connection.
-const HESITATE: Duration = Duration::from_millis(10);
+/// round trip, so an upgrade's stop nearly always finds one such connection. Longer than
+/// the tcp drain's look for idle connections (`proxy::quiesce::LOOK`, 25 ms).
+const HESITATE: Duration = Duration::from_millis(50);
 
 /// A directory with a copy of the binary under test at `balancer`.
 struct Install {
@@ -103,10 +104,6 @@ struct Load {
 }
 
 impl Load {
-    fn start(addr: std::net::SocketAddr, threads: usize) -> Self {
-        Self::mixed(addr, threads, 0)
-    }
-
     /// `prompt` threads that send at once, and `hesitant` ones that send [`HESITATE`]
     /// after their connect.
     fn mixed(addr: std::net::SocketAddr, prompt: usize, hesitant: usize) -> Self {
@@ -197,7 +194,8 @@ fn five_upgrades_under_load_fail_no_request_and_keep_every_pid() {
     let workers: HashSet<u32> = ready_pids(&b).into_iter().collect();
     assert_eq!(workers.len(), 2, "{}", b.dump());
 
-    let load = Load::start(addr, 2);
+    // The hesitant thread's connections are accepted and silent when a drain begins.
+    let load = Load::mixed(addr, 2, 1);
     assert!(
         wait_until(Duration::from_secs(10), || load
             .sent
