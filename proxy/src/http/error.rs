@@ -32,9 +32,9 @@ pub enum ProxyError {
         key: u64,
         /// Its address, for the log.
         addr: SocketAddr,
-        /// What the client library said.
+        /// Why.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: super::pool::ConnectError,
     },
     /// The backend failed (closed, reset) before sending a response head.
     #[error("backend {addr} failed before answering")]
@@ -43,9 +43,9 @@ pub enum ProxyError {
         key: u64,
         /// Its address, for the log.
         addr: SocketAddr,
-        /// What the client library said.
+        /// What hyper said.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     /// The backend was retired (its address left DNS) and its `--grace` ran out before it
     /// sent a response head: the request is abandoned there, and replayed elsewhere if it

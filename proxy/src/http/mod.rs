@@ -5,7 +5,7 @@
 //! negotiated `h2`); each request goes through a small stack of tower layers — a timeout
 //! (`--request-timeout`), a retry policy ([`retry`]) — around [`client::Balance`], which
 //! picks a backend per request from the shared [`Backends`](crate::Backends) set and sends
-//! the request over hyper-util's pooled keep-alive client. [`headers`] rewrites the
+//! the request over the thread's [`pool`] of keep-alive connections. [`headers`] rewrites the
 //! forwarded and hop-by-hop headers, [`error`] turns every failure into an HTTP answer,
 //! [`upgrade`] passes `Upgrade` exchanges through, [`replay`] keeps a request body
 //! replayable for retries, [`cut`] ends a retired backend's responses at its `--grace`,
@@ -19,6 +19,7 @@ pub mod cut;
 pub mod error;
 pub mod headers;
 pub mod metrics;
+pub mod pool;
 pub mod replay;
 pub mod retry;
 pub mod server;

@@ -37,11 +37,12 @@ use tower::ServiceExt;
 use crate::server::{accept_loop, Connections};
 use crate::tls::ClientStream;
 
-use super::client::{self, Balance, Routed};
+use super::client::{Balance, Routed};
 use super::cut::Cut;
 use super::error::{self, ProxyError};
 use super::headers::{self, Origin};
 use super::metrics::{Finish, Tracked};
+use super::pool::{Pool, Pooled};
 use super::replay::ReplayBody;
 use super::retry::Replay;
 use super::upgrade;
@@ -62,7 +63,7 @@ pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 /// The body of every response to a client: a backend's (ended early if that backend is
 /// retired and its `--grace` runs out), or one of the proxy's own.
-pub type ProxyBody = Tracked<Either<Cut<Incoming>, Full<Bytes>>>;
+pub type ProxyBody = Tracked<Either<Cut<Pooled<ReplayBody>>, Full<Bytes>>>;
 
 /// The per-request tower stack: the whole exchange (retries included) under
 /// `--request-timeout`, retries by [`Replay`], the backend pick and send by [`Balance`].
@@ -88,7 +89,11 @@ pub async fn serve(
     conns: Connections,
 ) {
     let config = &http.config;
-    let pool = client::pool(config, http.proxy.forward.connect_timeout);
+    let pool = Pool::new(
+        config.pool_max_idle,
+        config.pool_idle_timeout,
+        http.proxy.forward.connect_timeout,
+    );
     let balance = Balance::new(Arc::clone(&http.proxy.backends), pool);
     let retry = Retry::new(Replay::new(config.max_replays, Arc::clone(&http)), balance);
     let stack = Timeout::new(retry, config.request_timeout);

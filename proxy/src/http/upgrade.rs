@@ -5,7 +5,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::header::{CONNECTION, UPGRADE};
 use hyper::upgrade::OnUpgrade;
 use hyper::{HeaderMap, Request, Response};
@@ -34,9 +33,9 @@ fn connection_has(headers: &HeaderMap, option: &str) -> bool {
 /// between them on a task in `conns` (ended at the end of the grace period like any
 /// connection, or when `closed` resolves: a retired backend's `--grace` is over, as on the
 /// tcp path). `active` keeps the backend's in-flight count until the copy ends.
-pub(crate) fn splice(
+pub(crate) fn splice<B>(
     client: OnUpgrade,
-    backend: &mut Response<Incoming>,
+    backend: &mut Response<B>,
     conns: &Connections,
     (active, closed): (ActiveGuard, Option<WaitForCancellationFutureOwned>),
     stats: Arc<super::Http>,
