@@ -8,17 +8,19 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, Uri};
 
-use crate::backends::{ActiveGuard, Backend, Backends};
+use crate::backends::{ActiveGuard, Backend};
 
 use super::error::ProxyError;
 use super::pool::{Pool, Pooled, SendError};
 use super::replay::ReplayBody;
+use super::Http;
 
 /// Backends a request has been sent to and must not be sent to again (a request
 /// extension, updated by the retry policy).
@@ -44,22 +46,23 @@ pub struct Routed {
 pub struct Balance(Arc<Inner>);
 
 struct Inner {
-    backends: Arc<Backends>,
+    /// The backends (`http.proxy.backends`) and the retry counter.
+    http: Arc<Http>,
     pool: Pool<ReplayBody>,
 }
 
 impl std::fmt::Debug for Balance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Balance")
-            .field("backends", &self.0.backends.len())
+            .field("backends", &self.0.http.proxy.backends.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Balance {
-    /// Balances over `backends` through `pool`.
-    pub fn new(backends: Arc<Backends>, pool: Pool<ReplayBody>) -> Self {
-        Self(Arc::new(Inner { backends, pool }))
+    /// Balances over `http`'s backends through `pool`.
+    pub fn new(http: Arc<Http>, pool: Pool<ReplayBody>) -> Self {
+        Self(Arc::new(Inner { http, pool }))
     }
 }
 
@@ -89,27 +92,37 @@ impl tower::Service<Request<ReplayBody>> for Balance {
     }
 
     fn call(&mut self, mut req: Request<ReplayBody>) -> Self::Future {
-        let tried = req
-            .extensions()
-            .get::<Tried>()
-            .map_or(&[][..], |t| &t.0[..]);
-        let Some(backend) = self.0.backends.pick_excluding(tried) else {
-            let err = match tried.len() {
-                0 => ProxyError::NoBackend,
-                tries => ProxyError::AllFailed { tries },
-            };
-            return Box::pin(std::future::ready(Err(err)));
-        };
-        // Counted from the pick: least-conn must see it at once, or concurrent picks all
-        // land on the same idle-looking backend.
-        let active = backend.open();
         origin_form(&mut req);
-        let pool = self.0.pool.clone();
-        Box::pin(async move {
+        let this = Arc::clone(&self.0);
+        Box::pin(async move { this.send(req).await })
+    }
+}
+
+impl Inner {
+    /// Picks a backend (skipping those in [`Tried`]) and sends `req` to it. A backend that
+    /// refuses the connection or times out connecting is skipped and the next one picked
+    /// here, the request still whole in hand: nothing was sent, so any method goes on,
+    /// a body too long to replay included, and the retry policy need not have copied the
+    /// request for it.
+    async fn send(&self, mut req: Request<ReplayBody>) -> Result<Routed, ProxyError> {
+        loop {
+            let tried = req
+                .extensions()
+                .get::<Tried>()
+                .map_or(&[][..], |t| &t.0[..]);
+            let Some(backend) = self.http.proxy.backends.pick_excluding(tried) else {
+                return Err(match tried.len() {
+                    0 => ProxyError::NoBackend,
+                    tries => ProxyError::AllFailed { tries },
+                });
+            };
+            // Counted from the pick: least-conn must see it at once, or concurrent picks
+            // all land on the same idle-looking backend.
+            let active = backend.open();
             // A retired backend's --grace running out ends the wait for its answer (the
             // pooled connection is dropped with the request, never reused).
             let sent = tokio::select! {
-                r = pool.send(backend.addr, req) => r,
+                r = self.pool.send(backend.addr, req) => r,
                 () = backend.closed() => {
                     return Err(ProxyError::Retired {
                         key: backend.key,
@@ -120,27 +133,30 @@ impl tower::Service<Request<ReplayBody>> for Balance {
             match sent {
                 Ok(response) => {
                     backend.record_connect(true);
-                    Ok(Routed {
+                    return Ok(Routed {
                         response,
                         backend,
                         active,
-                    })
+                    });
                 }
-                Err(SendError::Connect(source)) => {
+                Err(SendError::Connect { source, request }) => {
                     backend.record_connect(false);
-                    tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?source, "backend connect failed");
-                    Err(ProxyError::Connect {
+                    tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?source, "backend connect failed; trying another");
+                    self.http.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    req = request;
+                    req.extensions_mut()
+                        .get_or_insert_default::<Tried>()
+                        .0
+                        .push(backend.key);
+                }
+                Err(SendError::Backend(source)) => {
+                    return Err(ProxyError::Backend {
                         key: backend.key,
                         addr: backend.addr,
                         source,
                     })
                 }
-                Err(SendError::Backend(source)) => Err(ProxyError::Backend {
-                    key: backend.key,
-                    addr: backend.addr,
-                    source,
-                }),
             }
-        })
+        }
     }
 }

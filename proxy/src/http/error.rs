@@ -25,17 +25,6 @@ pub enum ProxyError {
         /// How many were tried.
         tries: usize,
     },
-    /// Connecting to this backend failed (nothing was sent: any method can be retried).
-    #[error("connecting to backend {addr}")]
-    Connect {
-        /// The backend's instance key, so a retry skips it.
-        key: u64,
-        /// Its address, for the log.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: super::pool::ConnectError,
-    },
     /// The backend failed (closed, reset) before sending a response head.
     #[error("backend {addr} failed before answering")]
     Backend {
@@ -73,10 +62,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            Self::AllFailed { .. }
-            | Self::Connect { .. }
-            | Self::Backend { .. }
-            | Self::Retired { .. } => StatusCode::BAD_GATEWAY,
+            Self::AllFailed { .. } | Self::Backend { .. } | Self::Retired { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,

@@ -61,14 +61,18 @@ pub enum ConnectError {
 }
 
 /// Why a request sent to a backend got no response head.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// No connection: nothing was sent.
-    #[error(transparent)]
-    Connect(ConnectError),
+#[derive(Debug)]
+pub enum SendError<B> {
+    /// No connection: nothing was sent, and here is the request back, whole (its body
+    /// not polled), for another backend.
+    Connect {
+        /// Why.
+        source: ConnectError,
+        /// The request.
+        request: Request<B>,
+    },
     /// The connection failed before a response head came (the request may have been
     /// sent).
-    #[error(transparent)]
     Backend(hyper::Error),
 }
 
@@ -149,11 +153,19 @@ where
         &self,
         addr: SocketAddr,
         mut req: Request<B>,
-    ) -> Result<Response<Pooled<B>>, SendError> {
+    ) -> Result<Response<Pooled<B>>, SendError<B>> {
         loop {
             let (mut tx, reused) = match self.checkout(addr).await {
                 Some(tx) => (tx, true),
-                None => (self.connect(addr).await.map_err(SendError::Connect)?, false),
+                None => match self.connect(addr).await {
+                    Ok(tx) => (tx, false),
+                    Err(source) => {
+                        return Err(SendError::Connect {
+                            source,
+                            request: req,
+                        })
+                    }
+                },
             };
             match tx.try_send_request(req).await {
                 Ok(response) => return Ok(self.track(addr, tx, response)),
@@ -678,8 +690,12 @@ mod tests {
             .unwrap();
         let pool = pool(4, STEP);
         match pool.send(addr, get("/")).await {
-            Err(SendError::Connect(ConnectError::Io(e))) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused)
+            Err(SendError::Connect {
+                source: ConnectError::Io(e),
+                request,
+            }) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+                assert_eq!(request.uri(), "/", "the request comes back");
             }
             other => panic!("not a refused connect: {other:?}"),
         }

@@ -1,11 +1,17 @@
 //! When a request is sent again, as a tower retry [`Policy`] (the shape of linkerd2-proxy's
-//! retry policies and tower's `retry::Policy`): a refused or timed-out connect is retried
-//! on another backend for any method, since nothing was sent; a backend that failed
-//! before answering (or was retired, its `--grace` over, before answering) is retried for
-//! idempotent methods only, at most `--`[`MAX_REPLAYS`] times; a body too large to keep
-//! for a replay, or one the client failed to send, is never retried. Each retry adds the
-//! failed backend to the request's [`Tried`] so the next pick skips it; the pick runs out
-//! when every backend was tried.
+//! retry policies and tower's `retry::Policy`): a backend that failed before answering (or
+//! was retired, its `--grace` over, before answering) is retried for idempotent methods
+//! only, at most `--`[`MAX_REPLAYS`] times; a body too large to keep for a replay, or one
+//! the client failed to send, is never retried. Each retry adds the failed backend to the
+//! request's [`Tried`] so the next pick skips it; the pick runs out when every backend was
+//! tried. (A refused or timed-out connect is not this policy's: nothing was sent, and
+//! [`Balance`](super::client::Balance) picks the next backend itself with the request
+//! still in hand.)
+//!
+//! tower's `Retry` asks for a copy of every request before sending it, whether it may be
+//! retried or not; [`Replay::clone_request`] makes one only when a replay can follow
+//! (an idempotent method, replays left, a replayable body): copying the `HeaderMap` was
+//! ≈900 instructions per request (bench/NOTES.md).
 //!
 //! [`MAX_REPLAYS`]: super::MAX_REPLAYS
 
@@ -70,7 +76,6 @@ impl Policy<Request<ReplayBody>, Routed, ProxyError> for Replay {
             return None;
         }
         let key = match error {
-            ProxyError::Connect { key, .. } => *key,
             ProxyError::Backend { key, .. } | ProxyError::Retired { key, .. }
                 if idempotent(req.method()) && self.replays_left > 0 =>
             {
@@ -94,7 +99,7 @@ impl Policy<Request<ReplayBody>, Routed, ProxyError> for Replay {
     }
 
     fn clone_request(&mut self, req: &Request<ReplayBody>) -> Option<Request<ReplayBody>> {
-        if !req.body().replayable() {
+        if self.replays_left == 0 || !idempotent(req.method()) || !req.body().replayable() {
             return None;
         }
         let mut clone = Request::new(req.body().replay());

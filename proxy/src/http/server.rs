@@ -94,7 +94,7 @@ pub async fn serve(
         config.pool_idle_timeout,
         http.proxy.forward.connect_timeout,
     );
-    let balance = Balance::new(Arc::clone(&http.proxy.backends), pool);
+    let balance = Balance::new(Arc::clone(&http), pool);
     let retry = Retry::new(Replay::new(config.max_replays, Arc::clone(&http)), balance);
     let stack = Timeout::new(retry, config.request_timeout);
     let mut h1 = auto::Builder::new(TokioExecutor::new()).http1_only();
