@@ -143,7 +143,7 @@ impl Inner {
                     backend.record_connect(false);
                     tracing::debug!(slot = backend.slot, addr = %backend.addr, error = ?source, "backend connect failed; trying another");
                     self.http.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    req = request;
+                    req = *request;
                     req.extensions_mut()
                         .get_or_insert_default::<Tried>()
                         .0

@@ -68,8 +68,8 @@ pub enum SendError<B> {
     Connect {
         /// Why.
         source: ConnectError,
-        /// The request.
-        request: Request<B>,
+        /// The request (boxed: this is the rare path, and the result stays small).
+        request: Box<Request<B>>,
     },
     /// The connection failed before a response head came (the request may have been
     /// sent).
@@ -162,7 +162,7 @@ where
                     Err(source) => {
                         return Err(SendError::Connect {
                             source,
-                            request: req,
+                            request: Box::new(req),
                         })
                     }
                 },
@@ -185,14 +185,20 @@ where
 
     /// The newest usable idle connection to `addr`, dropping closed and expired ones on
     /// the way. One given back a moment ago may not be ready yet (its task has not run
-    /// since its response ended): it is waited for, which takes one turn of that task.
+    /// since its response ended): it gets one turn of the scheduler. One still not ready
+    /// is busy for longer (the backend answered before the request body was all sent, and
+    /// that body is still coming): it is kept, as the oldest, and a new connection made.
     async fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
-        loop {
-            let (mut tx, ready) = self.0.take(addr, Instant::now())?;
-            if ready || tx.ready().await.is_ok() {
-                return Some(tx);
-            }
+        let idle = self.0.take(addr, Instant::now())?;
+        if idle.tx.is_ready() {
+            return Some(idle.tx);
         }
+        tokio::task::yield_now().await;
+        if idle.tx.is_ready() {
+            return Some(idle.tx);
+        }
+        self.0.keep_oldest(addr, idle);
+        None
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, ConnectError> {
@@ -259,9 +265,8 @@ impl<B> Shared<B> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the newest idle connection to `addr` that is neither closed nor expired, and
-    /// whether it is ready now.
-    fn take(&self, addr: SocketAddr, now: Instant) -> Option<(SendRequest<B>, bool)> {
+    /// Takes the newest idle connection to `addr` that is neither closed nor expired.
+    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Idle<B>> {
         let mut lists = self.lists();
         let list = lists.iter_mut().find(|l| l.addr == addr)?;
         while let Some(idle) = list.conns.pop() {
@@ -273,10 +278,22 @@ impl<B> Shared<B> {
                 list.conns.clear();
                 return None;
             }
-            let ready = idle.tx.is_ready();
-            return Some((idle.tx, ready));
+            return Some(idle);
         }
         None
+    }
+
+    /// Puts `idle` back as the oldest of `addr`'s (the last to be tried), if there is room.
+    fn keep_oldest(&self, addr: SocketAddr, idle: Idle<B>) {
+        let mut lists = self.lists();
+        if let Some(list) = lists.iter_mut().find(|l| l.addr == addr) {
+            if list.conns.len() < self.max_idle {
+                list.conns.insert(0, idle);
+                return;
+            }
+        }
+        drop(lists);
+        drop(idle);
     }
 
     /// Keeps `tx` as idle for `addr` unless that backend has its fill.
@@ -679,6 +696,31 @@ mod tests {
         assert_eq!(body(resp).await, "ok");
         // It was a second connection (this backend answers one request per connection).
         closed.recv_timeout(STEP).expect("the second connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_request_body_is_still_going_out_is_not_waited_for() {
+        use http_body_util::combinators::BoxBody;
+        let b = counting().await;
+        let pool: Pool<BoxBody<Bytes, std::convert::Infallible>> = Pool::new(4, STEP, STEP);
+        // The backend answers `/` without reading the body; this one never ends.
+        let endless = Request::post("/")
+            .header("host", "backend.test")
+            .header("transfer-encoding", "chunked")
+            .body(Stalls(Some(Bytes::from_static(b"part"))).boxed())
+            .unwrap();
+        let resp = pool.send(b.addr, endless).await.expect("a response");
+        assert_eq!(body(resp).await, "ok");
+        let get = Request::get("/")
+            .header("host", "backend.test")
+            .body(Empty::new().boxed())
+            .unwrap();
+        let resp = tokio::time::timeout(STEP, pool.send(b.addr, get))
+            .await
+            .expect("not stuck behind the busy connection")
+            .expect("a response");
+        assert_eq!(body(resp).await, "ok");
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
