@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 import machine  # noqa: E402
 import wrk  # noqa: E402
 from processes import ProcessSet  # noqa: E402
-from targets import Target, start_balancer, start_nginx_http  # noqa: E402
+from targets import BALANCER_START_TIMEOUT, Balancer, Target, _message, balancer_env, parse_log_line, start_balancer, start_nginx_http  # noqa: E402
 
 WRK_THREADS = 2
 #: Bound on callgrind_control and strace's exit after its tracee is detached.
@@ -77,7 +77,15 @@ def syscalls_per_request(t: Target, conns: int, duration: float, close: bool, tm
 
 
 def callgrind(binary: Path, procs: ProcessSet, tmp: Path, outdir: Path, conns: int, duration: float) -> None:
+    """Built-in workers run the master's own image, `/proc/self/exe`, which under valgrind
+    is valgrind's tool, not balancer (since d9a794d): so the workers come from a native
+    balancer, and the master under callgrind reaches the same two workers as `--upstream`
+    addresses (static, so no DNS; a remote backend's responses also watch its retirement,
+    a small cost the built-in path does not have)."""
     outdir.mkdir(parents=True, exist_ok=True)
+    provider = start_balancer(procs, binary, tmp, "balancer-workers", 2, ["--protocol", "http"])
+    addrs = [addr for _, (_, addr) in sorted(provider.ready_workers().items())]
+    upstreams = [arg for a in addrs for arg in ("--upstream", a)]
     for load, close in LOADS:
         prefix = outdir / f"callgrind.{load}"
         wrapper = tmp / "vg.sh"
@@ -86,7 +94,12 @@ def callgrind(binary: Path, procs: ProcessSet, tmp: Path, outdir: Path, conns: i
             f"--callgrind-out-file={prefix}.%p {binary} \"$@\"\n"
         )
         wrapper.chmod(0o755)
-        bal = start_balancer(procs, wrapper, tmp, f"balancer-vg-{load}", 2, ["--protocol", "http"])
+        name = f"balancer-vg-{load}"
+        argv = [str(wrapper), "--listen", "127.0.0.1:0", "--cpus", "0", "--protocol", "http", *upstreams]
+        proc = procs.start(name, argv, tmp / f"{name}.log", env=balancer_env())
+        _, listening = proc.wait_for(_message("listening"), BALANCER_START_TIMEOUT)
+        proc.wait_for(_all_upstreams_up(len(addrs)), BALANCER_START_TIMEOUT)
+        bal = Balancer(proc, listening.fields["addr"])
         url = f"http://{bal.listen}/"
         wrk.run(url, conns, WRK_THREADS, 2.0, close)  # warm-up: pool filled, code paged in
         subprocess.run(["callgrind_control", "-z", str(bal.pid)], check=True, timeout=TOOL_TIMEOUT, capture_output=True)
@@ -96,8 +109,17 @@ def callgrind(binary: Path, procs: ProcessSet, tmp: Path, outdir: Path, conns: i
         text = dumps[-1].read_text(errors="replace") if dumps else ""
         m = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)", text, re.M)
         ir = int(m[1]) if m else 0
-        log(f"callgrind {load}: {res.requests} requests, {ir / max(res.requests, 1):,.0f} instructions/request ({dumps[-1] if dumps else 'no dump'})")
+        log(f"callgrind {load}: {res.requests} requests, {res.errors} errors, {ir / max(res.requests, 1):,.0f} instructions/request ({dumps[-1] if dumps else 'no dump'})")
         procs.stop(bal.proc)
+
+
+def _all_upstreams_up(n: int):
+    def match(text: str):
+        line = parse_log_line(text)
+        ok = line is not None and line.message == "upstream backend up"
+        return line if ok and int(line.fields.get("in_rotation", 0)) >= n else None
+
+    return match
 
 
 def main() -> int:
