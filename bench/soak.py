@@ -529,6 +529,34 @@ def upgrade_cut(a: Attempt, faults: Faults) -> bool:
     return a.conn == "reused" and any(a.start <= hi + KILL_WINDOW and a.end >= lo for lo, hi in faults.upgrade_windows)
 
 
+def backlog_timeout(a: Attempt, faults: Faults) -> bool:
+    """Whether a failed request on a new connection timed out while an in-place upgrade had
+    the master stop accepting: it waited in the listen backlog through the drain. Such a
+    request is a failed new request whatever else happened meanwhile (a kill, a stop): its
+    wait overlapped an upgrade window, and no worker ever saw it."""
+    return a.conn == "new" and a.kind == "timeout" and any(a.start <= hi and a.end >= lo for lo, hi in faults.upgrade_windows)
+
+
+def casualty_cause(a: Attempt, faults: Faults) -> str | None:
+    """Why a failed request is an in-flight casualty, or None: a failed new request."""
+    if backlog_timeout(a, faults):
+        return None
+    if casualty(a, faults):
+        return "kill or stop of their worker"
+    if retired_cut(a, faults):
+        return "cut at a retired backend's --grace"
+    if upgrade_cut(a, faults):
+        return "reused connection cut by an in-place upgrade"
+    return None
+
+
+def failed_new_kind(a: Attempt, faults: Faults) -> str:
+    """The row label of a failed new request."""
+    if backlog_timeout(a, faults):
+        return "timeout in the listen backlog during an upgrade's drain"
+    return f"{a.kind} on a {a.conn} connection"
+
+
 def slope_per_min(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -775,12 +803,9 @@ def main(argv: list[str]) -> int:
     failed = [x for x in attempts if x.kind != "ok"]
     cause: dict[int, str] = {}
     for x in failed:
-        if casualty(x, faults):
-            cause[id(x)] = "kill or stop of their worker"
-        elif retired_cut(x, faults):
-            cause[id(x)] = "cut at a retired backend's --grace"
-        elif upgrade_cut(x, faults):
-            cause[id(x)] = "reused connection cut by an in-place upgrade"
+        c = casualty_cause(x, faults)
+        if c is not None:
+            cause[id(x)] = c
     casualties = [x for x in failed if id(x) in cause]
     failed_new = [x for x in failed if id(x) not in cause]
 
@@ -804,7 +829,7 @@ def main(argv: list[str]) -> int:
     summary = [
         ["duration", f"{a.duration:.0f} s ({a.workers} workers, {a.protocol} mode, {a.new_conn} new-connection + {a.keep_alive} keep-alive client threads)"],
         ["requests", f"{len(attempts)} ({len(attempts) / elapsed:.0f}/s)" if elapsed else "0"],
-        ["**failed new requests**", f"**{len(failed_new)}**" + (f" ({counts(failed_new, lambda x: f'{x.kind} on a {x.conn} connection')})" if failed_new else "")],
+        ["**failed new requests**", f"**{len(failed_new)}**" + (f" ({counts(failed_new, lambda x: failed_new_kind(x, faults))})" if failed_new else "")],
         ["in-flight casualties", f"{len(casualties)}" + (f" ({counts(casualties, lambda x: cause[id(x)])})" if casualties else "")],
         ["in-flight casualties by kind", counts(casualties, lambda x: x.kind) or "-"],
         ["keep-alive connections closed under the client with zero response bytes, retried on a new connection", str(load.retried)],
@@ -839,7 +864,7 @@ def main(argv: list[str]) -> int:
         w = csv.writer(f)
         w.writerow(["start", "end", "kind", "sent", "conn", "class"])
         for x in failed:
-            w.writerow([f"{x.start - t_start:.3f}", f"{x.end - t_start:.3f}", x.kind, x.sent, x.conn, cause.get(id(x), "failed-new")])
+            w.writerow([f"{x.start - t_start:.3f}", f"{x.end - t_start:.3f}", x.kind, x.sent, x.conn, cause.get(id(x), f"failed-new: {failed_new_kind(x, faults)}")])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
     cmd = "python3 bench/soak.py" + ("" if a.protocol == "tcp" else f" --protocol {a.protocol}")
     cmd += "" if a.duration == 600 else f" --duration {a.duration:.0f}"

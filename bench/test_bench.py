@@ -220,6 +220,26 @@ class SoakTests(unittest.TestCase):
         unsent = soak.Attempt(5.2, 5.25, "refused", False, "new")
         self.assertFalse(soak.casualty(unsent, faults))
 
+    def test_a_new_connection_timeout_across_an_upgrade_is_a_failed_new_request(self):
+        # A request that waited its whole timeout in the backlog while the master drained;
+        # a worker was killed meanwhile, which used to file it as that kill's casualty.
+        faults = soak.Faults(kills=[(12.0, 12.01)], upgrade_windows=[(10.5, 20.3)])
+        waited = soak.Attempt(10.0, 15.0, "timeout", True, "new")
+        self.assertIsNone(soak.casualty_cause(waited, faults))
+        self.assertEqual(soak.failed_new_kind(waited, faults), "timeout in the listen backlog during an upgrade's drain")
+        # The same timeout with no upgrade around it is still the kill's casualty.
+        self.assertEqual(soak.casualty_cause(waited, soak.Faults(kills=faults.kills)), "kill or stop of their worker")
+        # A reset on a new connection in the window is not a backlog wait.
+        reset = soak.Attempt(12.0, 12.02, "reset", True, "new")
+        self.assertEqual(soak.casualty_cause(reset, faults), "kill or stop of their worker")
+        # A timeout on a reused connection across the upgrade is the upgrade's cut.
+        reused = soak.Attempt(10.0, 15.0, "timeout", True, "reused")
+        self.assertEqual(soak.casualty_cause(reused, soak.Faults(upgrade_windows=faults.upgrade_windows)), "reused connection cut by an in-place upgrade")
+        # Outside every window: a plain failed new request.
+        late = soak.Attempt(30.0, 35.0, "timeout", True, "new")
+        self.assertIsNone(soak.casualty_cause(late, faults))
+        self.assertEqual(soak.failed_new_kind(late, faults), "timeout on a new connection")
+
     def test_start_end_and_trend_of_a_series(self):
         samples = [(float(t), 1024 * 10, 40, 6, 4) for t in range(0, 180)]
         rows = {r[0]: r for r in soak.series_rows(samples)}
