@@ -32,6 +32,8 @@ pub struct Activity {
     /// How many backend → client moves there have been: with `waits`, tells a look that
     /// bytes moved without taking the watcher's `moved` flag from it.
     answers: AtomicU32,
+    /// The client's first bytes went out with the connect (not counted in `waits`).
+    early: AtomicBool,
 }
 
 impl Activity {
@@ -60,6 +62,15 @@ impl Activity {
     pub fn sent_early(&self) {
         self.moved.store(true, Ordering::Relaxed);
         self.awaiting.store(true, Ordering::Relaxed);
+        self.early.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the client is between two exchanges: it has sent bytes, and the backend has
+    /// answered since its last ones. In a request/response protocol, its next bytes are a
+    /// new request (see [`crate::quiesce`]).
+    pub fn between_exchanges(&self) -> bool {
+        let spoke = self.waits.load(Ordering::Relaxed) > 0 || self.early.load(Ordering::Relaxed);
+        spoke && self.answered() && !self.owes()
     }
 
     /// Bytes moved, direction not known (a buffered rest drained).

@@ -21,6 +21,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::activity::Activity;
+use crate::quiesce::Quiesce;
 
 /// Bytes moved by a finished copy: (a → b, b → a).
 pub type Totals = (u64, u64);
@@ -50,13 +51,15 @@ pub enum BackendEof {
 /// says ends the connection. The second EOF is passed on by the caller closing both
 /// sockets, which it must do as soon as this returns. `a` is the client and `b` the
 /// backend: every move is noted in `activity`, with its direction, for the timeouts.
-/// Returns the first error of either direction (the caller drops both sockets, which closes
-/// them).
+/// While `hold` (an in-place upgrade's [`Quiesce`]) holds the client, its next bytes are
+/// left unread. Returns the first error of either direction (the caller drops both sockets,
+/// which closes them).
 pub async fn bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     activity: &Activity,
     on_backend_eof: BackendEof,
+    hold: Option<&Quiesce>,
 ) -> io::Result<Totals> {
     let finished = AtomicBool::new(false);
     let (ab_total, ba_total) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -68,7 +71,8 @@ pub async fn bidirectional(
         Activity::to_backend,
         &finished,
         &ab_total,
-        false
+        false,
+        hold
     ));
     let mut ba = pin!(one_way(
         b,
@@ -77,7 +81,8 @@ pub async fn bidirectional(
         Activity::to_client,
         &finished,
         &ba_total,
-        close
+        close,
+        None
     ));
     let (mut ab_done, mut ba_done) = (false, false);
     // Not `try_join!`: a backend's EOF may end the client's direction too (`Close`).
@@ -122,6 +127,9 @@ enum End {
 /// for writing, unless the other direction has `finished` already (then both sockets are
 /// about to be closed, which says the same to both peers without the extra system call), or
 /// `close_on_eof` is set and `dst` has nothing unread: then the whole connection ends.
+/// While `hold` holds the client, `src` is not read (it is ready, so it is read at once
+/// when the hold ends).
+#[allow(clippy::too_many_arguments)]
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -130,6 +138,7 @@ async fn one_way(
     finished: &AtomicBool,
     total: &AtomicU64,
     close_on_eof: bool,
+    hold: Option<&Quiesce>,
 ) -> io::Result<End> {
     let mut backlog: Vec<u8> = Vec::new();
     loop {
@@ -137,6 +146,11 @@ async fn one_way(
         // waiter list takes a lock on every registration: 16 → 13 µs of master CPU per
         // keep-alive request in an A/B run (bench/NOTES.md).
         std::future::poll_fn(|cx| src.poll_read_ready(cx)).await?;
+        // After the readiness, so a request that arrives once quiescing began is held too.
+        if let Some(q) = hold.filter(|q| q.holds(activity)) {
+            q.resumed().await;
+            continue;
+        }
         // The stack buffer lives only inside this block, which has no `.await`, so it is not
         // part of the future: an idle connection does not carry it.
         let outcome = {
@@ -308,7 +322,7 @@ mod tests {
         // Like `forward`, close both sockets as soon as the copy returns: the second EOF is
         // passed on by that close, not by a shutdown.
         let proxy = async {
-            let r = bidirectional(&p1, &p2, &activity, BackendEof::PassOn).await;
+            let r = bidirectional(&p1, &p2, &activity, BackendEof::PassOn, None).await;
             drop((p1, p2));
             r
         };
@@ -361,7 +375,7 @@ mod tests {
         let ((), (), r) = tokio::join!(
             backend,
             talk,
-            bidirectional(&p1, &p2, &activity, BackendEof::Close)
+            bidirectional(&p1, &p2, &activity, BackendEof::Close, None)
         );
         assert_eq!(r.unwrap(), (3, 8));
         drop((p1, p2));
@@ -376,7 +390,7 @@ mod tests {
         let (p2, mut server) = pair().await;
         let activity = Activity::default();
         let proxy = async {
-            let r = bidirectional(&p1, &p2, &activity, BackendEof::PassOn).await;
+            let r = bidirectional(&p1, &p2, &activity, BackendEof::PassOn, None).await;
             drop((p1, p2));
             r
         };
@@ -411,7 +425,7 @@ mod tests {
         rt.block_on(async {
             let (a, b) = pair().await;
             let activity = Activity::default();
-            let fut = bidirectional(&a, &b, &activity, BackendEof::Close);
+            let fut = bidirectional(&a, &b, &activity, BackendEof::Close, None);
             assert!(
                 std::mem::size_of_val(&fut) < CHUNK,
                 "future is {} bytes",

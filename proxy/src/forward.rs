@@ -257,7 +257,17 @@ pub async fn forward(
             // by the copy yet: the bytes are kept, so a swap stays possible.
             activity.sent_early();
         }
-        let copy = crate::copy::bidirectional(&client, &upstream, &activity, config.on_backend_eof);
+        let quiesce = &*config.quiesce;
+        let copy = crate::copy::bidirectional(
+            &client,
+            &upstream,
+            &activity,
+            config.on_backend_eof,
+            Some(quiesce),
+        );
+        let busy = || {
+            tracing::debug!(peer = %from, slot = backend.slot, addr = %backend.addr, owes = activity.owes(), answered = activity.answered(), "connection still busy while quiescing");
+        };
         let outcome = tokio::select! {
             copied = copy => match copied {
                 // The backend failed before a byte either way: nothing was delivered and the
@@ -287,7 +297,13 @@ pub async fn forward(
                 })
             }
             _ = backend.closed() => return Err(ForwardError::Closed),
-            () = config.quiesce.idle(&activity) => Err(ForwardError::Quiesced),
+            () = quiesce.idle(&activity, || unsent(&client), busy) => {
+                // A held request is dropped unread, so the close is a FIN after the last
+                // answer (an RST could destroy what the client has not read yet): the client
+                // sees its keep-alive connection closed and sends the request again.
+                discard_unread(&client);
+                Err(ForwardError::Quiesced)
+            }
         };
         // Passive health: an answer proves life however the connection ended (a client that
         // left before reading it included).
@@ -370,6 +386,42 @@ fn peek(client: &TcpStream) -> Peek {
             io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Peek::Nothing,
             _ => Peek::Closed,
         },
+    }
+}
+
+/// Whether the kernel still holds bytes sent to `sock` that its peer has not acknowledged
+/// (`SIOCOUTQ`): an answer not yet delivered. An error counts as such (not idle).
+fn unsent(sock: &TcpStream) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: the fd is open for the duration of the call; SIOCOUTQ (TIOCOUTQ) writes one
+    // `int` to the pointer it is given.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    r != 0 || queued > 0
+}
+
+/// At most this much of a held request is read and dropped before a quiesced close.
+const DISCARD_MAX: usize = 64 * 1024;
+
+/// Reads and drops what the client has sent and nobody read (at most [`DISCARD_MAX`],
+/// without waiting).
+fn discard_unread(client: &TcpStream) {
+    let mut buf = [0u8; 4096];
+    let mut dropped = 0;
+    while dropped < DISCARD_MAX {
+        // SAFETY: the fd is open for the duration of the call; `buf` is valid for writes of
+        // `buf.len()` bytes.
+        let n = unsafe {
+            libc::recv(
+                client.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return;
+        }
+        dropped += n as usize;
     }
 }
 

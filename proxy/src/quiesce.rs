@@ -1,20 +1,33 @@
-//! Ending idle tcp-path connections on request, for the master's in-place upgrade.
+//! Ending tcp-path connections at a request boundary, for the master's in-place upgrade.
 //!
 //! An upgrade stops accepting and waits (bounded) for the proxied connections to finish
-//! before it executes the new binary; new clients wait in the listen backlog meanwhile. A
-//! keep-alive client's connection never finishes by itself, so without this the wait lasted
-//! its whole bound and new clients timed out in the backlog. While quiescing, a connection
-//! whose backend owes nothing (it answered everything the client sent) and that moved no
-//! byte either way for one [`LOOK`] is closed, as an idle keep-alive connection is closed by
-//! any server: the client retries its next request on a new connection, which the new image
-//! accepts. A connection with a request outstanding, or a response still streaming, is left
-//! to finish. So is one on which nothing moved either way yet, for up to [`FIRST_BYTES`]:
-//! its client was accepted just before the upgrade and is sending its first bytes (a
-//! request no client retries if its fresh connection is closed under it).
+//! before it executes the new binary; new clients wait in the listen backlog meanwhile, so
+//! the drain must be short. A keep-alive client's connection never finishes by itself, so
+//! while quiescing a connection ends at the first request boundary the master can see
+//! without parsing the protocol:
+//! - it forwards no new bytes of a client that is *between exchanges*: it has spoken, and the
+//!   backend has answered everything it said (the copy loop waits on [`Quiesce::resumed`]
+//!   instead of reading). A request/response client sends its next request only once it has
+//!   the whole answer, so that request is held back, never half-delivered;
+//! - a connection whose backend owes nothing, that moved no byte either way for one
+//!   [`LOOK`] and has nothing queued in the kernel towards the client, is idle and closed,
+//!   as any server closes an idle keep-alive connection: the client sends its next (held)
+//!   request again on a new connection, which the new image accepts.
+//!
+//! Without the first rule a busy keep-alive client (its next request within [`LOOK`] of
+//! each answer) was never idle and held the drain for its whole bound (10 s) while new
+//! clients timed out in the backlog (#16's chaos soak). A connection with a request
+//! outstanding, or a response still streaming, is left to finish. So is one on which
+//! nothing moved either way yet, for up to [`FIRST_BYTES`]: its client was accepted just
+//! before the upgrade and is sending its first bytes (a request no client retries if its
+//! fresh connection is closed under it). The limit of reading no protocol: a client that
+//! goes on sending after an interim answer (`Expect: 100-continue`, a chat-like protocol)
+//! is also held back at that point and ended; such a connection, if it lived longer than
+//! the drain, would be cut at the exec anyway.
 //!
 //! One flag and one [`Notify`] for all connections: nothing is polled until an upgrade asks,
-//! and a refused or failed upgrade ends the quiescing, so connections accepted afterwards are
-//! not cut.
+//! and a refused or failed upgrade ends the quiescing (held clients are read again), so
+//! connections accepted afterwards are not cut.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -30,6 +43,10 @@ pub const LOOK: Duration = Duration::from_millis(25);
 /// a round trip (and a scheduling delay on a loaded client), which [`LOOK`] does not cover
 /// and a second does with room. A connection that stays silent holds the drain this long.
 pub const FIRST_BYTES: Duration = Duration::from_secs(1);
+
+/// How long into the quiescing a connection that is still busy says so (at debug): the one
+/// that holds the drain can then be named.
+pub const BUSY: Duration = Duration::from_secs(1);
 
 /// Whether idle connections are being ended now (see the module's doc).
 #[derive(Debug, Default)]
@@ -51,14 +68,39 @@ impl Quiesce {
         self.changed.notify_waiters();
     }
 
-    fn is_on(&self) -> bool {
+    /// Whether quiescing is on now.
+    pub fn is_on(&self) -> bool {
         self.on.load(Ordering::SeqCst)
     }
 
+    /// Whether the client behind `activity` must not be read now: quiescing is on and the
+    /// client is between exchanges (see the module's doc). One atomic load when off.
+    pub fn holds(&self, activity: &Activity) -> bool {
+        self.is_on() && activity.between_exchanges()
+    }
+
+    /// Resolves once quiescing is off (the upgrade was refused or failed): a held client is
+    /// read again.
+    pub async fn resumed(&self) {
+        loop {
+            // Registered before the flag is read, so a `stop` between the two is not lost.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.is_on() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Resolves once quiescing is on and the connection behind `activity` is idle: its
-    /// backend owes no answer and no byte moved either way for one [`LOOK`] ([`FIRST_BYTES`]
-    /// while nothing ever moved).
-    pub async fn idle(&self, activity: &Activity) {
+    /// backend owes no answer, no byte moved either way for one [`LOOK`] ([`FIRST_BYTES`]
+    /// while nothing ever moved) and `unsent()` (what the kernel still holds for the client)
+    /// says nothing is left to deliver. If it is still busy [`BUSY`] into the quiescing,
+    /// `busy` is called once (for a log line).
+    pub async fn idle(&self, activity: &Activity, unsent: impl Fn() -> bool, busy: impl FnOnce()) {
+        let mut busy = Some(busy);
         loop {
             // Registered before the flag is read, so a `start` between the two is not lost.
             let changed = self.changed.notified();
@@ -75,8 +117,13 @@ impl Quiesce {
                 let quiet = self.is_on() && !activity.owes() && activity.marks() == before;
                 // Nothing ever moved: its client may be sending its first bytes.
                 let first_bytes_due = activity.untouched() && looking.elapsed() < FIRST_BYTES;
-                if quiet && !first_bytes_due {
+                if quiet && !first_bytes_due && !unsent() {
                     return;
+                }
+                if looking.elapsed() >= BUSY {
+                    if let Some(busy) = busy.take() {
+                        busy();
+                    }
                 }
             }
         }
@@ -92,25 +139,78 @@ mod tests {
         let q = Quiesce::default();
         let a = Activity::default();
         // Off: never, however idle.
-        assert!(tokio::time::timeout(Duration::from_secs(5), q.idle(&a))
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), q.idle(&a, || false, || {}))
+                .await
+                .is_err()
+        );
         // On, but a request is outstanding: not idle.
         a.to_backend();
         q.start();
-        assert!(tokio::time::timeout(Duration::from_secs(5), q.idle(&a))
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), q.idle(&a, || false, || {}))
+                .await
+                .is_err()
+        );
         // Answered, then silent: idle within two looks.
         a.to_client();
         let started = tokio::time::Instant::now();
-        q.idle(&a).await;
+        q.idle(&a, || false, || {}).await;
         assert!(started.elapsed() <= LOOK * 2, "{:?}", started.elapsed());
         // Off again: left alone.
         q.stop();
-        assert!(tokio::time::timeout(Duration::from_secs(5), q.idle(&a))
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), q.idle(&a, || false, || {}))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_between_exchanges_is_held_only_while_on() {
+        let q = Quiesce::default();
+        let a = Activity::default();
+        // Nothing said yet (a new connection's first request): never held.
+        q.start();
+        assert!(!q.holds(&a));
+        // Asked, not answered yet: the rest of the request goes on.
+        a.to_backend();
+        assert!(!q.holds(&a));
+        // Answered: the next request waits.
+        a.to_client();
+        assert!(q.holds(&a));
+        // The upgrade is refused: read again.
+        let resumed = q.resumed();
+        tokio::pin!(resumed);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), resumed.as_mut())
+                .await
+                .is_err()
+        );
+        q.stop();
+        resumed.await;
+        assert!(!q.holds(&a));
+        // The first request read with the connect counts as having spoken.
+        let early = Activity::default();
+        early.sent_early();
+        early.to_client();
+        q.start();
+        assert!(q.holds(&early));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_still_queued_for_the_client_is_not_idle_and_a_busy_one_says_so() {
+        let q = Quiesce::default();
+        let a = Activity::default();
+        a.to_backend();
+        a.to_client();
+        q.start();
+        let said = std::cell::Cell::new(0);
+        let queued = q.idle(&a, || true, || said.set(said.get() + 1));
+        assert!(tokio::time::timeout(Duration::from_secs(5), queued)
             .await
             .is_err());
+        assert_eq!(said.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -119,9 +219,11 @@ mod tests {
         let a = Activity::default();
         q.start();
         // Nothing moved yet: not idle after a few looks, idle after FIRST_BYTES.
-        assert!(tokio::time::timeout(LOOK * 4, q.idle(&a)).await.is_err());
+        assert!(tokio::time::timeout(LOOK * 4, q.idle(&a, || false, || {}))
+            .await
+            .is_err());
         let started = tokio::time::Instant::now();
-        q.idle(&a).await;
+        q.idle(&a, || false, || {}).await;
         assert!(
             started.elapsed() >= FIRST_BYTES && started.elapsed() <= FIRST_BYTES + LOOK,
             "{:?}",
@@ -139,7 +241,7 @@ mod tests {
             std::future::pending::<()>().await;
         };
         tokio::select! {
-            () = q.idle(&a) => {}
+            () = q.idle(&a, || false, || {}) => {}
             () = exchange => unreachable!(),
         }
         let after_answer = started.elapsed() - Duration::from_millis(400);
@@ -158,7 +260,7 @@ mod tests {
             }
         };
         tokio::select! {
-            () = q.idle(&a) => panic!("a streaming response was taken for idle"),
+            () = q.idle(&a, || false, || {}) => panic!("a streaming response was taken for idle"),
             () = stream => unreachable!(),
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
         }

@@ -584,3 +584,181 @@ fn an_idle_keep_alive_connection_does_not_hold_the_upgrade() {
     assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
     assert_no_panic(&b);
 }
+
+/// Clients that each keep one connection and send `GET /` on it back to back, as a busy
+/// keep-alive client does: the connection is never silent for long, so it is never idle.
+struct BusyKeepAlive {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<KeepAliveTally>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// What the busy keep-alive clients saw.
+#[derive(Debug, Default)]
+struct KeepAliveTally {
+    /// Whole 200 responses.
+    answered: u64,
+    /// Connections the master ended between two responses (EOF or reset before any byte of
+    /// the next one): the client sends that request again on a new connection.
+    closed_between: u64,
+    /// Anything else: a response cut short, a status that is not 200, a failed connect.
+    wrong: Vec<String>,
+}
+
+impl BusyKeepAlive {
+    fn start(addr: std::net::SocketAddr, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(KeepAliveTally::default()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        keep_alive_client(addr, &stop, &tally);
+                    }
+                })
+            })
+            .collect();
+        BusyKeepAlive {
+            stop,
+            tally,
+            threads,
+        }
+    }
+
+    fn answered(&self) -> u64 {
+        self.tally.lock().unwrap().answered
+    }
+
+    fn finish(mut self) -> KeepAliveTally {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.tally.lock().unwrap())
+    }
+}
+
+impl Drop for BusyKeepAlive {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection of [`BusyKeepAlive`], until the master ends it or `stop` is set.
+fn keep_alive_client(addr: std::net::SocketAddr, stop: &AtomicBool, tally: &Mutex<KeepAliveTally>) {
+    use std::io::{Read, Write};
+    let wrong = |what: String| tally.lock().unwrap().wrong.push(what);
+    let mut conn = match std::net::TcpStream::connect(addr) {
+        Ok(c) => c,
+        Err(e) => return wrong(format!("connect: {e}")),
+    };
+    // Well past the drain bound: a request that waits is seen waiting, not dropped.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        if conn
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .is_err()
+        {
+            tally.lock().unwrap().closed_between += 1;
+            return;
+        }
+        let mut got: Vec<u8> = Vec::new();
+        loop {
+            let n = match conn.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if got.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                Err(e) => return wrong(format!("reading after {} bytes: {e}", got.len())),
+            };
+            if n == 0 {
+                if got.is_empty() {
+                    tally.lock().unwrap().closed_between += 1;
+                } else {
+                    wrong(format!(
+                        "cut after {} bytes: {:?}",
+                        got.len(),
+                        String::from_utf8_lossy(&got)
+                    ));
+                }
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let length = head.lines().find_map(|l| {
+                let l = l.to_ascii_lowercase();
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            match length {
+                Some(n) if body.len() > n => {
+                    return wrong(format!("bytes past the response: {text:?}"))
+                }
+                Some(n) if body.len() == n => {
+                    if !head.starts_with("HTTP/1.1 200") {
+                        return wrong(format!("not 200: {head:?}"));
+                    }
+                    tally.lock().unwrap().answered += 1;
+                    break;
+                }
+                Some(_) => {}
+                None => return wrong(format!("no Content-Length: {head:?}")),
+            }
+        }
+    }
+}
+
+/// A keep-alive client that sends its next request as soon as it has the last answer is
+/// never silent, so waiting for it to go idle held the upgrade's drain for its whole bound
+/// (10 s) while new clients waited in the backlog (the chaos soak's 17 timeouts, #16).
+/// While quiescing, the master now forwards no new request on a connection that owes
+/// nothing and closes it once the last answer is delivered: each client gets every answer
+/// whole, then an end before any byte of its next one, and sends that one again on a new
+/// connection, which the new image serves.
+#[test]
+fn busy_keep_alive_clients_do_not_hold_the_upgrade() {
+    let install = Install::new("upgrade-busy-keepalive");
+    let mut b = install.start(&["--cpus", "2"]);
+    let addr = b.addr();
+    wait_all_ready(&b, 2);
+    let clients = BusyKeepAlive::start(addr, 4);
+    assert!(
+        wait_until(Duration::from_secs(20), || clients.answered() >= 200),
+        "the keep-alive clients got {} answers",
+        clients.answered()
+    );
+    install.replace(Replacement::Same);
+    b.signal(libc::SIGUSR2);
+    let (at, line) = b.expect_line(0, "`executing the new binary`", UPGRADE, |l| {
+        is_event(l, "executing the new binary")
+    });
+    let drained_in = field(&line, "drained_in")
+        .and_then(parse_debug_duration)
+        .unwrap_or_else(|| panic!("no drained_in in {line}"));
+    expect_upgraded(&b, 1);
+    // The clients go on with the new image.
+    let before = clients.answered();
+    assert!(
+        wait_until(Duration::from_secs(20), || clients.answered()
+            >= before + 200),
+        "the keep-alive clients got {} answers after the upgrade",
+        clients.answered() - before
+    );
+    let tally = clients.finish();
+    assert!(
+        drained_in < Duration::from_secs(5),
+        "busy keep-alive connections held the drain: {line}\n{}",
+        b.lines()[..at].join("\n")
+    );
+    assert!(tally.wrong.is_empty(), "{:?}", tally.wrong);
+    assert!(tally.closed_between >= 1, "{tally:?}");
+    b.signal(libc::SIGTERM);
+    assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
+    assert_no_panic(&b);
+}
