@@ -15,6 +15,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -229,10 +231,22 @@ async fn accept_loop(
     graceful: &GracefulShutdown,
     stop: &CancellationToken,
 ) -> StopReason {
+    let each = match nodelay_on_accept(listener) {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::debug!(error = %e, "TCP_NODELAY on the listener failed; setting it per connection");
+            true
+        }
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => serve_connection(stream, graceful),
+                Ok((stream, _)) => {
+                    if each {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    serve_connection(stream, graceful)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -259,6 +273,8 @@ async fn handoff_loop(
             None => return StopReason::Disconnected,
             Some(Event::Shutdown) => return StopReason::Shutdown,
             Some(Event::Conn { id, stream }) => {
+                // Accepted by the master from its own listener: not ours to check once.
+                let _ = stream.set_nodelay(true);
                 serve_connection(stream, graceful);
                 // The connection is ours now: the master may close its copy. If the master
                 // is gone the next read says so.
@@ -286,15 +302,75 @@ pub fn http1() -> http1::Builder {
     builder
 }
 
+/// Makes every connection accepted from `listener` start with `TCP_NODELAY`: Linux copies
+/// the listener's flag to each socket it accepts, so one check here (and, on a listener
+/// without it, one `setsockopt`) replaces a `setsockopt` per connection, one system call of
+/// the ~9 a worker makes per new connection (bench/NOTES.md). The master's listeners (shared
+/// mode) already have it; a shared listener without it gets it for every worker at once.
+fn nodelay_on_accept(listener: &TcpListener) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(listener);
+    if !socket.tcp_nodelay()? {
+        socket.set_tcp_nodelay(true)?;
+    }
+    Ok(())
+}
+
+/// Serves HTTP/1 on `stream` (which already has `TCP_NODELAY`) on a task of its own.
 fn serve_connection(stream: TcpStream, graceful: &GracefulShutdown) {
-    let _ = stream.set_nodelay(true);
-    let conn = http1().serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
+    let io = CloseOnly(TokioIo::new(stream));
+    let conn = http1().serve_connection(io, hyper::service::service_fn(handle));
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     });
+}
+
+/// A connection whose end is its `close`: hyper's last step before it drops a finished
+/// connection is `poll_shutdown`, a `shutdown(SHUT_WR)` that the `close` right after it makes
+/// redundant (the close sends the same FIN, and with unread bytes in the receive queue both
+/// end in a reset). One system call less per connection (bench/NOTES.md).
+struct CloseOnly(TokioIo<TcpStream>);
+
+impl hyper::rt::Read for CloseOnly {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CloseOnly {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -436,6 +512,34 @@ mod tests {
             .await
             .expect("connect");
         get(stream, path).await
+    }
+
+    /// The worker's listeners carry `TCP_NODELAY` so the sockets they accept have it
+    /// without a call each; a listener that lacks it (a shared one from elsewhere) gets it.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        for listener in [
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("bind"),
+        ] {
+            assert!(!socket2::SockRef::from(&listener)
+                .tcp_nodelay()
+                .expect("get"));
+            nodelay_on_accept(&listener).expect("nodelay");
+            assert!(socket2::SockRef::from(&listener)
+                .tcp_nodelay()
+                .expect("get"));
+            let addr = listener.local_addr().expect("addr");
+            let _client = TcpStream::connect(addr).await.expect("connect");
+            let (accepted, _) = tokio::time::timeout(STEP, listener.accept())
+                .await
+                .expect("accept in time")
+                .expect("accept");
+            assert!(
+                accepted.nodelay().expect("get"),
+                "accepted without TCP_NODELAY"
+            );
+        }
     }
 
     #[tokio::test]
