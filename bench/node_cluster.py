@@ -56,8 +56,10 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise SystemExit(f"nothing answered on port {port}")
 
 
-def start(procs: ProcessSet, name: str, port: int, logdir: Path, binary: Path = BIN):
-    env = dict(os.environ, PORT=str(port), NODE_WORKERS="2")
+def start(procs: ProcessSet, name: str, port: int, logdir: Path, binary: Path = BIN, extra_env: dict | None = None, label: str | None = None):
+    """Starts setup `name` on `port`; `extra_env` is added to its environment and `label`
+    names its log (default `name`)."""
+    env = dict(os.environ, PORT=str(port), NODE_WORKERS="2", **(extra_env or {}))
     node = "node"
     common = [str(binary), "--listen", f"127.0.0.1:{port}", "--cpus", "2", "--worker-output", "ignore"]
     argv = {
@@ -68,7 +70,7 @@ def start(procs: ProcessSet, name: str, port: int, logdir: Path, binary: Path = 
     }[name]
     if name == "balancer-proxy":
         env["BENCH_READY"] = "1"
-    proc = procs.start(name, argv, logdir / f"{name}.log", env=env)
+    proc = procs.start(label or name, argv, logdir / f"{label or name}.log", env=env)
     wait_port(port)
     if name != "node-cluster":
         proc.wait_for(lambda l: True if "all workers ready" in l else None, 20.0)

@@ -100,12 +100,18 @@ def balancer_env() -> dict[str, str]:
 
 
 def start_balancer(
-    procs: ProcessSet, binary: Path, tmp: Path, name: str, cpus: int, extra: list[str] | None = None
+    procs: ProcessSet,
+    binary: Path,
+    tmp: Path,
+    name: str,
+    cpus: int,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Balancer:
     """Starts balancer on 127.0.0.1:0 with `cpus` built-in workers and waits until the log
-    says every worker is ready."""
+    says every worker is ready. `env` adds variables to its environment."""
     argv = [str(binary), "--listen", "127.0.0.1:0", "--cpus", str(cpus), *(extra or [])]
-    proc = procs.start(name, argv, tmp / f"{name}.log", env=balancer_env())
+    proc = procs.start(name, argv, tmp / f"{name}.log", env={**balancer_env(), **(env or {})})
     _, listening = proc.wait_for(_message("listening"), BALANCER_START_TIMEOUT)
     proc.wait_for(_message("all workers ready"), BALANCER_START_TIMEOUT)
     return Balancer(proc, listening.fields["addr"])

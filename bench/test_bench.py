@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import accept_ab
 import cost_report
 import goals
 import readme
@@ -249,3 +250,21 @@ class SoakTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class AcceptAbStrace(unittest.TestCase):
+    """`strace -c` rows with and without an errors column: accepted = calls - errors."""
+
+    def test_calls_and_errors(self):
+        text = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 13.05    0.039915           5      7659      1830 accept4
+  8.48    0.025922           3      7050      1221 recvfrom
+  6.05    0.018493           3      5829           setsockopt
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.305785           5     52892      3055 total
+"""
+        rows = accept_ab.parse_strace(text)
+        self.assertEqual(rows["accept4"], (7659, 1830))
+        self.assertEqual(rows["setsockopt"], (5829, 0))
+        self.assertNotIn("total", rows)
