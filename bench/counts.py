@@ -8,6 +8,8 @@ less. Each target is measured in turn for each load (interleaved), always agains
 kind of built-in workers.
 
     python3 bench/counts.py --bin base=/tmp/balancer-old --bin new=target/release/balancer
+    python3 bench/counts.py --bin tokio=target/release/balancer \
+        --bin "epoll=target/release/balancer --engine epoll"
 
 `--strace-seconds 0` skips strace; `--loads close50` measures one load.
 """
@@ -45,6 +47,14 @@ def parse_strace(text: str) -> Counter[str]:
         if m and m[3] != "total":
             calls[m[3]] += int(m[1])
     return calls
+
+
+def parse_bin(spec: str) -> tuple[str, str, list[str]]:
+    """`NAME=PATH [FLAGS...]` → (name, path, flags): the same build can run twice with
+    different flags (`--bin tokio=B --bin "epoll=B --engine epoll"`)."""
+    name, _, rest = spec.partition("=")
+    path, *flags = rest.split()
+    return name, path, flags
 
 
 def log(msg: str) -> None:
@@ -93,7 +103,12 @@ def perf_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[int, d
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bin", action="append", required=True, help="NAME=PATH of a balancer build")
+    p.add_argument(
+        "--bin",
+        action="append",
+        required=True,
+        help="NAME=PATH [FLAGS...] of a balancer build, with flags of its own (one string)",
+    )
     p.add_argument("--loads", default="ka50,ka200,close50")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
@@ -108,8 +123,8 @@ def main() -> int:
         targets: list[Target] = []
         backends: list[str] = []
         for spec in a.bin:
-            name, _, path = spec.partition("=")
-            b = start_balancer(procs, Path(path), tmp, name, 2, a.extra.split())
+            name, path, flags = parse_bin(spec)
+            b = start_balancer(procs, Path(path), tmp, name, 2, a.extra.split() + flags)
             if not backends:
                 backends = [addr for _, (_, addr) in sorted(b.ready_workers().items())]
             targets.append(Target(name, f"http://{b.listen}/", lambda pid=b.pid: [pid]))

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import accept_ab
 import cost_report
+import counts
 import goals
 import readme
 import report
@@ -59,6 +60,14 @@ class WrkTests(unittest.TestCase):
     def test_without_latency_distribution_is_an_error(self):
         with self.assertRaises(ValueError):
             wrk.parse(WRK_OUTPUT.replace("     99%    1.37s\n", ""))
+
+
+class CountsTests(unittest.TestCase):
+    def test_bin_with_flags_of_its_own(self):
+        self.assertEqual(counts.parse_bin("new=/b"), ("new", "/b", []))
+        self.assertEqual(
+            counts.parse_bin("epoll=/b --engine epoll"), ("epoll", "/b", ["--engine", "epoll"])
+        )
 
 
 class LogTests(unittest.TestCase):

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use proxy::Connections;
 
-use crate::protocol::DataPath;
+use crate::protocol::{DataPath, Engine};
 
 /// The running proxy threads and the listeners they accept on.
 pub struct ProxyThreads {
@@ -101,6 +101,9 @@ impl ProxyThreads {
     }
 
     fn spawn(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        if self.data.engine() == Engine::Epoll {
+            return self.spawn_epoll(listener);
+        }
         let i = self.threads.len();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -121,6 +124,37 @@ impl ProxyThreads {
                     drop(accepting);
                     conns.tracker.wait().await;
                 });
+            })?;
+        self.threads.push(thread);
+        Ok(())
+    }
+
+    /// A thread running [`proxy::engine`] on `listener`. The engine's loop sees the stop,
+    /// the abort and the upgrade's quiesce through its bell, rung by a relay task on the
+    /// runtime this is called from (the supervisor's): not per connection.
+    fn spawn_epoll(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        let i = self.threads.len();
+        let engine = proxy::engine::Engine::new()?;
+        let done = CancellationToken::new();
+        let proxy = Arc::clone(self.data.proxy());
+        tokio::runtime::Handle::try_current()
+            .map_err(std::io::Error::other)?
+            .spawn(proxy::engine::relay(
+                engine.bell(),
+                self.stop.clone(),
+                self.conns.abort.clone(),
+                Arc::clone(&proxy.forward.quiesce),
+                done.clone(),
+            ));
+        let (stop, conns) = (self.stop.clone(), self.conns.clone());
+        let accepting = self.accepting.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("balancer-proxy-{i}"))
+            .spawn(move || {
+                crate::signals::block();
+                // Ends the relay however the loop ends.
+                let _done = done.drop_guard();
+                engine.run(listener, proxy, stop, conns, move || drop(accepting));
             })?;
         self.threads.push(thread);
         Ok(())

@@ -110,6 +110,14 @@ pub struct Cli {
     #[arg(long)]
     pub half_close: bool,
 
+    /// How the master's proxy threads run the tcp data path: `tokio` (the default: every
+    /// feature) or `epoll` (one edge-triggered epoll loop per thread that owns its sockets:
+    /// no `epoll_ctl(DEL)` per socket and no self-wake, see bench/NOTES.md). `epoll` is for
+    /// --mode proxy with --protocol tcp, without TLS, --send-proxy or --accept-proxy; other
+    /// combinations are refused at start.
+    #[arg(long, value_enum, default_value_t = EngineArg::Tokio)]
+    pub engine: EngineArg,
+
     // PROXY protocol (#11): the client's address across load balancers.
     /// Start every connection to a worker with a PROXY protocol header (`v1` text or `v2`
     /// binary) carrying the real client address and port. Proxy mode only: in the other
@@ -343,6 +351,15 @@ pub enum ModeArg {
     Reuseport,
     /// The master accepts and hands each connection's socket to a worker.
     Handoff,
+}
+
+/// See [`Cli::engine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// tokio's runtime per proxy thread.
+    Tokio,
+    /// An epoll loop of balancer's own per proxy thread (plain tcp proxying only).
+    Epoll,
 }
 
 /// See [`Cli::node_cluster`].

@@ -153,6 +153,12 @@ impl TryFrom<&Cli> for Config {
                 &cli.http,
                 cli.mode,
                 Some(parse_duration("--idle-timeout", &cli.idle_timeout)?).filter(|d| !d.is_zero()),
+            )?
+            .with_engine(
+                cli.engine,
+                cli.mode,
+                cli.send_proxy.is_some(),
+                cli.accept_proxy.is_some(),
             )?,
             half_close: cli.half_close,
             send_proxy: parse_send_proxy(cli)?,

@@ -13,7 +13,7 @@ use proxy::tls::{Alpn, Tls};
 use proxy::{Connections, Proxy};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{HttpArgs, ModeArg, ProtocolArg};
+use crate::cli::{EngineArg, HttpArgs, ModeArg, ProtocolArg};
 
 /// `--protocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,9 +33,21 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// `--engine`: what runs the tcp data path on each proxy thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// A tokio current-thread runtime (every feature).
+    #[default]
+    Tokio,
+    /// [`proxy::engine`]: plain tcp proxying on an epoll loop of our own.
+    Epoll,
+}
+
 /// The validated protocol and TLS settings.
 #[derive(Debug, Clone)]
 pub struct DataConfig {
+    /// `--engine`.
+    pub engine: Engine,
     /// `--protocol`.
     pub protocol: Protocol,
     /// The HTTP path's knobs (used in http mode).
@@ -45,6 +57,37 @@ pub struct DataConfig {
 }
 
 impl DataConfig {
+    /// `--engine`, checked against what the epoll engine supports: the plain tcp proxy.
+    /// `send_proxy`/`accept_proxy`: whether those flags are given.
+    pub fn with_engine(
+        mut self,
+        engine: EngineArg,
+        mode: ModeArg,
+        send_proxy: bool,
+        accept_proxy: bool,
+    ) -> anyhow::Result<Self> {
+        self.engine = match engine {
+            EngineArg::Tokio => Engine::Tokio,
+            EngineArg::Epoll => {
+                let refused = [
+                    (
+                        "--mode shared, reuseport or handoff",
+                        mode != ModeArg::Proxy,
+                    ),
+                    ("--protocol http", self.protocol == Protocol::Http),
+                    ("--tls-cert", self.tls.is_some()),
+                    ("--send-proxy", send_proxy),
+                    ("--accept-proxy", accept_proxy),
+                ];
+                if let Some((flag, _)) = refused.iter().find(|(_, given)| *given) {
+                    bail!("--engine epoll does not support {flag} (plain tcp proxying only); use --engine tokio");
+                }
+                Engine::Epoll
+            }
+        };
+        Ok(self)
+    }
+
     /// Validates `args` for `mode`; `idle_timeout` is `--idle-timeout` (in http mode, for
     /// idle keep-alive clients).
     pub fn parse(
@@ -94,6 +137,8 @@ impl DataConfig {
                 .with_context(|| format!("--trusted-proxies {raw:?}"))?;
         }
         Ok(Self {
+            // Set by `Config` from `--engine` (see `DataConfig::with_engine`).
+            engine: Engine::Tokio,
             protocol,
             http,
             tls,
@@ -134,6 +179,7 @@ fn parse_size(raw: &str) -> anyhow::Result<u64> {
 /// What each proxy thread serves its listener with.
 #[derive(Debug)]
 pub struct DataPath {
+    engine: Engine,
     proxy: Arc<Proxy>,
     http: Option<Arc<Http>>,
     tls: Option<Arc<Tls>>,
@@ -160,7 +206,22 @@ impl DataPath {
                 tls.clone(),
             ))
         });
-        Ok(Self { proxy, http, tls })
+        Ok(Self {
+            engine: config.engine,
+            proxy,
+            http,
+            tls,
+        })
+    }
+
+    /// What runs the data path on each proxy thread.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The tcp path's shared state (for the epoll engine, which serves it directly).
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 
     /// The HTTP path's state (for `/metrics`), in http mode.

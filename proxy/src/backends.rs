@@ -118,6 +118,19 @@ impl Backend {
         }
     }
 
+    /// Whether [`close_connections`](Self::close_connections) was called (never for a
+    /// local worker): for the epoll engine, which looks instead of awaiting.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
+
+    /// Whether this backend's connections can be closed by it (a remote backend).
+    pub(crate) fn can_close(&self) -> bool {
+        self.closing.is_some()
+    }
+
     /// [`closed`](Self::closed) as an owned future, for what must hold it across polls (an
     /// HTTP response body still streaming from this backend); `None` for a local worker.
     pub fn closed_owned(&self) -> Option<WaitForCancellationFutureOwned> {

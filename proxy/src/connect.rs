@@ -37,6 +37,18 @@ pub(crate) enum Connecting {
 /// connection wants), sends what it can of `first` once it is up, and says whether it is
 /// done. A refusal seen at once is an error. Nothing of `first` is sent unless `Done`.
 pub(crate) fn start(addr: SocketAddr, first: &[u8]) -> io::Result<Connecting> {
+    let (socket, sent) = start_socket(addr, first)?;
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    Ok(match sent {
+        Some(sent) => Connecting::Done { stream, sent },
+        None => Connecting::Pending(stream),
+    })
+}
+
+/// [`start`] without tokio: the socket, and how many bytes of `first` went out (`None`:
+/// the connect is still in progress). For the epoll engine, which registers the socket
+/// with its own poller.
+pub(crate) fn start_socket(addr: SocketAddr, first: &[u8]) -> io::Result<(Socket, Option<usize>)> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -54,11 +66,7 @@ pub(crate) fn start(addr: SocketAddr, first: &[u8]) -> io::Result<Connecting> {
     } else {
         send_now(&socket, first)?
     };
-    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    Ok(match sent {
-        Some(sent) => Connecting::Done { stream, sent },
-        None => Connecting::Pending(stream),
-    })
+    Ok((socket, sent))
 }
 
 /// One `send()` of `data` that does not wait: how much went out (`None`: the connect is

@@ -10,6 +10,7 @@ pub mod backends;
 pub mod client_addr;
 mod connect;
 pub mod copy;
+pub mod engine;
 pub mod forward;
 pub mod health;
 pub mod http;

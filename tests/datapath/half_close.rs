@@ -78,3 +78,27 @@ fn half_close_flag_passes_a_worker_eof_on_and_keeps_the_client_direction() {
         b.dump()
     );
 }
+
+#[test]
+fn a_worker_eof_ends_the_connection_by_default_epoll() {
+    let (b, _) = start_python(&["--engine", "epoll"], SERVER_FIRST_EOF);
+    assert_eq!(talk(&b, b"late"), b"answer");
+    let line = report(&b);
+    assert!(
+        line.contains("after its EOF: []"),
+        "the worker still got client bytes after its EOF: {line:?}; log:\n{}",
+        b.dump()
+    );
+}
+
+#[test]
+fn half_close_flag_passes_a_worker_eof_on_and_keeps_the_client_direction_epoll() {
+    let (b, _) = start_python(&["--engine", "epoll", "--half-close"], SERVER_FIRST_EOF);
+    assert_eq!(talk(&b, b"late"), b"answer");
+    let line = report(&b);
+    assert!(
+        line.contains("after its EOF: [late]"),
+        "the client's bytes after the worker's EOF were lost: {line:?}; log:\n{}",
+        b.dump()
+    );
+}

@@ -2,6 +2,7 @@
 //! protocol): real backends written for each case (python workers speaking the IPC protocol
 //! by hand, or plain listeners the test owns), the real binary in front, and real clients.
 
+mod epoll;
 mod half_close;
 mod listen;
 mod overload;

@@ -1,0 +1,256 @@
+//! Issue 15: `--engine epoll`, the tcp proxy on an epoll loop of balancer's own, run as the
+//! real binary: forwarding (many connections at once, bulk both ways through full socket
+//! buffers), a dead backend skipped, the idle timeout, the drain at stop, and the flags it
+//! refuses. Half-close and close rules: `half_close::*_epoll`.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// Echoes each connection's bytes until its EOF, then closes (a thread per connection).
+const ECHO: &str = r#"
+import threading
+def echo(c):
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
+
+/// Answers one request after a second, then closes: a request in flight at the stop.
+const SLOW: &str = r#"
+import threading, time
+def answer(c):
+    if request(c) is not None:
+        say("backend got a request")
+        time.sleep(1)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow")
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=answer, args=(c,), daemon=True).start()
+"#;
+
+const EPOLL: [&str; 2] = ["--engine", "epoll"];
+
+fn connect(b: &Balancer) -> TcpStream {
+    let s = TcpStream::connect(b.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+#[test]
+fn the_epoll_engine_forwards_many_connections_at_once_and_bulk_both_ways() {
+    let (b, _) = start_python_n(2, &EPOLL, ECHO);
+    // 200 connections open together, each its own echo.
+    let mut conns: Vec<TcpStream> = (0..200).map(|_| connect(&b)).collect();
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("ping {i:04}").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut got = [0u8; 9];
+        s.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("conn {i}: {e}\n{}", b.dump()));
+        assert_eq!(&got, format!("ping {i:04}").as_bytes());
+    }
+    drop(conns);
+    // 8 MiB up while it comes back: both directions fill their socket buffers, so the
+    // engine's held-back bytes and writability wake-ups carry it.
+    const BULK: usize = 8 << 20;
+    let mut s = connect(&b);
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..BULK).map(|i| (i % 251) as u8).collect();
+        w.write_all(&data).unwrap();
+        // The client's half-close reaches the echo, which then closes.
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::with_capacity(BULK);
+    s.read_to_end(&mut got)
+        .expect("reading the echo to its EOF");
+    writer.join().unwrap();
+    assert_eq!(got.len(), BULK, "echoed {} of {BULK} bytes", got.len());
+    assert!(
+        got.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
+        "the echo differs"
+    );
+    assert_no_panic(&b);
+}
+
+/// A plain HTTP server on a loopback port of its own: answers `live` to each request.
+struct Live {
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Live {
+    fn start() -> Live {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            for c in l.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut c) = c else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !head.is_empty() {
+                    let _ = c.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlive",
+                    );
+                }
+            }
+        });
+        Live {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn the_epoll_engine_skips_a_dead_backend() {
+    let live = Live::start();
+    // Up at its health check (the kernel completes the handshake of a listener that never
+    // accepts), then closed: every later connect to it is refused.
+    let dying = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = dying.local_addr().unwrap();
+    let b = Balancer::start(&[
+        "--engine",
+        "epoll",
+        "--cpus",
+        "0",
+        "--upstream",
+        &dead.to_string(),
+        "--upstream",
+        &live.addr.to_string(),
+        "--health-check",
+        "tcp",
+        "--health-interval",
+        "60s",
+        "--health-fall",
+        "1000",
+    ]);
+    for addr in [dead, live.addr] {
+        let want = addr.to_string();
+        b.expect_line(
+            0,
+            &format!("`upstream backend up` for {want}"),
+            READY,
+            |l| is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str()),
+        );
+    }
+    drop(dying);
+    for i in 0..6 {
+        let (status, body) =
+            get(b.addr(), "/").unwrap_or_else(|e| panic!("request {i}: {e}\n{}", b.dump()));
+        assert_eq!((status, body.as_str()), (200, "live"), "request {i}");
+    }
+    assert_no_panic(&b);
+}
+
+#[test]
+fn the_epoll_engine_closes_an_idle_connection_at_the_idle_timeout() {
+    let (b, _) = start_python(&["--engine", "epoll", "--idle-timeout", "1s"], ECHO);
+    let mut s = connect(&b);
+    s.write_all(b"x").unwrap();
+    let mut got = [0u8; 1];
+    s.read_exact(&mut got).unwrap();
+    let since = Instant::now();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("the master closes");
+    let took = since.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert_no_panic(&b);
+}
+
+#[test]
+fn the_epoll_engine_finishes_a_request_in_flight_at_the_stop() {
+    let (mut b, _) = start_python(&["--engine", "epoll", "--grace", "10s"], SLOW);
+    let mut s = connect(&b);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    b.expect_line(0, "`backend got a request`", READY, |l| {
+        l.contains("backend got a request")
+    });
+    b.signal(libc::SIGTERM);
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("{e}\n{}", b.dump()));
+    assert!(
+        raw.starts_with("HTTP/1.1 200") && raw.ends_with("slow"),
+        "{raw:?}"
+    );
+    let status = b.expect_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", b.dump());
+    assert!(
+        !b.lines().iter().any(|l| l.contains("grace period over")),
+        "the drain waited out its grace:\n{}",
+        b.dump()
+    );
+    assert_no_panic(&b);
+}
+
+#[test]
+fn the_epoll_engine_refuses_what_it_does_not_do_in_one_line() {
+    for (args, wanted) in [
+        (
+            &["--engine", "epoll", "--protocol", "http"][..],
+            "--protocol http",
+        ),
+        (
+            &["--engine", "epoll", "--send-proxy", "v1"][..],
+            "--send-proxy",
+        ),
+        (
+            &["--engine", "epoll", "--accept-proxy", "127.0.0.1"][..],
+            "--accept-proxy",
+        ),
+        (&["--engine", "epoll", "--mode", "handoff"][..], "--mode"),
+    ] {
+        let line = crate::fatal_error_loopback(args);
+        assert!(
+            line.contains("--engine epoll") && line.contains(wanted),
+            "{args:?}: {line}"
+        );
+    }
+}
