@@ -43,8 +43,6 @@ while True:
     threading.Thread(target=answer, args=(c,), daemon=True).start()
 "#;
 
-const EPOLL: [&str; 2] = ["--engine", "epoll"];
-
 fn connect(b: &Balancer) -> TcpStream {
     let s = TcpStream::connect(b.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -54,7 +52,8 @@ fn connect(b: &Balancer) -> TcpStream {
 
 #[test]
 fn the_epoll_engine_forwards_many_connections_at_once_and_bulk_both_ways() {
-    let (b, _) = start_python_n(2, &EPOLL, ECHO);
+    let (b, _) = start_python_n(2, &["--engine", "epoll", "--admin", "127.0.0.1:0"], ECHO);
+    let admin = admin_addr(&b);
     // 200 connections open together, each its own echo.
     let mut conns: Vec<TcpStream> = (0..200).map(|_| connect(&b)).collect();
     for (i, s) in conns.iter_mut().enumerate() {
@@ -67,6 +66,12 @@ fn the_epoll_engine_forwards_many_connections_at_once_and_bulk_both_ways() {
         assert_eq!(&got, format!("ping {i:04}").as_bytes());
     }
     drop(conns);
+    // Counted as the tokio path counts them (status and metrics read the same counters).
+    let counted = wait_until(READY, || {
+        let c = connections(admin);
+        c["accepted"].as_u64() >= Some(200) && c["completed"].as_u64() >= Some(200)
+    });
+    assert!(counted, "{}\n{}", connections(admin), b.dump());
     // 8 MiB up while it comes back: both directions fill their socket buffers, so the
     // engine's held-back bytes and writability wake-ups carry it.
     const BULK: usize = 8 << 20;
@@ -87,6 +92,57 @@ fn the_epoll_engine_forwards_many_connections_at_once_and_bulk_both_ways() {
         got.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
         "the echo differs"
     );
+    assert_no_panic(&b);
+}
+
+fn admin_addr(b: &Balancer) -> std::net::SocketAddr {
+    let (_, line) = b.expect_line(0, "`admin endpoint listening`", READY, |l| {
+        is_event(l, "admin endpoint listening")
+    });
+    field(&line, "addr")
+        .and_then(|a| a.parse().ok())
+        .expect("admin addr")
+}
+
+/// `/status`'s `connections` object (the data path's counters).
+fn connections(admin: std::net::SocketAddr) -> serde_json::Value {
+    let (_, body) = get_with_timeout(admin, "/status", Duration::from_secs(5)).expect("/status");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    v["connections"].clone()
+}
+
+#[test]
+fn the_epoll_engine_holds_max_conns_and_serves_the_next_once_one_closes() {
+    let (b, _) = start_python(&["--engine", "epoll", "--max-conns", "2"], ECHO);
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect(&b)).collect();
+    for s in &mut held {
+        s.write_all(b"held").unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).unwrap();
+    }
+    // The third waits in the backlog: connected (the kernel's handshake), not served.
+    let mut third = connect(&b);
+    third.write_all(b"next").unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut got = [0u8; 4];
+    match third.read(&mut got) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("a third connection was served past --max-conns 2: {other:?}"),
+    }
+    drop(held.pop());
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    third
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("not served once a permit was free: {e}\n{}", b.dump()));
+    assert_eq!(&got, b"next");
     assert_no_panic(&b);
 }
 

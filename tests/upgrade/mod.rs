@@ -525,9 +525,21 @@ fn a_replaced_binary_on_disk_does_not_stop_builtin_workers_being_respawned() {
 /// as any server closes an idle keep-alive connection, and the upgrade goes on.
 #[test]
 fn an_idle_keep_alive_connection_does_not_hold_the_upgrade() {
+    idle_keep_alive_does_not_hold_the_upgrade(&[]);
+}
+
+#[test]
+fn an_idle_keep_alive_connection_does_not_hold_the_upgrade_epoll() {
+    idle_keep_alive_does_not_hold_the_upgrade(&["--engine", "epoll"]);
+}
+
+/// An idle keep-alive connection is closed by the upgrade's drain, with `extra` flags.
+fn idle_keep_alive_does_not_hold_the_upgrade(extra: &[&str]) {
     use std::io::{Read, Write};
     let install = Install::new("upgrade-keepalive");
-    let mut b = install.start(&["--cpus", "1"]);
+    let mut args = vec!["--cpus", "1"];
+    args.extend_from_slice(extra);
+    let mut b = install.start(&args);
     let addr = b.addr();
     wait_all_ready(&b, 1);
     let mut client = std::net::TcpStream::connect(addr).expect("connecting");

@@ -339,6 +339,8 @@ pub(super) struct Conn {
     /// Moves so far, and the count at the last quiesce look (see [`Conn::quiesce_look`]).
     moves: u64,
     quiesce_mark: Option<u64>,
+    /// When it was accepted (a quiesce look gives a silent newcomer its first bytes' time).
+    born: Instant,
     /// The earliest look the loop's timers hold for this connection.
     pub(super) timer_at: Option<Instant>,
     /// One `--max-conns` permit, one task of the drain's tracker, for the connection's life.
@@ -373,6 +375,7 @@ impl Conn {
             answered: false,
             moves: 0,
             quiesce_mark: None,
+            born: now,
             timer_at: None,
             _permit: permit,
             _task: task,
@@ -645,12 +648,20 @@ impl Conn {
         }
     }
 
-    /// A quiesce look (an in-place upgrade is draining): whether the connection is idle,
-    /// i.e. copying, owing no answer, and nothing moved since the previous look.
-    pub(super) fn quiesce_look(&mut self) -> bool {
+    /// A quiesce look at `now` (an in-place upgrade is draining since `since`): whether the
+    /// connection is idle, as [`crate::quiesce`] says: copying, owing no answer, nothing
+    /// moved since the previous look, and, if nothing ever moved, silent for
+    /// [`FIRST_BYTES`](crate::quiesce::FIRST_BYTES) (its client may be sending its first
+    /// bytes).
+    pub(super) fn quiesce_look(&mut self, now: Instant, since: Instant) -> bool {
         let copying = matches!(self.upstream.as_ref().map(|u| &u.stage), Some(Stage::Up));
-        let idle =
-            copying && self.awaiting_since.is_none() && self.quiesce_mark == Some(self.moves);
+        let untouched = self.client_reads == 0 && !self.answered;
+        let first_bytes_due =
+            untouched && now.duration_since(since.max(self.born)) < crate::quiesce::FIRST_BYTES;
+        let idle = copying
+            && self.awaiting_since.is_none()
+            && self.quiesce_mark == Some(self.moves)
+            && !first_bytes_due;
         self.quiesce_mark = Some(self.moves);
         idle
     }

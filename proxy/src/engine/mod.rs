@@ -60,6 +60,9 @@ const PERMIT_RETRY: Duration = Duration::from_millis(5);
 /// How often connections to remote backends are checked for their backend's retirement
 /// (an address gone from DNS whose grace ran out). Only while there are such connections.
 const RETIRE_LOOK: Duration = Duration::from_millis(250);
+/// A pause between quiesce looks longer than this starts a new quiesce (looks come every
+/// [`LOOK`](crate::quiesce::LOOK) while one lasts).
+const QUIESCE_GAP: Duration = Duration::from_millis(250);
 /// Generations are kept to 30 bits so a connection token never meets the fixed ones.
 const GEN_MASK: u32 = (1 << 30) - 1;
 
@@ -177,7 +180,7 @@ impl Engine {
                     }
                 }
                 if lp.bell.quiesce.swap(false, Ordering::Relaxed) {
-                    lp.quiesce_look();
+                    lp.quiesce_look(Instant::now());
                 }
             }
             if listener.is_none() {
@@ -267,6 +270,8 @@ struct Loop<'p> {
     backoff: Duration,
     /// When to look for connections of retired backends next.
     retire_at: Option<Instant>,
+    /// Since when an upgrade quiesces, and the last quiesce look.
+    quiescing: Option<(Instant, Instant)>,
 }
 
 impl<'p> Loop<'p> {
@@ -285,6 +290,7 @@ impl<'p> Loop<'p> {
             accept_gate: None,
             backoff: ACCEPT_BACKOFF_MIN,
             retire_at: None,
+            quiescing: None,
         }
     }
 
@@ -504,10 +510,16 @@ impl<'p> Loop<'p> {
     }
 
     /// An upgrade quiesces: connections idle since the previous look end.
-    fn quiesce_look(&mut self) {
+    fn quiesce_look(&mut self, now: Instant) {
+        // Looks come every LOOK while quiescing: a longer gap means a new quiesce.
+        let since = match self.quiescing {
+            Some((since, last)) if now.duration_since(last) <= QUIESCE_GAP => since,
+            _ => now,
+        };
+        self.quiescing = Some((since, now));
         for slot in 0..self.slots.len() {
             let idle = match &mut self.slots[slot].conn {
-                Some(c) => c.quiesce_look(),
+                Some(c) => c.quiesce_look(now, since),
                 None => false,
             };
             if idle {
@@ -550,7 +562,10 @@ pub async fn relay(
     quiesce: Arc<Quiesce>,
     done: CancellationToken,
 ) {
+    // An activity that answered once and then never moved: `idle` resolves one LOOK after
+    // quiescing is on (an untouched one would wait for its first bytes' time).
     let never = Activity::default();
+    never.to_client();
     let on_stop = async {
         stop.cancelled().await;
         bell.ring();
