@@ -735,8 +735,20 @@ fn keep_alive_client(addr: std::net::SocketAddr, stop: &AtomicBool, tally: &Mute
 /// connection, which the new image serves.
 #[test]
 fn busy_keep_alive_clients_do_not_hold_the_upgrade() {
+    busy_keep_alive_does_not_hold_the_upgrade(&[]);
+}
+
+#[test]
+fn busy_keep_alive_clients_do_not_hold_the_upgrade_epoll() {
+    busy_keep_alive_does_not_hold_the_upgrade(&["--engine", "epoll"]);
+}
+
+/// Busy keep-alive clients end at a request boundary at the upgrade's drain, with `extra`.
+fn busy_keep_alive_does_not_hold_the_upgrade(extra: &[&str]) {
     let install = Install::new("upgrade-busy-keepalive");
-    let mut b = install.start(&["--cpus", "2"]);
+    let mut args = vec!["--cpus", "2"];
+    args.extend_from_slice(extra);
+    let mut b = install.start(&args);
     let addr = b.addr();
     wait_all_ready(&b, 2);
     let clients = BusyKeepAlive::start(addr, 4);

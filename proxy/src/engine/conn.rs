@@ -41,6 +41,10 @@ const READS_PER_TURN: usize = 16;
 /// swapped; the rest is left for the copy.
 pub(super) const EARLY_MAX: usize = 2048;
 
+/// At most this much of a held request is read and dropped before a quiesced close (as the
+/// tokio path's).
+const DISCARD_MAX: usize = 64 * 1024;
+
 /// What the loop must do after driving a connection.
 #[derive(Debug)]
 pub(super) enum Step {
@@ -183,6 +187,39 @@ impl Side {
         }
     }
 
+    /// Whether the kernel still holds bytes sent to the peer and not acknowledged
+    /// (`SIOCOUTQ`): an answer not yet delivered. An error counts as such.
+    fn unsent(&self) -> bool {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: the fd is open for the duration of the call; SIOCOUTQ (TIOCOUTQ) writes
+        // one `int` to the pointer it is given.
+        let r = unsafe { libc::ioctl(self.sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        r != 0 || queued > 0
+    }
+
+    /// Reads and drops what the peer sent and nobody read (at most [`DISCARD_MAX`], without
+    /// waiting), so the close that follows is a FIN, not a reset.
+    fn discard_unread(&self) {
+        let mut buf = [0u8; 4096];
+        let mut dropped = 0;
+        while dropped < DISCARD_MAX {
+            // SAFETY: the fd is open for the duration of the call; `buf` is valid for writes
+            // of `buf.len()` bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            dropped += n as usize;
+        }
+    }
+
     /// One `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte: `Some(true)` bytes wait unread,
     /// `Some(false)` the peer closed (FIN, or an error), `None` nothing yet.
     fn peek(&self) -> Option<bool> {
@@ -257,13 +294,15 @@ enum Flow {
 }
 
 /// Copies `src → dst` while both are ready; `reads` counts the reads that brought bytes.
+/// With `hold` (an upgrade's quiesce holds the client), `src` is not read: its readiness is
+/// kept, so it is read as soon as the hold ends and the connection is driven again.
 fn one_way(
     src: &mut Side,
     dst: &mut Side,
     dir: &mut Dir,
     scratch: &mut [MaybeUninit<u8>],
-    reads: &mut u32,
-    wrote: &mut bool,
+    (reads, wrote): (&mut u32, &mut bool),
+    hold: bool,
 ) -> io::Result<Flow> {
     for _ in 0..READS_PER_TURN {
         if !dir.pending.is_empty() {
@@ -277,7 +316,7 @@ fn one_way(
             }
             dir.pending = Vec::new();
         }
-        if !src.readable {
+        if !src.readable || hold {
             return Ok(Flow::Wait);
         }
         let n = match src.read(scratch)? {
@@ -341,6 +380,8 @@ pub(super) struct Conn {
     quiesce_mark: Option<u64>,
     /// When it was accepted (a quiesce look gives a silent newcomer its first bytes' time).
     born: Instant,
+    /// Whether a quiesce look has logged it as still busy.
+    said_busy: bool,
     /// The earliest look the loop's timers hold for this connection.
     pub(super) timer_at: Option<Instant>,
     /// One `--max-conns` permit, one task of the drain's tracker, for the connection's life.
@@ -376,6 +417,7 @@ impl Conn {
             moves: 0,
             quiesce_mark: None,
             born: now,
+            said_busy: false,
             timer_at: None,
             _permit: permit,
             _task: task,
@@ -509,13 +551,18 @@ impl Conn {
         let mut again = false;
         let (mut reads, mut wrote) = (0, false);
         if !self.c2b.done {
+            // Between exchanges while an upgrade quiesces, the client's next request is
+            // held back (crate::quiesce): it will be sent again on a new connection.
+            let spoke = self.client_reads > 0 || !self.early.is_empty();
+            let between = spoke && self.answered && self.awaiting_since.is_none();
+            let hold = between && ctx.config.quiesce.is_on();
             let flow = one_way(
                 &mut self.client,
                 &mut up.side,
                 &mut self.c2b,
                 ctx.scratch,
-                &mut reads,
-                &mut wrote,
+                (&mut reads, &mut wrote),
+                hold,
             )?;
             if reads > 0 {
                 self.client_reads += reads;
@@ -544,8 +591,8 @@ impl Conn {
                 &mut self.client,
                 &mut self.b2c,
                 ctx.scratch,
-                &mut answers,
-                &mut wrote_back,
+                (&mut answers, &mut wrote_back),
+                false,
             )?;
             if answers > 0 {
                 self.answered = true;
@@ -661,8 +708,18 @@ impl Conn {
         let idle = copying
             && self.awaiting_since.is_none()
             && self.quiesce_mark == Some(self.moves)
-            && !first_bytes_due;
+            && !first_bytes_due
+            && !self.client.unsent();
         self.quiesce_mark = Some(self.moves);
+        if idle {
+            // A held request is dropped unread, so the close is a FIN after the last answer
+            // (an RST could destroy what the client has not read yet).
+            self.client.discard_unread();
+        } else if !self.said_busy && now.duration_since(since) >= crate::quiesce::BUSY {
+            self.said_busy = true;
+            let up = self.upstream.as_ref();
+            tracing::debug!(peer = %self.from, slot = up.map(|u| u.backend.slot), addr = up.map(|u| u.backend.addr.to_string()), owes = self.awaiting_since.is_some(), answered = self.answered, "connection still busy while quiescing");
+        }
         idle
     }
 

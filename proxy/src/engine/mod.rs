@@ -72,6 +72,9 @@ pub struct Bell {
     waker: Waker,
     /// Set with a ring while an upgrade quiesces: look for idle connections.
     quiesce: AtomicBool,
+    /// Set with a ring when quiescing ends (the upgrade was refused or failed): held
+    /// clients are read again.
+    resume: AtomicBool,
 }
 
 impl Bell {
@@ -120,6 +123,7 @@ impl Engine {
             bell: Arc::new(Bell {
                 waker,
                 quiesce: AtomicBool::new(false),
+                resume: AtomicBool::new(false),
             }),
         })
     }
@@ -181,6 +185,9 @@ impl Engine {
                 }
                 if lp.bell.quiesce.swap(false, Ordering::Relaxed) {
                     lp.quiesce_look(Instant::now());
+                }
+                if lp.bell.resume.swap(false, Ordering::Relaxed) {
+                    lp.resume(Instant::now(), &mut scratch, &mut again);
                 }
             }
             if listener.is_none() {
@@ -530,6 +537,14 @@ impl<'p> Loop<'p> {
         }
     }
 
+    /// Quiescing ended: every connection is driven, so a held client is read again.
+    fn resume(&mut self, now: Instant, scratch: &mut [MaybeUninit<u8>], again: &mut Vec<Key>) {
+        for slot in 0..self.slots.len() {
+            let gen = self.slots[slot].gen;
+            self.drive(slot as u32, gen, now, scratch, again);
+        }
+    }
+
     /// Ends the connections whose (remote) backend was retired.
     fn retire(&mut self, now: Instant, _scratch: &mut [MaybeUninit<u8>]) {
         let mut retirable = 0;
@@ -552,8 +567,8 @@ impl<'p> Loop<'p> {
     }
 }
 
-/// Rings `bell` when `stop` or `abort` is cancelled, and every [`crate::quiesce::LOOK`]
-/// while `quiesce` is on, until `done` is cancelled (the engine's thread ended). Runs on
+/// Rings `bell` when `stop` or `abort` is cancelled, every [`crate::quiesce::LOOK`]
+/// while `quiesce` is on and once when it goes off, until `done` is cancelled (the engine's thread ended). Runs on
 /// the master's tokio runtime, where the tokens and the quiesce flag are awaited.
 pub async fn relay(
     bell: Arc<Bell>,
@@ -577,8 +592,16 @@ pub async fn relay(
     let on_quiesce = async {
         loop {
             // Resolves one LOOK after quiescing is on, for an activity that never moves.
-            quiesce.idle(&never).await;
-            bell.quiesce.store(true, Ordering::Relaxed);
+            quiesce.idle(&never, || false, || {}).await;
+            loop {
+                bell.quiesce.store(true, Ordering::Relaxed);
+                bell.ring();
+                tokio::select! {
+                    () = quiesce.resumed() => break,
+                    () = tokio::time::sleep(crate::quiesce::LOOK) => {}
+                }
+            }
+            bell.resume.store(true, Ordering::Relaxed);
             bell.ring();
         }
     };
