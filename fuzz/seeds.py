@@ -247,6 +247,10 @@ def http_request():
         "options-star": (0, "OPTIONS * HTTP/1.1\r\nHost: a\r\n"),
         "quoted-host": (0, "GET / HTTP/1.1\r\nHost: a\"b\\c;d=e\r\n"),
         "no-host": (0, "GET / HTTP/1.0\r\n"),
+        # Refused with 400 (RFC 9112 section 3.2): no Host in HTTP/1.1, userinfo, a bad port.
+        "no-host-1-1": (0, "GET / HTTP/1.1\r\nAccept: */*\r\n"),
+        "userinfo-host": (0, "GET / HTTP/1.1\r\nHost: user@a.test\r\n"),
+        "bad-port-host": (0, "GET / HTTP/1.1\r\nHost: a.test:80:81\r\n"),
         "connection-names-ours": (1, "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-forwarded-for, forwarded, x-forwarded-proto\r\n"
                                      "X-Forwarded-For: 1.1.1.1\r\nForwarded: for=1.1.1.1\r\nX-Forwarded-Proto: https\r\n"),
         "connection-names-host": (0, "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, host\r\n"),

@@ -1,5 +1,7 @@
 //! Fuzzes what the HTTP path (`--protocol http`) does to a request between hyper's parser
-//! and the backend: `upgrade::requested`, `headers::rewrite_request` (Host from the
+//! and the backend: `headers::check_host` (the 400 for several, invalid or, in HTTP/1.1,
+//! missing Host fields), then on the requests it lets through `upgrade::requested`,
+//! `headers::rewrite_request` (Host from the
 //! authority, hop-by-hop and `Connection`-named headers removed, `Upgrade` kept for an
 //! upgrade, `X-Forwarded-*` and `Forwarded` set, trusted or not), `client::backend_uri`
 //! (the URI sent to the backend), and `headers::strip_hop_by_hop` on the same headers as a
@@ -7,11 +9,17 @@
 //!
 //! Input: byte 0 holds flags (bit 0: the peer is a trusted proxy; bits 1–2: the client
 //! address, IPv4, IPv6, IPv4-mapped or loopback; bit 3: https; bit 4: the response is a
-//! 101). The rest is a request head as text: `METHOD URI` on the first line, then
-//! `name: value` lines (`\r` optional). A method, URI, name or value that `http` refuses
-//! is left out, as hyper would never hand it over.
+//! 101). The rest is a request head as text: `METHOD URI VERSION` on the first line
+//! (`HTTP/1.0`, `HTTP/2`; anything else is HTTP/1.1), then `name: value` lines (`\r`
+//! optional). A method, URI, name or value that `http` refuses is left out, as hyper would
+//! never hand it over.
 //!
 //! Checks besides "no panic", against the head as sent:
+//! - `check_host` refuses every request with more than one Host field and every HTTP/1.1
+//!   request with none, and lets through HTTP/1.0 and HTTP/2 ones with none; a single
+//!   Host it lets through reads back as the authority of an `http://HOST/` URI with no
+//!   userinfo; nothing else is checked on a refused request (it gets a 400, never
+//!   reaching a backend);
 //! - no hop-by-hop header and no header named in any `Connection` field survives (but
 //!   `Upgrade` with `Connection: upgrade` on an upgrade), and every other header is
 //!   passed on unchanged;
@@ -68,6 +76,11 @@ fn request(head: &[u8]) -> Request<()> {
         if let Some(u) = parts.next().and_then(|u| Uri::try_from(u).ok()) {
             *req.uri_mut() = u;
         }
+        *req.version_mut() = match parts.next() {
+            Some(b"HTTP/1.0") => Version::HTTP_10,
+            Some(b"HTTP/2") => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
     }
     for line in lines {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
@@ -173,6 +186,37 @@ fuzz_target!(|data: &[u8]| {
 
     let original = request(head);
     let before = original.headers().clone();
+
+    // Host fields: what is refused never reaches the rewrite.
+    let hosts = values(&before, &HOST);
+    match headers::check_host(&original) {
+        Err(e) => {
+            let expected = match hosts.len() {
+                0 => headers::BadHost::Missing,
+                1 => headers::BadHost::Invalid,
+                _ => headers::BadHost::Several,
+            };
+            assert_eq!(e, expected, "refused with {hosts:?}");
+            if hosts.is_empty() {
+                assert_eq!(original.version(), Version::HTTP_11, "refused with no Host");
+            }
+            return;
+        }
+        Ok(()) => {
+            assert!(hosts.len() <= 1, "several Host fields let through: {hosts:?}");
+            assert!(
+                !hosts.is_empty() || original.version() != Version::HTTP_11,
+                "an HTTP/1.1 request with no Host let through"
+            );
+            if let Some(h) = hosts.first().filter(|h| !h.is_empty()) {
+                let text = h.to_str().expect("a valid Host is text");
+                assert!(!text.contains('@'), "userinfo in Host let through: {text:?}");
+                let uri = Uri::try_from(format!("http://{text}/"))
+                    .unwrap_or_else(|e| panic!("Host {text:?} let through is no authority: {e}"));
+                assert_eq!(uri.authority().map(|a| a.as_str()), Some(text));
+            }
+        }
+    }
     let named = named_in_connection(&before);
     let kept = |n: &HeaderName| trusted && !named.contains(n);
     let host = before.get(HOST).cloned().or_else(|| {

@@ -55,6 +55,9 @@ pub enum ProxyError {
     /// No response head within `--request-timeout`.
     #[error("no answer within --request-timeout")]
     Timeout,
+    /// The request's `Host` fields are not exactly one valid host (RFC 9112 §3.2).
+    #[error("{0}")]
+    BadHost(super::headers::BadHost),
 }
 
 impl ProxyError {
@@ -66,7 +69,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClientBody => StatusCode::BAD_REQUEST,
+            Self::ClientBody | Self::BadHost(_) => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -78,8 +81,12 @@ impl ProxyError {
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
-        if matches!(self, Self::BodyTooLarge | Self::ClientBody) {
+        if matches!(
+            self,
+            Self::BodyTooLarge | Self::ClientBody | Self::BadHost(_)
+        ) {
             // The rest of the body is unread: the connection cannot carry another request.
+            // After a bad Host, nothing more from that client is trusted either.
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -124,6 +131,9 @@ mod tests {
             ProxyError::BodyTooLarge.status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
+        let r = ProxyError::BadHost(super::super::headers::BadHost::Several).response();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(r.headers()[CONNECTION], "close");
     }
 
     #[test]

@@ -245,6 +245,9 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> 
         backend: None,
         _active: None,
     };
+    if let Err(e) = headers::check_host(&req) {
+        return failed(ProxyError::BadHost(e), finish);
+    }
     if let Some(max) = config.max_body {
         let announced = req
             .headers()
