@@ -245,6 +245,7 @@ def http_request():
         "absolute-form": (0, "GET http://other.test:81/p HTTP/1.1\r\nHost: example.test\r\n"),
         "connect": (0, "CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n"),
         "options-star": (0, "OPTIONS * HTTP/1.1\r\nHost: a\r\n"),
+        "get-star": (0, "GET * HTTP/1.1\r\nHost: a\r\n"),
         "quoted-host": (0, "GET / HTTP/1.1\r\nHost: a\"b\\c;d=e\r\n"),
         "no-host": (0, "GET / HTTP/1.0\r\n"),
         # Refused with 400 (RFC 9112 section 3.2): no Host in HTTP/1.1, userinfo, a bad port.

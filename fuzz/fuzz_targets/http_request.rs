@@ -1,6 +1,7 @@
 //! Fuzzes what the HTTP path (`--protocol http`) does to a request between hyper's parser
-//! and the backend: `headers::check_host` (the 400 for several, invalid or, in HTTP/1.1,
-//! missing Host fields), then on the requests it lets through `upgrade::requested`,
+//! and the backend: `headers::check_target` (the 400 for `*` but with OPTIONS) and
+//! `headers::check_host` (the 400 for several, invalid or, in HTTP/1.1, missing Host
+//! fields), then on the requests it lets through `upgrade::requested`,
 //! `headers::rewrite_request` (Host from the
 //! authority, hop-by-hop and `Connection`-named headers removed, `Upgrade` kept for an
 //! upgrade, `X-Forwarded-*` and `Forwarded` set, trusted or not), `client::backend_uri`
@@ -15,6 +16,7 @@
 //! never hand it over.
 //!
 //! Checks besides "no panic", against the head as sent:
+//! - `check_target` refuses exactly the asterisk form with a method other than OPTIONS;
 //! - `check_host` refuses every request with more than one Host field and every HTTP/1.1
 //!   request with none, and lets through HTTP/1.0 and HTTP/2 ones with none; a single
 //!   Host it lets through reads back as the authority of an `http://HOST/` URI with no
@@ -27,7 +29,7 @@
 //! - `X-Forwarded-For` is one field ending in the client address, replacing a client's
 //!   own or appended to a trusted proxy's; `X-Forwarded-Proto` likewise;
 //! - `Forwarded` ends in an element for the client whose `host=` reads back to the host;
-//! - the backend URI keeps the path and query and names the backend.
+//! - the backend URI keeps the path and query (or `*`) and names the backend.
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
@@ -187,6 +189,16 @@ fuzz_target!(|data: &[u8]| {
     let original = request(head);
     let before = original.headers().clone();
 
+    // The asterisk form: only OPTIONS (a 400 otherwise, never reaching a backend).
+    let asterisk = original.uri().authority().is_none() && original.uri().path() == "*";
+    match headers::check_target(&original) {
+        Err(_) => {
+            assert!(asterisk && original.method() != Method::OPTIONS, "refused {}", original.uri());
+            return;
+        }
+        Ok(()) => assert!(!asterisk || original.method() == Method::OPTIONS),
+    }
+
     // Host fields: what is refused never reaches the rewrite.
     let hosts = values(&before, &HOST);
     match headers::check_host(&original) {
@@ -294,7 +306,7 @@ fuzz_target!(|data: &[u8]| {
     // The URI sent to the backend.
     let addr: SocketAddr = BACKEND.parse().unwrap();
     let pq = original.uri().path_and_query().map(|pq| pq.as_str());
-    if pq.is_none_or(|p| p.starts_with('/')) {
+    if pq.is_none_or(|p| p.starts_with('/') || p == "*") {
         let authority = addr.to_string().parse().expect("a socket address is an authority");
         let uri = backend_uri(original.uri().clone(), authority).expect("an origin-form path fits a URI");
         assert_eq!(uri.authority().map(|a| a.as_str()), Some(BACKEND));

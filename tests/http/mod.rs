@@ -55,6 +55,8 @@ class H(http.server.BaseHTTPRequestHandler):
             os._exit(3)
         self.answer("pid %d" % os.getpid())
     do_POST = do_GET
+    def do_OPTIONS(self):
+        self.answer("OPTIONS %s" % self.path)
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
 os.write(ipc, b'{"type":"ready","port":%d}\n' % srv.server_address[1])
 srv.serve_forever()
@@ -323,6 +325,33 @@ fn several_missing_or_invalid_host_fields_are_400_and_closed() {
             .count()
     };
     assert!(wait_until(STEP, || failed() == cases.len()), "{}", b.dump());
+    assert_no_panic_in(&b);
+}
+
+#[test]
+fn options_asterisk_reaches_the_backend_as_asterisk() {
+    // RFC 9112 §3.2.4: `OPTIONS *` asks about the server as a whole and goes on as it is
+    // (it was a 502 once: the backend URI could not hold `*`); `*` with any other method
+    // is a 400.
+    let dir = TempDir::new("http-options");
+    let b = python_workers(&dir, "1", &[]);
+    let mut s = TcpStream::connect(b.addr()).unwrap();
+    for (target, seen) in [
+        ("*", "OPTIONS *"),
+        ("/p?q", "OPTIONS /p?q"),
+        ("*", "OPTIONS *"),
+    ] {
+        let req = format!("OPTIONS {target} HTTP/1.1\r\nHost: a.test:8080\r\n\r\n");
+        let (status, head, body) = exchange(&mut s, &req);
+        assert_eq!((status, body.as_str()), (200, seen), "{target}: {head}");
+    }
+    let mut s = TcpStream::connect(b.addr()).unwrap();
+    let (status, head, body) = exchange(&mut s, "GET * HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert_eq!(status, 400, "{head}{body}");
+    assert!(body.contains("request-target *"), "{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
     assert_no_panic_in(&b);
 }
 

@@ -58,6 +58,9 @@ pub enum ProxyError {
     /// The request's `Host` fields are not exactly one valid host (RFC 9112 §3.2).
     #[error("{0}")]
     BadHost(super::headers::BadHost),
+    /// The request-target's form does not fit its method (RFC 9112 §3.2.4).
+    #[error("{0}")]
+    BadTarget(super::headers::BadTarget),
 }
 
 impl ProxyError {
@@ -69,7 +72,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ClientBody | Self::BadHost(_) => StatusCode::BAD_REQUEST,
+            Self::ClientBody | Self::BadHost(_) | Self::BadTarget(_) => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -83,7 +86,7 @@ impl ProxyError {
         }
         if matches!(
             self,
-            Self::BodyTooLarge | Self::ClientBody | Self::BadHost(_)
+            Self::BodyTooLarge | Self::ClientBody | Self::BadHost(_) | Self::BadTarget(_)
         ) {
             // The rest of the body is unread: the connection cannot carry another request.
             // After a bad Host, nothing more from that client is trusted either.

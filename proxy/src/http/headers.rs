@@ -11,7 +11,7 @@ use std::str::FromStr;
 use hyper::header::{
     HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
-use hyper::{HeaderMap, Request, Version};
+use hyper::{HeaderMap, Method, Request, Version};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -171,6 +171,30 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), BadHost> {
         (None, _) if req.version() == Version::HTTP_11 => Err(BadHost::Missing),
         (None, _) => Ok(()),
     }
+}
+
+/// A request-target refused with 400 (RFC 9112 §3.2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadTarget {
+    /// The asterisk form (`*`) with a method other than OPTIONS: it names the server, and
+    /// only OPTIONS asks about the server as a whole.
+    #[error("request-target * with a method other than OPTIONS")]
+    Asterisk,
+}
+
+/// Checks the request-target's form: `*` only for OPTIONS, which goes to the backend as
+/// `OPTIONS *`, as HAProxy passes it (nginx refuses it outright, which leaves a backend
+/// that implements server-wide OPTIONS unreachable through the proxy).
+///
+/// Not done: RFC 9112 §3.2.4 also has the last proxy send an absolute-form OPTIONS with
+/// an empty path (`OPTIONS http://h:80`) on as `*`. The `http` crate reads an empty path
+/// as `/` and keeps no trace of which was sent, so that request goes on as `OPTIONS /`.
+pub fn check_target<B>(req: &Request<B>) -> Result<(), BadTarget> {
+    let asterisk = req.uri().authority().is_none() && req.uri().path() == "*";
+    if asterisk && req.method() != Method::OPTIONS {
+        return Err(BadTarget::Asterisk);
+    }
+    Ok(())
 }
 
 /// Whether `v` is `uri-host [":" port]` (RFC 3986 §3.2.2–3.2.3), or empty (what a client
@@ -464,6 +488,29 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_asterisk_form_is_for_options_only() {
+        use hyper::Uri;
+        let req = |method: Method, uri: &'static str| {
+            let mut r = Request::new(());
+            *r.method_mut() = method;
+            *r.uri_mut() = Uri::from_static(uri);
+            r.headers_mut()
+                .insert(HOST, HeaderValue::from_static("a.test"));
+            r
+        };
+        assert_eq!(check_target(&req(Method::OPTIONS, "*")), Ok(()));
+        assert_eq!(
+            check_target(&req(Method::GET, "*")),
+            Err(BadTarget::Asterisk)
+        );
+        assert_eq!(check_target(&req(Method::GET, "/")), Ok(()));
+        // `*` goes on untouched (client::backend_uri then keeps it as the path).
+        let mut r = req(Method::OPTIONS, "*");
+        rewrite_request(&mut r, &origin("10.0.0.7:5000", false), false);
+        assert_eq!(r.uri(), "*");
     }
 
     #[test]

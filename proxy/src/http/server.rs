@@ -248,6 +248,9 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> 
     if let Err(e) = headers::check_host(&req) {
         return failed(ProxyError::BadHost(e), finish);
     }
+    if let Err(e) = headers::check_target(&req) {
+        return failed(ProxyError::BadTarget(e), finish);
+    }
     if let Some(max) = config.max_body {
         let announced = req
             .headers()
