@@ -241,6 +241,65 @@ fn the_epoll_engine_skips_a_dead_backend() {
 }
 
 #[test]
+fn the_epoll_engine_gives_up_a_stalled_connect_and_tries_the_next_backend() {
+    use std::os::fd::AsRawFd;
+    let live = Live::start();
+    // A listener that never accepts: up at its health checks (the kernel completes their
+    // handshakes into its queue), then given the smallest accept queue, so the kernel drops
+    // further SYNs and a connect to it stays in progress.
+    let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow = stalled.local_addr().unwrap();
+    let b = Balancer::start(&[
+        "--engine",
+        "epoll",
+        "--cpus",
+        "0",
+        "--upstream",
+        &slow.to_string(),
+        "--upstream",
+        &live.addr.to_string(),
+        "--connect-timeout",
+        "300ms",
+        "--health-check",
+        "tcp",
+        "--health-interval",
+        "60s",
+        "--health-fall",
+        "1000",
+    ]);
+    for addr in [slow, live.addr] {
+        let want = addr.to_string();
+        b.expect_line(
+            0,
+            &format!("`upstream backend up` for {want}"),
+            READY,
+            |l| is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str()),
+        );
+    }
+    // SAFETY: the fd is the open listener's; listen(2) again only changes its backlog.
+    assert_eq!(unsafe { libc::listen(stalled.as_raw_fd(), 0) }, 0);
+    // Fill the queue (the health checks' connections are there already); held open.
+    let _fill: Vec<TcpStream> = (0..3)
+        .filter_map(|_| TcpStream::connect_timeout(&slow, Duration::from_millis(200)).ok())
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for i in 0..4 {
+        let since = Instant::now();
+        let (status, body) =
+            get(b.addr(), "/").unwrap_or_else(|e| panic!("request {i}: {e}\n{}", b.dump()));
+        assert_eq!((status, body.as_str()), (200, "live"), "request {i}");
+        slowest = slowest.max(since.elapsed());
+    }
+    // Round robin sent at least one of the four to the stalled backend first: it waited the
+    // connect timeout there, then went on.
+    assert!(
+        slowest >= Duration::from_millis(250),
+        "no request waited for a connect timeout (slowest {slowest:?}): was the queue full?"
+    );
+    assert_no_panic(&b);
+}
+
+#[test]
 fn the_epoll_engine_closes_an_idle_connection_at_the_idle_timeout() {
     let (b, _) = start_python(&["--engine", "epoll", "--idle-timeout", "1s"], ECHO);
     let mut s = connect(&b);
