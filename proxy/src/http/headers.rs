@@ -283,6 +283,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, origin: &Origin, host: Option<&Hea
             headers.remove(name);
         }
     }
+    // Up to four headers more: room for all of them at once. hyper sizes a connection's
+    // first request map for the headers it parsed, so a short request grew (and
+    // rehashed) its map more than once here. A map that cannot grow fails the same way at
+    // the first insert below.
+    let _ = headers.try_reserve(4);
     if headers.contains_key(&X_FORWARDED_FOR) {
         append(headers, &X_FORWARDED_FOR, origin.for_ip.as_bytes());
     } else {
