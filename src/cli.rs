@@ -138,6 +138,13 @@ pub struct Cli {
     #[arg(long)]
     pub max_conns: Option<usize>,
 
+    /// How many proxy threads accept and serve clients (proxy and handoff modes), each with
+    /// its own `SO_REUSEPORT` listener and runtime. Default: one per CPU this process may
+    /// use. Where the workers (or the clients) share those CPUs, fewer threads spend less
+    /// CPU per request (bench/NOTES.md).
+    #[arg(long, value_name = "N")]
+    pub proxy_threads: Option<usize>,
+
     /// What happens to the workers' stdout and stderr: `prefix` writes each line to the
     /// master's stderr tagged with slot and pid; `inherit` shares the master's; `ignore`
     /// discards them.

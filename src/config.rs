@@ -64,6 +64,8 @@ pub struct Config {
     pub policy: proxy::Policy,
     /// Cap on open client connections (`None`: derived from the open-file limit).
     pub max_conns: Option<usize>,
+    /// Proxy threads (`--proxy-threads`; `None`: one per CPU this process may use).
+    pub proxy_threads: Option<usize>,
     /// Active health checks.
     pub health: HealthConfig,
     /// Connect timeout towards workers.
@@ -137,6 +139,10 @@ impl TryFrom<&Cli> for Config {
             },
             max_conns: match cli.max_conns {
                 Some(0) => bail!("--max-conns 0: at least one connection must be allowed"),
+                n => n,
+            },
+            proxy_threads: match cli.proxy_threads {
+                Some(0) => bail!("--proxy-threads 0: at least one thread must accept clients"),
                 n => n,
             },
             worker_output: cli.worker_output,

@@ -108,6 +108,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     keep("admin", new.admin != running.admin);
     keep("admin-token", new.admin_token != running.admin_token);
     keep("max-conns", new.max_conns != running.max_conns);
+    keep("proxy-threads", new.proxy_threads != running.proxy_threads);
     keep(
         "connect-timeout",
         new.connect_timeout != running.connect_timeout,
@@ -137,6 +138,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     new.admin = running.admin.clone();
     new.admin_token = running.admin_token.clone();
     new.max_conns = running.max_conns;
+    new.proxy_threads = running.proxy_threads;
     new.connect_timeout = running.connect_timeout;
     new.idle_timeout = running.idle_timeout;
     new.response_timeout = running.response_timeout;

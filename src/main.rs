@@ -131,7 +131,9 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     if let Err(e) = orphans::become_subreaper() {
         tracing::warn!(error = %e, "could not become a child subreaper; processes that workers leave behind may outlive the master");
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = config
+        .proxy_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let bound = match (&mut handed, activated) {
         (Some(taken), _) => upgrade::bound(taken, &config)?,
         (None, Some(listener)) => systemd::bound(listener, config.mode, threads)?,

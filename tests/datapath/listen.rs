@@ -69,3 +69,57 @@ fn a_foreign_reuseport_socket_gets_no_connections() {
         Err(e) => panic!("accept on the foreign socket: {e}"),
     }
 }
+
+/// The master's proxy threads (named `balancer-proxy-N`), from /proc.
+fn proxy_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|name| name.starts_with("balancer-proxy"))
+        })
+        .count()
+}
+
+#[test]
+fn proxy_threads_sets_how_many_threads_accept_and_all_serve() {
+    for (threads, mode) in [("1", "proxy"), ("3", "proxy"), ("3", "handoff")] {
+        let b = Balancer::start(&["--cpus", "2", "--mode", mode, "--proxy-threads", threads]);
+        let addr = b.addr();
+        wait_all_ready(&b, 2);
+        // Each thread names itself once it runs, a moment after `accepting` is logged.
+        let named = wait_until(Duration::from_secs(10), || {
+            proxy_threads(b.pid()).to_string() == threads
+        });
+        assert!(
+            named,
+            "{mode} --proxy-threads {threads}: {} proxy threads\n{}",
+            proxy_threads(b.pid()),
+            b.dump()
+        );
+        // New connections spread over every thread's listener: all of them are answered.
+        all_answered_by(addr, &ready_pids(&b), 24);
+    }
+}
+
+#[test]
+fn proxy_threads_zero_is_refused_in_one_line() {
+    let mut b = Balancer::start(&["--cpus", "1", "--proxy-threads", "0"]);
+    let status = b.expect_exit(Duration::from_secs(15));
+    assert!(
+        !status.success(),
+        "started with 0 proxy threads:\n{}",
+        b.dump()
+    );
+    let lines = b.lines();
+    assert!(
+        lines.len() == 1
+            && lines[0].starts_with("balancer: error: ")
+            && lines[0].contains("--proxy-threads 0"),
+        "not one line naming --proxy-threads:\n{}",
+        b.dump()
+    );
+}
