@@ -280,6 +280,54 @@ fn top_shows_remote_upstreams_and_quits_on_escape_and_ctrl_c_too() {
     }
 }
 
+/// The pid of `balancer top` in the pane: the child of the pane's shell.
+fn top_pid(tmux: &Tmux) -> u32 {
+    let out = tmux.run(&["display", "-p", "-t", &tmux.name, "#{pane_pid}"]);
+    let shell: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("tmux's pane_pid");
+    let mut found = None;
+    assert!(
+        wait_until(SHOWN, || {
+            found = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .find(|&pid| proc_stat(pid).is_some_and(|st| st.ppid == shell));
+            found.is_some()
+        }),
+        "no child of the pane's shell {shell}"
+    );
+    found.unwrap_or_default()
+}
+
+#[test]
+fn top_restores_the_terminal_and_exits_0_on_sigterm_and_sighup() {
+    let dir = TempDir::new("ops-top-signals");
+    let sock = dir.path().join("admin.sock");
+    let sock_arg = sock.display().to_string();
+    let b = Balancer::start(&["--cpus", "1", "--admin", &sock_arg]);
+    wait_all_ready(&b, 1);
+    let pid = ready_pids(&b)[0];
+    // SIGTERM from a process manager or `kill`; SIGHUP is what a closed terminal sends.
+    for (tag, sig) in [("term", libc::SIGTERM), ("hup", libc::SIGHUP)] {
+        let (script, after) = top_script(dir.path(), &sock_arg, tag);
+        let tmux = Tmux::start(&script, 120, 30);
+        tmux.wait_screen("the worker's pid", |s| worker_row(s, pid).is_some());
+        let top = top_pid(&tmux);
+        send_signal(top, sig);
+        let ended = wait_until(SHOWN, || !tmux.alive());
+        assert!(
+            ended,
+            "top still running after signal {sig}:\n{}",
+            tmux.screen()
+        );
+        assert_exited_restored(&after);
+    }
+}
+
 #[test]
 fn top_fails_with_one_line_without_a_master_or_without_a_terminal() {
     let run = run_client(&["top", "--admin", "/nonexistent/balancer.sock"]);

@@ -3,7 +3,8 @@
 //! folds the answers into the [`model`], draws it ([`view`]) and reads keys. A master
 //! unreachable at the start is an error (one line, exit 1, like `balancer status`); one
 //! that goes away later is shown in the view and asked again until it answers or the
-//! operator quits.
+//! operator quits: with q, Esc or Ctrl-C, or by a SIGTERM, SIGHUP (the terminal closed) or
+//! SIGINT from outside, after which the terminal is restored and the exit code is 0.
 
 mod model;
 mod poll;
@@ -11,7 +12,9 @@ mod terminal;
 mod view;
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::TryRecvError;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +27,16 @@ use crate::cli::TopArgs;
 /// that an answer is on screen within a tenth of a second of arriving.
 const KEY_WAIT: Duration = Duration::from_millis(100);
 
-/// Runs the view until `q`, Esc or Ctrl-C.
+/// Signals that end `top` the way `q` does. Their default action kills the process on the
+/// spot, leaving the shell in raw mode on the alternate screen; a handler only sets a flag
+/// (nothing else is async-signal-safe), and the loop below sees it within [`KEY_WAIT`].
+const STOP_SIGNALS: [libc::c_int; 3] = [
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGHUP,
+    signal_hook::consts::SIGINT,
+];
+
+/// Runs the view until `q`, Esc or Ctrl-C, or one of [`STOP_SIGNALS`].
 pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_args(&args.client)?;
     let interval = humantime::parse_duration(args.interval.trim())
@@ -47,6 +59,12 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
         anyhow::bail!("balancer top draws on a terminal, and stdout is not one (balancer status prints a table)");
     }
     let answers = poll::spawn(endpoint, interval)?;
+    // Before the terminal changes: a signal from here on finds it restored.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in STOP_SIGNALS {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .with_context(|| format!("handling signal {sig}"))?;
+    }
     let mut screen = terminal::Screen::enter()?;
     let labels = view::Labels {
         admin: &admin,
@@ -54,15 +72,32 @@ pub fn run(args: &TopArgs) -> anyhow::Result<()> {
     };
     let mut dirty = true;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            // `screen` restores the terminal as it is dropped.
+            return Ok(());
+        }
         if dirty {
-            screen
+            let drawn = screen
                 .terminal
-                .draw(|frame| view::draw(frame, &model, &labels))
-                .context("drawing")?;
+                .draw(|frame| view::draw(frame, &model, &labels));
+            match drawn {
+                Err(_) if stop.load(Ordering::Relaxed) => return Ok(()),
+                r => r.context("drawing")?,
+            };
             dirty = false;
         }
-        if event::poll(KEY_WAIT).context("reading the terminal")? {
-            match event::read().context("reading the terminal")? {
+        // A signal can interrupt the wait (EINTR), and after a SIGHUP the terminal may be
+        // gone (EIO): either is the way out the signal asked for, not an error.
+        let ready = match event::poll(KEY_WAIT) {
+            Err(_) if stop.load(Ordering::Relaxed) => return Ok(()),
+            r => r.context("reading the terminal")?,
+        };
+        if ready {
+            let read = match event::read() {
+                Err(_) if stop.load(Ordering::Relaxed) => return Ok(()),
+                r => r.context("reading the terminal")?,
+            };
+            match read {
                 Event::Key(key) if key.kind != KeyEventKind::Release => {
                     let ctrl_c = key.code == KeyCode::Char('c')
                         && key.modifiers.contains(KeyModifiers::CONTROL);
