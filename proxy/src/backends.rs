@@ -119,7 +119,8 @@ impl Backend {
     }
 
     /// Whether [`close_connections`](Self::close_connections) was called (never for a
-    /// local worker): for the epoll engine, which looks instead of awaiting.
+    /// local worker): for the epoll engine and the http pool's sweep, which look instead
+    /// of awaiting.
     pub(crate) fn is_closing(&self) -> bool {
         self.closing
             .as_ref()

@@ -122,7 +122,7 @@ impl Inner {
             // A retired backend's --grace running out ends the wait for its answer (the
             // pooled connection is dropped with the request, never reused).
             let sent = tokio::select! {
-                r = self.pool.send(backend.addr, req) => r,
+                r = self.pool.send_to(&backend, req) => r,
                 () = backend.closed() => {
                     return Err(ProxyError::Retired {
                         key: backend.key,

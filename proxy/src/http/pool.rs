@@ -18,6 +18,12 @@
 //!   by the backend's own keep-alive timer);
 //! - a connection is reused only after its whole response was read: one whose body the
 //!   client abandoned, that failed, or that was upgraded (101) is never given back;
+//! - a connection belongs to the backend *instance* it was made for ([`Pool::send_to`]),
+//!   not only to its address: a remote backend retired (its address left DNS, its
+//!   `--grace` over) and found again at the same address is a new instance, which never
+//!   gets the old one's connections; and the sweep closes the idle connections of an
+//!   instance that is gone or was cut, rather than leave them open to the retired address
+//!   until the idle timeout;
 //! - a request that never got a byte out on a reused connection (the backend closed it
 //!   while idle, and hyper saw it before writing) is sent again on the next connection, a
 //!   fresh one at last, whatever its method: the backend never saw it. A request that did
@@ -44,6 +50,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use crate::backends::Backend;
 use crate::connect::{self, Connecting};
 
 /// Why no connection to a backend could be made (nothing was sent).
@@ -110,10 +117,40 @@ struct Shared<B> {
     builder: http1::Builder,
 }
 
-/// The idle connections to one backend, oldest first.
+/// The idle connections to one backend instance, oldest first.
 struct List<B> {
     addr: SocketAddr,
+    /// The instance they were made for; `None` for connections made with [`Pool::send`].
+    owner: Option<Owner>,
     conns: Vec<Idle<B>>,
+}
+
+/// The backend instance a list's connections belong to.
+#[derive(Clone)]
+struct Owner {
+    /// Its [`Backend::key`] (unique per instance).
+    key: u64,
+    /// Gone once the instance has left the backend set and finished its responses.
+    backend: Weak<Backend>,
+}
+
+impl Owner {
+    fn of(backend: &Arc<Backend>) -> Self {
+        Self {
+            key: backend.key,
+            backend: Arc::downgrade(backend),
+        }
+    }
+
+    /// The instance is gone, or its connections were cut (`--grace` over).
+    fn gone(&self) -> bool {
+        self.backend.upgrade().is_none_or(|b| b.is_closing())
+    }
+}
+
+/// Which list a connection belongs to: the address, and the owner's key.
+fn same<B>(list: &List<B>, addr: SocketAddr, key: Option<u64>) -> bool {
+    list.addr == addr && list.owner.as_ref().map(|o| o.key) == key
 }
 
 struct Idle<B> {
@@ -146,16 +183,37 @@ where
         Self(shared)
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to the backend at `addr` on an idle
-    /// connection, or a new one. The response body gives the connection back when read
-    /// to its end.
+    /// Sends `req` (origin-form URI, `Host` set) to `backend` on an idle connection made
+    /// for that instance, or a new one. The response body gives the connection back when
+    /// read to its end.
+    pub async fn send_to(
+        &self,
+        backend: &Arc<Backend>,
+        req: Request<B>,
+    ) -> Result<Response<Pooled<B>>, SendError<B>> {
+        self.send_as(backend.addr, Some(Owner::of(backend)), req)
+            .await
+    }
+
+    /// [`send_to`](Self::send_to) an address with no backend instance behind it: its
+    /// connections are only ever closed by the backend, an error or the idle timeout.
     pub async fn send(
         &self,
         addr: SocketAddr,
+        req: Request<B>,
+    ) -> Result<Response<Pooled<B>>, SendError<B>> {
+        self.send_as(addr, None, req).await
+    }
+
+    async fn send_as(
+        &self,
+        addr: SocketAddr,
+        owner: Option<Owner>,
         mut req: Request<B>,
     ) -> Result<Response<Pooled<B>>, SendError<B>> {
+        let key = owner.as_ref().map(|o| o.key);
         loop {
-            let (mut tx, reused) = match self.checkout(addr).await {
+            let (mut tx, reused) = match self.checkout(addr, key).await {
                 Some(tx) => (tx, true),
                 None => match self.connect(addr).await {
                     Ok(tx) => (tx, false),
@@ -168,7 +226,7 @@ where
                 },
             };
             match tx.try_send_request(req).await {
-                Ok(response) => return Ok(self.track(addr, tx, response)),
+                Ok(response) => return Ok(self.track(addr, owner, tx, response)),
                 Err(mut e) => match e.take_message() {
                     // The backend closed it while idle and hyper saw that before writing
                     // anything: the backend never saw the request. Each turn drops one
@@ -188,8 +246,8 @@ where
     /// since its response ended): it gets one turn of the scheduler. One still not ready
     /// is busy for longer (the backend answered before the request body was all sent, and
     /// that body is still coming): it is kept, as the oldest, and a new connection made.
-    async fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
-        let idle = self.0.take(addr, Instant::now())?;
+    async fn checkout(&self, addr: SocketAddr, key: Option<u64>) -> Option<SendRequest<B>> {
+        let idle = self.0.take(addr, key, Instant::now())?;
         if idle.tx.is_ready() {
             return Some(idle.tx);
         }
@@ -197,7 +255,7 @@ where
         if idle.tx.is_ready() {
             return Some(idle.tx);
         }
-        self.0.keep_oldest(addr, idle);
+        self.0.keep_oldest(addr, key, idle);
         None
     }
 
@@ -230,6 +288,7 @@ where
     fn track(
         &self,
         addr: SocketAddr,
+        owner: Option<Owner>,
         tx: SendRequest<B>,
         response: Response<Incoming>,
     ) -> Response<Pooled<B>> {
@@ -239,7 +298,12 @@ where
         response.map(|inner| {
             let mut body = Pooled {
                 inner,
-                back: Some(Back { pool, addr, tx }),
+                back: Some(Back {
+                    pool,
+                    addr,
+                    owner,
+                    tx,
+                }),
                 reusable,
             };
             body.give_back_if_done();
@@ -249,14 +313,15 @@ where
 }
 
 impl<B> Pool<B> {
-    /// Idle connections to `addr` (closed ones not yet dropped included), for tests and
-    /// the log.
+    /// Idle connections to `addr`, all instances (closed ones not yet dropped included),
+    /// for tests and the log.
     pub fn idle(&self, addr: SocketAddr) -> usize {
         self.0
             .lists()
             .iter()
-            .find(|l| l.addr == addr)
-            .map_or(0, |l| l.conns.len())
+            .filter(|l| l.addr == addr)
+            .map(|l| l.conns.len())
+            .sum()
     }
 }
 
@@ -265,10 +330,11 @@ impl<B> Shared<B> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the newest idle connection to `addr` that is neither closed nor expired.
-    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Idle<B>> {
+    /// Takes the newest idle connection to `addr` made for the owner `key` that is neither
+    /// closed nor expired.
+    fn take(&self, addr: SocketAddr, key: Option<u64>, now: Instant) -> Option<Idle<B>> {
         let mut lists = self.lists();
-        let list = lists.iter_mut().find(|l| l.addr == addr)?;
+        let list = lists.iter_mut().find(|l| same(l, addr, key))?;
         while let Some(idle) = list.conns.pop() {
             if idle.tx.is_closed() {
                 continue;
@@ -284,9 +350,9 @@ impl<B> Shared<B> {
     }
 
     /// Puts `idle` back as the oldest of `addr`'s (the last to be tried), if there is room.
-    fn keep_oldest(&self, addr: SocketAddr, idle: Idle<B>) {
+    fn keep_oldest(&self, addr: SocketAddr, key: Option<u64>, idle: Idle<B>) {
         let mut lists = self.lists();
-        if let Some(list) = lists.iter_mut().find(|l| l.addr == addr) {
+        if let Some(list) = lists.iter_mut().find(|l| same(l, addr, key)) {
             if list.conns.len() < self.max_idle {
                 list.conns.insert(0, idle);
                 return;
@@ -296,8 +362,8 @@ impl<B> Shared<B> {
         drop(idle);
     }
 
-    /// Keeps `tx` as idle for `addr` unless that backend has its fill.
-    fn put(&self, addr: SocketAddr, tx: SendRequest<B>) {
+    /// Keeps `tx` as idle for `addr` and `owner` unless that backend has its fill.
+    fn put(&self, addr: SocketAddr, owner: Option<Owner>, tx: SendRequest<B>) {
         if tx.is_closed() {
             return;
         }
@@ -305,12 +371,14 @@ impl<B> Shared<B> {
             tx,
             since: Instant::now(),
         };
+        let key = owner.as_ref().map(|o| o.key);
         let mut lists = self.lists();
-        let list = match lists.iter().position(|l| l.addr == addr) {
+        let list = match lists.iter().position(|l| same(l, addr, key)) {
             Some(i) => &mut lists[i],
             None => {
                 lists.push(List {
                     addr,
+                    owner,
                     conns: Vec::new(),
                 });
                 let last = lists.len() - 1;
@@ -326,9 +394,11 @@ impl<B> Shared<B> {
         drop(idle);
     }
 
-    /// Drops closed and expired connections, and lists left empty.
+    /// Drops closed and expired connections, those of backend instances gone or cut, and
+    /// lists left empty.
     fn sweep(&self, now: Instant) {
         let mut lists = self.lists();
+        lists.retain(|l| !l.owner.as_ref().is_some_and(Owner::gone));
         for list in lists.iter_mut() {
             list.conns.retain(|c| {
                 !c.tx.is_closed() && now.saturating_duration_since(c.since) < self.idle_timeout
@@ -355,6 +425,7 @@ async fn sweep<B>(pool: Weak<Shared<B>>, idle_timeout: Duration) {
 struct Back<B> {
     pool: Pool<B>,
     addr: SocketAddr,
+    owner: Option<Owner>,
     tx: SendRequest<B>,
 }
 
@@ -386,7 +457,7 @@ impl<B> Pooled<B> {
     fn give_back(&mut self) {
         if let Some(back) = self.back.take() {
             if self.reusable {
-                back.pool.0.put(back.addr, back.tx);
+                back.pool.0.put(back.addr, back.owner, back.tx);
             }
         }
     }

@@ -738,3 +738,80 @@ async fn https_serves_http2_and_http1_to_http1_backends() {
         assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
     }
 }
+
+/// A remote backend whose address left DNS keeps no idle pooled connection once it is
+/// out of rotation and its `--grace` is over (the cut): the pool's sweep closes them, where
+/// they used to stay open until the pool's idle timeout (30 s by default). And the address
+/// back in DNS (a new backend instance at the same address) gets connections of its own,
+/// never one pooled for the retired instance.
+#[tokio::test(start_paused = true)]
+async fn a_retired_backends_pooled_connections_are_closed_and_not_reused() {
+    use crate::Backend as Remote;
+    // A backend that counts the connections it accepted and those that ended.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let (a, e) = (Arc::clone(&accepted), Arc::clone(&ended));
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let e = Arc::clone(&e);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req| answer("a", req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+                e.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let _backend = AbortOnDrop(task);
+    // The pool's idle timeout is far off: only the retirement can close the connection.
+    let config = HttpConfig {
+        pool_idle_timeout: Duration::from_secs(600),
+        idle_timeout: None,
+        ..HttpConfig::default()
+    };
+    let f = front(Policy::RoundRobin, config, &[]).await;
+    let old = Arc::new(Remote::remote(1, 0, "app:80".into(), addr));
+    f.backends.put(Arc::clone(&old));
+    let mut c = client(f.addr).await;
+    assert_eq!(c.get("/").await, (StatusCode::OK, "a".to_owned()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Retired as `upstream::remote::drain` does: out of rotation, grace over, cut, gone.
+    f.backends.remove(old.key);
+    old.close_connections();
+    drop(old);
+    // Back in DNS at once: a new instance, a new connection.
+    f.backends
+        .put(Arc::new(Remote::remote(2, 0, "app:80".into(), addr)));
+    assert_eq!(c.get("/").await, (StatusCode::OK, "a".to_owned()));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the retired instance's pooled connection was reused"
+    );
+    // The retired instance's connection is closed by the pool's next sweep (a quarter of
+    // its idle timeout), the new instance's is kept.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600 / 4 + 10);
+    while ended.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retired backend's idle pooled connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ended.load(Ordering::SeqCst), 1);
+    assert_eq!(c.get("/").await, (StatusCode::OK, "a".to_owned()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
