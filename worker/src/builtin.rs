@@ -12,10 +12,23 @@
 //! own (proxy), the master's listener received over the channel (shared), `BALANCER_LISTEN`
 //! bound with `SO_REUSEPORT` (reuseport), or one connection at a time from the master
 //! (handoff).
+//!
+//! Its drain (after `shutdown`) tells each connection to shut down gracefully, as hyper-util's
+//! `GracefulShutdown` would, except for one that has sent nothing yet: hyper takes a
+//! connection with nothing read for idle and closes it at once, and one accepted just before
+//! the shutdown (from a shared or reuseport listener, during a rolling reload) is sending its
+//! first request, which would be lost (the client reads EOF, zero bytes). Such a connection
+//! is told only once hyper's own read has returned (its first bytes, or EOF), or after
+//! [`FIRST_REQUEST_WAIT`] of silence. The socket's readiness is no proof: tokio's
+//! `readable()` resolves with nothing to read often enough (`recv(MSG_PEEK)` then says
+//! `EAGAIN`) to lose a request in most runs of ten rolling reloads under load; hence
+//! [`Heard`], which watches the reads hyper makes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,10 +38,12 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::channel::{Channel, ChannelError, Event, StopReason};
 use crate::protocol::{Mode, UnknownMode, ENV_LISTEN, ENV_MODE};
@@ -41,6 +56,10 @@ pub const MAX_SUM_N: u64 = 20_000_000_000;
 /// How long open connections may take to finish after a shutdown request. The master has its
 /// own, longer deadline; this one only keeps a worker from hanging on a stuck client.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long, once draining, a connection that has sent nothing yet may take to send its
+/// first bytes before it is closed: a client sends right after its connect returns, so its
+/// bytes follow by about a round trip (and a scheduling delay on a loaded machine).
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (EMFILE and friends), so the loop backs off instead of spinning
 /// on an error that persists until some connection closes.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -156,7 +175,7 @@ pub async fn serve(
     settings: &Settings,
     stop: CancellationToken,
 ) -> Result<StopReason, BuiltinError> {
-    let graceful = GracefulShutdown::new();
+    let graceful = Connections::default();
     let reason = match settings.mode {
         Mode::Proxy => {
             let addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -197,7 +216,9 @@ pub async fn serve(
         }
     };
     if reason == StopReason::Shutdown {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+        graceful.draining.cancel();
+        graceful.tracker.close();
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.tracker.wait()).await;
     }
     Ok(reason)
 }
@@ -228,7 +249,7 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(
     channel: &mut Channel,
     listener: &TcpListener,
-    graceful: &GracefulShutdown,
+    graceful: &Connections,
     stop: &CancellationToken,
 ) -> StopReason {
     let each = match nodelay_on_accept(listener) {
@@ -261,7 +282,7 @@ async fn accept_loop(
 /// Serves the connections the master hands over, answering `accepted` for each.
 async fn handoff_loop(
     channel: &mut Channel,
-    graceful: &GracefulShutdown,
+    graceful: &Connections,
     stop: &CancellationToken,
 ) -> StopReason {
     loop {
@@ -315,23 +336,136 @@ fn nodelay_on_accept(listener: &TcpListener) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The open connections, drained after `shutdown` (see the module's doc).
+#[derive(Default)]
+struct Connections {
+    /// Cancelled when the drain begins.
+    draining: CancellationToken,
+    /// Every connection's task, waited for (bounded) by the drain.
+    tracker: TaskTracker,
+}
+
 /// Serves HTTP/1 on `stream` (which already has `TCP_NODELAY`) on a task of its own.
-fn serve_connection(stream: TcpStream, graceful: &GracefulShutdown) {
-    let io = CloseOnly(TokioIo::new(stream));
-    let conn = http1().serve_connection(io, hyper::service::service_fn(handle));
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
+fn serve_connection(stream: TcpStream, graceful: &Connections) {
+    let draining = graceful.draining.clone();
+    let heard = Arc::new(FirstRead::default());
+    let io = Heard {
+        stream,
+        heard: Arc::clone(&heard),
+    };
+    graceful.tracker.spawn(async move {
+        let io = CloseOnly(TokioIo::new(io));
+        let conn = http1().serve_connection(io, hyper::service::service_fn(handle));
+        tokio::pin!(conn);
+        // Told to shut down once draining and either heard from or silent for
+        // FIRST_REQUEST_WAIT (see the module's doc): a connection still silent then is
+        // closed by hyper at once, as it should be.
+        let told = async {
+            draining.cancelled().await;
+            tokio::select! {
+                () = heard.wait() => {}
+                () = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
+            }
+        };
+        let done = tokio::select! {
+            biased;
+            done = conn.as_mut() => Some(done),
+            () = told => None,
+        };
+        let done = match done {
+            Some(done) => done,
+            None => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = done {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     });
+}
+
+/// Whether hyper's first read on a connection has returned (bytes, EOF or an error).
+#[derive(Default)]
+struct FirstRead {
+    done: AtomicBool,
+    /// Woken (one permit) when `done` is first set; only the connection's task waits.
+    notify: Notify,
+}
+
+impl FirstRead {
+    fn set(&self) {
+        if !self.done.swap(true, Ordering::Relaxed) {
+            self.notify.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        // `notify_one` keeps a permit when nobody waits yet, so a read between the load
+        // and the await is not missed.
+        while !self.done.load(Ordering::Relaxed) {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A connection's stream that records hyper's first completed read in [`FirstRead`]: once
+/// a read has returned, hyper has bytes in its buffer (or saw EOF), so its graceful shutdown
+/// finishes the request instead of closing the connection unread.
+struct Heard {
+    stream: TcpStream,
+    heard: Arc<FirstRead>,
+}
+
+impl AsyncRead for Heard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.heard.set();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Heard {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// A connection whose end is its `close`: hyper's last step before it drops a finished
 /// connection is `poll_shutdown`, a `shutdown(SHUT_WR)` that the `close` right after it makes
 /// redundant (the close sends the same FIN, and with unread bytes in the receive queue both
 /// end in a reset). One system call less per connection (bench/NOTES.md).
-struct CloseOnly(TokioIo<TcpStream>);
+struct CloseOnly(TokioIo<Heard>);
 
 impl hyper::rt::Read for CloseOnly {
     fn poll_read(
@@ -550,6 +684,36 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.ends_with("ok"), "{response}");
         master.send(&MasterMessage::Shutdown, &[]).await;
+        assert_eq!(finished(task).await, StopReason::Shutdown);
+    }
+
+    /// A connection accepted just before `shutdown` whose request comes only once the drain
+    /// has begun is served, not closed unread (hyper's graceful shutdown alone closes it).
+    #[tokio::test]
+    async fn drain_serves_a_connection_whose_request_comes_after_the_shutdown() {
+        let (mut master, _stop, task) = start(settings(Mode::Proxy, None));
+        let port = ready_port(&mut master).await.expect("a port");
+        let mut silent = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        // Accepted in order: once a later connection is answered, `silent` was accepted too.
+        let response = get_port(port, "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        master.send(&MasterMessage::Shutdown, &[]).await;
+        // The listener is closed once the worker stops accepting: the drain has begun.
+        let deadline = tokio::time::Instant::now() + STEP;
+        while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "still accepting");
+            tokio::task::yield_now().await;
+        }
+        let request = "GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+        silent.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        tokio::time::timeout(STEP, silent.read_to_string(&mut response))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
         assert_eq!(finished(task).await, StopReason::Shutdown);
     }
 
