@@ -474,10 +474,24 @@ mod tests {
 
     /// A backend that echoes everything, then half-closes when the client does.
     async fn echo_backend() -> SocketAddrAndTask {
+        let (addr, task, _accepted) = echo_backend_telling_accepts().await;
+        (addr, task)
+    }
+
+    /// [`echo_backend`], which also sends on the returned channel each time it has accepted
+    /// a connection: a test can wait for the proxy to have reached it.
+    async fn echo_backend_telling_accepts() -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<()>,
+        mpsc::UnboundedReceiver<()>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (accepted, accepts) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
+                // Nobody may be listening (plain `echo_backend`).
+                let _ = accepted.send(());
                 tokio::spawn(async move {
                     let (mut r, mut w) = s.split();
                     let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -485,7 +499,7 @@ mod tests {
                 });
             }
         });
-        (addr, task)
+        (addr, task, accepts)
     }
     type SocketAddrAndTask = (std::net::SocketAddr, tokio::task::JoinHandle<()>);
 
@@ -556,13 +570,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_that_resets_before_a_byte_is_skipped_for_a_slow_client() {
-        let (good, _echo) = echo_backend().await;
+        let (good, _echo, mut good_accepted) = echo_backend_telling_accepts().await;
         // Accepts and resets at once: a worker killed with the connection in its queue.
         let resetter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let bad = resetter.local_addr().unwrap();
+        let resets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&resets);
         let _resets = tokio::spawn(async move {
             while let Ok((s, _)) = resetter.accept().await {
                 abort(&s);
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         });
         let backends = std::sync::Arc::new(Backends::new(Policy::RoundRobin));
@@ -570,8 +587,13 @@ mod tests {
         backends.insert(2, 1, good);
         for _ in 0..4 {
             let (mut client, task) = proxied(std::sync::Arc::clone(&backends)).await;
-            // The client writes only once the reset has had time to come and be acted on.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The client writes only once the proxy has reached the good backend: the reset
+            // (if this client was sent to the resetter first) came and was acted on. Not a
+            // sleep: under load a reset can take longer than any fixed wait to be seen.
+            tokio::time::timeout(Duration::from_secs(10), good_accepted.recv())
+                .await
+                .expect("the proxy never reached the good backend")
+                .expect("the good backend stopped");
             client.write_all(b"x").await.unwrap();
             client.shutdown().await.unwrap();
             let mut got = Vec::new();
@@ -579,6 +601,15 @@ mod tests {
             assert_eq!(got, b"x");
             assert!(task.await.unwrap().is_ok());
         }
+        // The skip was exercised: at least one client met the resetter first.
+        assert!(resets.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        let bad_backend = backends
+            .snapshot()
+            .iter()
+            .find(|b| b.key == 1)
+            .cloned()
+            .unwrap();
+        assert!(bad_backend.connect_failures() >= 1);
     }
 
     #[tokio::test]
