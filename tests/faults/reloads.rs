@@ -220,3 +220,48 @@ fn five_rolling_reloads_in_shared_mode_fail_no_request() {
     );
     assert_no_panic(&b);
 }
+
+/// The same five reloads in reuseport mode, where each worker has a socket of its own in the
+/// port's `SO_REUSEPORT` group: no request fails, given `net.ipv4.tcp_migrate_req=1`.
+///
+/// Without that setting (Linux's default, 0) this fails about half the runs with 1–3
+/// resets: the kernel resets the connections still queued on the socket a retired worker
+/// closes, and nothing in user space can take them first (docs/LIFECYCLE.md, Modes). The
+/// test gives itself a network namespace with the setting, so it needs root.
+#[test]
+fn five_rolling_reloads_in_reuseport_mode_fail_no_request_with_tcp_migrate_req() {
+    own_netns_with_tcp_migrate_req();
+    let b = Balancer::start(&["--cpus", "3", "--mode", "reuseport"]);
+    let started = (Instant::now(), SystemTime::now());
+    let run = reloads_under_load(&b);
+    assert_none_failed(&b, &run, started);
+    assert!(
+        run.after.is_disjoint(&run.before),
+        "old {:?}, now {:?}",
+        run.before,
+        run.after
+    );
+    assert_no_panic(&b);
+}
+
+/// Moves this test's thread, and what it starts from now on (the master, its workers, the
+/// load threads), into a network namespace of its own with loopback up and
+/// `net.ipv4.tcp_migrate_req=1`, a per-namespace setting. Nextest runs each test in a process
+/// of its own, and only this thread moves, so no other test sees it.
+fn own_netns_with_tcp_migrate_req() {
+    // SAFETY: unshare(CLONE_NEWNET) takes no pointers; it moves only the calling thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET), which needs root: {}",
+        std::io::Error::last_os_error()
+    );
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("running `ip link set lo up`");
+    assert!(up.success(), "ip link set lo up: {up}");
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+        .expect("setting net.ipv4.tcp_migrate_req (Linux 5.14 or later)");
+}
