@@ -72,6 +72,19 @@ def check(runs: list[report.Run], rows: list[report.Row], loads: list[str], memo
     goals.append(Goal("`proxy` p99 ≤ nginx's, every load (paired ratio)",
                       ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, p99)), _all(p99, lambda v: v <= 1.0)))
 
+    # The same three for `--engine epoll` when the run has it (an opt-in engine: reported
+    # beside the default, which is what the targets above judge).
+    if any(r.target == "balancer-epoll" for r in rows):
+        cpu = [row[(l, "balancer-epoll")].cpu_ratio["nginx"] if (l, "balancer-epoll") in row else None for l in loads]
+        goals.append(Goal(f"`proxy --engine epoll` master CPU/request ≤ {CPU_X_NGINX_MAX}× nginx, every load",
+                          ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, cpu)), _all(cpu, lambda v: v <= CPU_X_NGINX_MAX)))
+        rps = [row[(l, "balancer-epoll")].rps_ratio["nginx"] if (l, "balancer-epoll") in row else None for l in loads]
+        goals.append(Goal(f"`proxy --engine epoll` req/s ≥ {RPS_X_NGINX_MIN}× nginx, every load",
+                          ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, rps)), _all(rps, lambda v: v >= RPS_X_NGINX_MIN)))
+        p99 = [paired(runs, l, "balancer-epoll", "nginx", "p99_ms") for l in loads]
+        goals.append(Goal("`proxy --engine epoll` p99 ≤ nginx's, every load (paired ratio)",
+                          ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, p99)), _all(p99, lambda v: v <= 1.0)))
+
     for mode in ("shared", "reuseport"):
         v = row[(CLOSE_LOAD, f"balancer-{mode}")].rps_ratio["direct"] if (CLOSE_LOAD, f"balancer-{mode}") in row else None
         goals.append(Goal(f"`{mode}` ≥ {SHARING_X_DIRECT_MIN}× direct, new connection per request",

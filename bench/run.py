@@ -38,7 +38,7 @@ import respawn
 import wrk
 from prepare import REPO, log
 from processes import ProcessSet
-from targets import Target, balancer_modes, free_port, start_balancer, start_haproxy, start_nginx
+from targets import Target, balancer_modes, free_port, has_flag, start_balancer, start_haproxy, start_nginx
 
 #: name -> (label, connections, new connection per request)
 LOADS: dict[str, tuple[str, int, bool]] = {
@@ -55,6 +55,11 @@ NODE_LOADS = ("ka50", "close50")
 README_BLOCK = "bench"
 #: Built-in workers behind every proxy: one per CPU of the reference machine.
 WORKERS = 2
+#: The balancer whose workers nginx and HAProxy also proxy to checks them once a minute: on
+#: a loaded box a health probe that times out would have it replace a worker under the
+#: other proxies' feet (bench/NOTES.md, the epoll engine's counts.py runs). The `balancer`
+#: and `balancer-epoll` targets both run with it, so their CPU figures stay comparable.
+QUIET_HEALTH = ["--health-interval", "60s"]
 #: wrk threads: the machine has two CPUs.
 WRK_THREADS = 2
 #: Length of the unrecorded warm-up run per target.
@@ -76,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 s, 5 respawns, output in target/bench-quick/")
     p.add_argument("--rounds", type=int, help="rounds of all targets and loads (default 3; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 2)")
-    p.add_argument("--targets", help="comma-separated subset of direct,balancer,nginx,haproxy,balancer-MODE,"
+    p.add_argument("--targets", help="comma-separated subset of direct,balancer,nginx,haproxy,balancer-MODE,balancer-epoll,"
                    + ",".join(NODE_TARGETS))
     p.add_argument("--no-node", action="store_true", help="leave out the Node cluster comparison")
     p.add_argument("--loads", help=f"comma-separated subset of {','.join(LOADS)}")
@@ -155,7 +160,7 @@ def start_node_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: lis
 
 
 def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str] | None, no_node: bool, out: Outcome) -> list[Target]:
-    bal = start_balancer(procs, bin_path, tmp, "balancer", WORKERS)
+    bal = start_balancer(procs, bin_path, tmp, "balancer", WORKERS, QUIET_HEALTH)
     backends = [addr for _, (_, addr) in sorted(bal.ready_workers().items())]
     log(f"balancer {bal.listen} (pid {bal.pid}), workers {backends}")
     targets = [
@@ -179,6 +184,14 @@ def start_targets(procs: ProcessSet, bin_path: Path, tmp: Path, wanted: list[str
         except Exception as e:  # a mode that does not start is skipped, not fatal
             out.skipped.append(f"{name}: did not start ({e})")
             log(f"skipping {name}: {e}")
+    # #15's first lead: the tcp path on balancer's own edge-triggered loop, beside the default.
+    if has_flag(bin_path, "--engine") and (wanted is None or "balancer-epoll" in wanted):
+        try:
+            b = start_balancer(procs, bin_path, tmp, "balancer-epoll", WORKERS, ["--engine", "epoll", *QUIET_HEALTH])
+            targets.append(Target("balancer-epoll", f"http://{b.listen}/", lambda b=b: [b.pid] if b.proc.alive() else []))
+        except Exception as e:  # an engine that does not start is skipped, not fatal
+            out.skipped.append(f"balancer-epoll: did not start ({e})")
+            log(f"skipping balancer-epoll: {e}")
     targets = [t for t in targets if wanted is None or t.name in wanted]
     if not no_node:
         targets += start_node_targets(procs, bin_path, tmp, wanted, out)
@@ -317,7 +330,9 @@ def markdown(a, out: Outcome, rows, loads, meta, has_chart: bool) -> str:
         f"- Versions: balancer {meta['balancer']}; nginx {meta['nginx']}; HAProxy {meta['haproxy']}; wrk {meta['wrk']}; Python {meta['python']}.",
         f"- Setup: {WORKERS} built-in balancer workers (single-threaded hyper servers) on loopback. `direct` is wrk against "
         f"one worker (the ceiling); `balancer` (its proxy mode), nginx (`stream`, round-robin, `worker_processes auto`) and "
-        f"HAProxy (`mode tcp`, `balance roundrobin`, `nbthread {WORKERS}`) all proxy to the same two workers.",
+        f"HAProxy (`mode tcp`, `balance roundrobin`, `nbthread {WORKERS}`) all proxy to the same two workers; "
+        f"`balancer-epoll` is the proxy mode on its own edge-triggered loop (`--engine epoll`), in front of two built-in workers of its own. "
+        f"`balancer` and `balancer-epoll` run with `{' '.join(QUIET_HEALTH)}`.",
         f"- Load: wrk, {WRK_THREADS} threads, `--latency`, per load: "
         + "; ".join(f"`{k}` = {v[0]}" + (" (`-H 'Connection: close'`)" if v[2] else "") for k, v in LOADS.items() if k in loads)
         + ".",

@@ -117,6 +117,14 @@ def start_balancer(
     return Balancer(proc, listening.fields["addr"])
 
 
+def has_flag(binary: Path, flag: str) -> bool:
+    """Whether `balancer --help` lists `flag` (an older build measured with --binary may not)."""
+    text = subprocess.run(
+        [str(binary), "--help"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    ).stdout
+    return re.search(rf"(^|\s){re.escape(flag)}\b", text, re.M) is not None
+
+
 def balancer_modes(binary: Path) -> list[str]:
     """The values `--mode` takes, from `balancer --help`; [] when this version has no `--mode`."""
     text = subprocess.run(

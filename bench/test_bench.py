@@ -190,6 +190,18 @@ class GoalTests(unittest.TestCase):
         # shared-node 1.01x met, handoff-node 0.99x not; idle RSS, per connection met; replacement median 120 ms not.
         self.assertEqual(found, [True, True, True, True, True, False, True, False, True, True, False])
 
+    def test_the_epoll_engine_gets_its_own_rows_when_measured(self):
+        runs = []
+        for load in ("ka50", "close50"):
+            runs += [self.run_(1, load, "nginx", 100.0, 0.020, 2.0), self.run_(1, load, "balancer", 90.0, 0.030, 1.0),
+                     self.run_(1, load, "balancer-epoll", 120.0, 0.010, 1.0)]
+        rows = report.summarize(runs, ["ka50", "close50"], ["balancer", "nginx", "balancer-epoll"])
+        found = {g.what: g.met for g in goals.check(runs, rows, ["ka50", "close50"], None, [])}
+        self.assertTrue(found["`proxy --engine epoll` master CPU/request ≤ 0.8× nginx, every load"])
+        self.assertTrue(found["`proxy --engine epoll` req/s ≥ 1.1× nginx, every load"])
+        self.assertFalse(found["`proxy` req/s ≥ 1.1× nginx, every load"])
+        self.assertEqual(sum("epoll" in w for w in found), 3)
+
     def test_missing_figures_are_no_figure(self):
         found = goals.check([], [], ["ka50"], None, [])
         self.assertTrue(all(g.met is None for g in found))
