@@ -157,12 +157,15 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         let mut signals = Signals::install().context("installing signal handlers")?;
         upgrade::signals_ready(handed.as_ref().map_or(&[][..], |t| &t.state.pending_signals));
         let mut proxy_threads = accept::ProxyThreads::new(Arc::clone(&data), conns.clone());
-        // With local workers, accept only once one can take a connection: until then the
-        // listener stays bound (the port is taken) and clients wait in its backlog instead of
-        // being closed for want of a backend. That covers the connection that woke a
-        // socket-activated service and those queued during an upgrade's exec (the adopted
-        // workers enter rotation on the supervisor's tasks, a moment later). With no local
-        // worker (`--cpus 0`, only `--upstream`), there is nothing to wait for.
+        // With local workers, accept only once a backend can take a connection: until then
+        // the listener stays bound (the port is taken) and clients wait in its backlog
+        // instead of being closed for want of a backend. That covers the connection that
+        // woke a socket-activated service and those queued during an upgrade's exec (the
+        // adopted workers enter rotation on the supervisor's tasks, a moment later). The
+        // first backend may as well be a remote `--upstream`; and if none is in rotation
+        // after one `--ready-timeout`, the master accepts anyway (`serve_until`), so clients
+        // get the no-backend answer rather than a wait in the backlog with no end. With no
+        // local worker (`--cpus 0`, only `--upstream`), there is nothing to wait for.
         let mut unserved = if config.workers > 0 {
             Some(bound.proxy_listeners)
         } else {
@@ -240,8 +243,10 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             Intent::ScaleUp => controls.request_scale(control::ScaleTo::Up(1), "SIGTTIN"),
             Intent::ScaleDown => controls.request_scale(control::ScaleTo::Down(1), "SIGTTOU"),
         };
+        let accept_by = tokio::time::Instant::now() + config.ready_timeout;
+        let first = FirstBackend { registry: &registry, backends: &backends, accept_by };
         loop {
-            let wake = serve_until(&mut signals, &registry, &mut unserved, &mut proxy_threads, &mut upgrades, on_signal).await?;
+            let wake = serve_until(&mut signals, &first, &mut unserved, &mut proxy_threads, &mut upgrades, on_signal).await?;
             let Wake::Upgrade(reply) = wake else { break };
             let serving = unserved.is_none();
             let why = upgrader.upgrade(&mut proxy_threads, &conns, &mut signals, serving, reply).await;
@@ -325,11 +330,46 @@ enum Wake {
     Upgrade(Option<upgrade::Request>),
 }
 
+/// What the master waits for before it accepts (with local workers): a backend in rotation,
+/// or the end of the first `--ready-timeout` without one.
+struct FirstBackend<'a> {
+    /// Local workers: in shared and reuseport modes they serve without being in `backends`.
+    registry: &'a status::Registry,
+    /// Every backend in rotation, local or remote (`--upstream`).
+    backends: &'a proxy::Backends,
+    /// The start plus one `--ready-timeout`: a worker that was going to be ready would be
+    /// by then (it is killed past it), so clients stop waiting in the backlog and get what
+    /// they get with no backend (tcp: closed; http: 503 with Retry-After), as a load
+    /// balancer in front of a dead pool answers.
+    accept_by: tokio::time::Instant,
+}
+
+impl FirstBackend<'_> {
+    /// Resolves once the master should accept, logging why.
+    async fn wait(&self) {
+        tokio::select! {
+            biased;
+            () = self.registry.first_ready() => tracing::info!("a worker is ready: accepting"),
+            () = self.backends.in_rotation() => {
+                // A local worker may be in the set a moment before the registry has it.
+                if self.backends.snapshot().iter().any(|b| b.upstream.is_none()) {
+                    tracing::info!("a worker is ready: accepting");
+                } else {
+                    tracing::info!("an upstream is in rotation: accepting");
+                }
+            }
+            () = tokio::time::sleep_until(self.accept_by) => tracing::warn!(
+                "no backend in rotation within --ready-timeout: accepting anyway (clients get the no-backend answer until one is)"
+            ),
+        }
+    }
+}
+
 /// Serves until SIGTERM, SIGINT or an upgrade request, handing every other signal to
-/// `on_signal`; the proxy threads start on the `unserved` listeners once a worker is ready.
+/// `on_signal`; the proxy threads start on the `unserved` listeners once `first` says so.
 async fn serve_until(
     signals: &mut Signals,
-    registry: &status::Registry,
+    first: &FirstBackend<'_>,
     unserved: &mut Option<Vec<std::net::TcpListener>>,
     proxy_threads: &mut accept::ProxyThreads,
     upgrades: &mut tokio::sync::mpsc::Receiver<upgrade::Request>,
@@ -339,10 +379,9 @@ async fn serve_until(
         let intent = tokio::select! {
             intent = signals.next() => intent,
             Some(reply) = upgrades.recv() => return Ok(Wake::Upgrade(Some(reply))),
-            () = registry.first_ready(), if unserved.is_some() => {
+            () = first.wait(), if unserved.is_some() => {
                 if let Some(listeners) = unserved.take() {
                     proxy_threads.start(listeners).context("starting the proxy threads")?;
-                    tracing::info!("a worker is ready: accepting");
                 }
                 continue;
             }

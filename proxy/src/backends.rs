@@ -252,6 +252,9 @@ pub struct Backends {
     policy: AtomicU8,
     /// Serialises writers; readers never take it.
     write: Mutex<()>,
+    /// Woken at every change of the set, for [`Self::in_rotation`] (the master waits on it
+    /// to start accepting); the per-connection path never touches it.
+    changed: tokio::sync::Notify,
 }
 
 impl Backends {
@@ -372,6 +375,21 @@ impl Backends {
             _ => {}
         }
         self.set.store(Arc::new(next));
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once some backend is in rotation (at once if one is), local or remote.
+    pub async fn in_rotation(&self) {
+        loop {
+            // Registered before the check, so a change between the two is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.is_empty() {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Whether the instance `key` is in rotation (up).
@@ -439,6 +457,24 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[tokio::test]
+    async fn in_rotation_wakes_on_the_first_backend() {
+        let set = Arc::new(Backends::new(Policy::RoundRobin));
+        let waiting = tokio::spawn({
+            let set = Arc::clone(&set);
+            async move { set.in_rotation().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        set.insert(1, 0, "127.0.0.1:1".parse().unwrap());
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+        // At once when one already is.
+        set.in_rotation().await;
     }
 
     fn set(policy: Policy, n: u16) -> Backends {

@@ -66,8 +66,9 @@ fn wait_in_rotation(b: &Balancer, n: usize, timeout: Duration) {
         "{n} workers never in rotation within {timeout:?}; log:\n{}",
         b.dump()
     );
-    b.expect_line(0, "`a worker is ready: accepting`", timeout, |l| {
+    b.expect_line(0, "the master accepting", timeout, |l| {
         is_event(l, "a worker is ready: accepting")
+            || is_event(l, "an upstream is in rotation: accepting")
     });
 }
 

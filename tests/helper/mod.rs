@@ -789,8 +789,9 @@ pub fn wait_all_ready(b: &Balancer, n: usize) {
     b.expect_line(0, "`all workers ready`", READY_TIMEOUT, |l| {
         is_event(l, "all workers ready") && field(l, "workers") == Some(&n.to_string())
     });
-    b.expect_line(0, "`a worker is ready: accepting`", READY_TIMEOUT, |l| {
+    b.expect_line(0, "the master accepting", READY_TIMEOUT, |l| {
         is_event(l, "a worker is ready: accepting")
+            || is_event(l, "an upstream is in rotation: accepting")
     });
 }
 
