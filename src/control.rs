@@ -162,6 +162,8 @@ pub struct Controls {
     pub ctx: Arc<Context>,
     /// The remote backends' health settings in force.
     pub upstream_health: Arc<crate::upstream::LiveHealth>,
+    /// The `--grace` remote backends retired from now on get.
+    pub upstream_grace: Arc<crate::upstream::LiveGrace>,
     /// Asks the supervisor for a rolling reload (full: one is pending).
     pub reload: mpsc::Sender<()>,
     /// Asks the supervisor to change the worker count.
@@ -202,8 +204,9 @@ impl Controls {
     }
 
     /// What takes effect at once rather than through the reload: the selection policy
-    /// (the next connection is picked by the new one) and the remote backends' health
-    /// settings (from each one's next check). The workers' health settings need nothing
+    /// (the next connection is picked by the new one), the remote backends' health
+    /// settings (from each one's next check) and the grace of remote backends retired
+    /// from now on. The workers' health settings need nothing
     /// here: each replacement started by the reload reads the new configuration.
     fn apply_live(&self, running: &Config, new: &Config) {
         if new.policy != running.policy {
@@ -212,6 +215,9 @@ impl Controls {
         }
         if new.health != running.health {
             self.upstream_health.set(&new.health);
+        }
+        if new.grace != running.grace {
+            self.upstream_grace.set(new.grace);
         }
     }
 

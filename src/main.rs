@@ -182,8 +182,14 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         // Upstreams (#11): remote backends in the same rotation.
         let upstream_table = Arc::new(upstream::Table::default());
         let upstream_health = Arc::new(upstream::LiveHealth::new(&config.health));
-        let upstream_task =
-            start_upstreams(&config, &backends, &upstream_table, &upstream_health, &stop)?;
+        let upstream_grace = Arc::new(upstream::LiveGrace::new(config.grace));
+        let upstream_task = start_upstreams(
+            &config,
+            &backends,
+            &upstream_table,
+            (&upstream_health, &upstream_grace),
+            &stop,
+        )?;
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let (scale, scales) = tokio::sync::mpsc::channel(SCALE_QUEUE);
         let (upgrade_tx, mut upgrades) = tokio::sync::mpsc::channel(1);
@@ -228,6 +234,7 @@ fn run_master(cli: &Cli, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             has_file: cli.config.is_some(),
             ctx: Arc::clone(&ctx),
             upstream_health,
+            upstream_grace,
             reload,
             scale,
         };
@@ -298,14 +305,14 @@ fn start_upstreams(
     config: &Config,
     backends: &Arc<Backends>,
     table: &Arc<upstream::Table>,
-    health: &Arc<upstream::LiveHealth>,
+    (health, grace): (&Arc<upstream::LiveHealth>, &Arc<upstream::LiveGrace>),
     stop: &StopTokens,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let upstreams = upstream::Upstreams::new(config.upstream.clone())?;
     Ok(tokio::spawn(upstreams.run(
         Arc::clone(backends),
         Arc::clone(health),
-        config.grace,
+        Arc::clone(grace),
         Arc::clone(table),
         stop.graceful.clone(),
     )))

@@ -49,8 +49,9 @@ pub struct Context {
     pub backends: Arc<Backends>,
     /// Active-check settings (the workers' own), as in force now.
     pub health: Arc<LiveHealth>,
-    /// How long a retired backend's connections may take to finish.
-    pub grace: Duration,
+    /// How long a retired backend's connections may take to finish: `--grace` as in force
+    /// when it is retired (a SIGHUP may have re-read it), not as it was at start.
+    pub grace: Arc<LiveGrace>,
     /// Time between two lookups of a name (sooner when the TTL is shorter).
     pub resolve_interval: Duration,
     /// Status and metrics.
@@ -104,6 +105,34 @@ impl LiveHealth {
     }
 }
 
+/// `--grace` as in force now, for remote backends retired later: the master's stop reads
+/// its own from the configuration in force, and a retired upstream must not keep the
+/// value the master started with.
+#[derive(Debug)]
+pub struct LiveGrace(AtomicU64);
+
+impl LiveGrace {
+    /// The grace at start.
+    pub fn new(grace: Duration) -> Self {
+        Self(AtomicU64::new(grace_nanos(grace)))
+    }
+
+    /// Puts `grace` in force for backends retired from now on.
+    pub fn set(&self, grace: Duration) {
+        self.0.store(grace_nanos(grace), Ordering::Relaxed);
+    }
+
+    /// The grace in force.
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// `grace` in nanoseconds, saturated (u64 nanoseconds is 584 years).
+fn grace_nanos(grace: Duration) -> u64 {
+    u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl From<&HealthConfig> for Checks {
     fn from(health: &HealthConfig) -> Self {
         Self {
@@ -143,7 +172,7 @@ impl Upstreams {
         self,
         backends: Arc<Backends>,
         health: Arc<LiveHealth>,
-        grace: Duration,
+        grace: Arc<LiveGrace>,
         table: Arc<Table>,
         stop: CancellationToken,
     ) {

@@ -236,7 +236,9 @@ async fn drain(ctx: &Context, backend: &Arc<Backend>, name: &str) {
         .set(backend.key, State::Draining, "address left DNS");
     let open = backend.active();
     tracing::info!(backend = %name, addr = %backend.addr, open_connections = open, reason = "address left DNS", "upstream backend retired");
-    let deadline = tokio::time::Instant::now() + ctx.grace;
+    // The grace in force at the retirement (a SIGHUP may have re-read --grace).
+    let grace = ctx.grace.get();
+    let deadline = tokio::time::Instant::now() + grace;
     while backend.active() > 0 && tokio::time::Instant::now() < deadline {
         tokio::select! {
             _ = tokio::time::sleep(DRAIN_POLL) => {}
@@ -245,7 +247,7 @@ async fn drain(ctx: &Context, backend: &Arc<Backend>, name: &str) {
     }
     let open = backend.active();
     if open > 0 {
-        tracing::warn!(backend = %name, open_connections = open, grace = ?ctx.grace, "grace period over; closing the retired backend's connections");
+        tracing::warn!(backend = %name, open_connections = open, grace = ?grace, "grace period over; closing the retired backend's connections");
         backend.close_connections();
     }
 }

@@ -373,6 +373,75 @@ fn a_vanished_record_drains_its_open_connections_within_grace() {
 }
 
 #[test]
+fn a_retired_upstream_gets_the_grace_in_force_after_a_sighup() {
+    use std::io::{Read, Write};
+    // Started with a 60 s grace, re-read as 1 s: the retired backend's open connection is
+    // closed after 1 s, not after the grace the master started with.
+    let dir = TempDir::new("upstream-grace-reread");
+    let file = dir.path().join("balancer.toml");
+    std::fs::write(&file, "grace = \"60s\"\n").unwrap();
+    let dns = Dns::start();
+    dns.set("hold.test", &[ip(7)]);
+    let echo = Echo::start(SocketAddr::new(ip(7), 0)).unwrap();
+    let port = echo.addr.port();
+    let next = Backend::start(SocketAddr::new(ip(8), port), "127.0.0.8")
+        .expect("the same port on 127.0.0.8");
+    let bal = Balancer::start(&[
+        "--config",
+        file.to_str().expect("UTF-8 path"),
+        "--cpus",
+        "0",
+        "--upstream",
+        &format!("hold.test:{port}"),
+        "--resolver",
+        &dns.addr.to_string(),
+        "--resolve-interval",
+        "1s",
+        "--health-interval",
+        "200ms",
+    ]);
+    let addr = bal.addr();
+    expect_up(&bal, 0, echo.addr, UP);
+    std::fs::write(&file, "grace = \"1s\"\n").unwrap();
+    send_signal(bal.pid(), libc::SIGHUP);
+    bal.expect_line(0, "`SIGHUP: configuration re-read`", FOLLOW, |l| {
+        is_event(l, "SIGHUP: configuration re-read")
+    });
+    let mut open = std::net::TcpStream::connect(addr).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut echoed = [0u8; 4];
+    open.write_all(b"ping").unwrap();
+    open.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    dns.set("hold.test", &[ip(8)]);
+    let want = echo.addr.to_string();
+    let (retired, _) = bal.expect_line(0, "`upstream backend retired` for .7", FOLLOW, |l| {
+        is_event(l, "upstream backend retired") && field(l, "addr") == Some(want.as_str())
+    });
+    let (_, line) = bal.expect_line(retired, "the grace line", FOLLOW, |l| {
+        is_event(
+            l,
+            "grace period over; closing the retired backend's connections",
+        )
+    });
+    assert_eq!(field(&line, "grace"), Some("1s"), "{line}");
+    let mut rest = Vec::new();
+    // EOF or a reset, not the read timeout.
+    if let Err(e) = open.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the retired backend's connection was not closed: {e}"
+        );
+    }
+    drop((echo, next));
+}
+
+#[test]
 fn a_short_ttl_brings_lookups_sooner_but_never_more_than_once_a_second() {
     let dns = Dns::start();
     dns.set("ttl.test", &[ip(9)]);
