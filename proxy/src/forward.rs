@@ -392,10 +392,16 @@ fn peek(client: &TcpStream) -> Peek {
 /// Whether the kernel still holds bytes sent to `sock` that its peer has not acknowledged
 /// (`SIOCOUTQ`): an answer not yet delivered. An error counts as such (not idle).
 fn unsent(sock: &TcpStream) -> bool {
+    unsent_fd(sock.as_raw_fd())
+}
+
+/// [`unsent`] by descriptor: for the TLS path, whose copy borrows the socket mutably while
+/// the quiesce look asks. The caller keeps the socket open while this may be called.
+pub(crate) fn unsent_fd(fd: std::os::fd::RawFd) -> bool {
     let mut queued: libc::c_int = 0;
-    // SAFETY: the fd is open for the duration of the call; SIOCOUTQ (TIOCOUTQ) writes one
-    // `int` to the pointer it is given.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    // SAFETY: the caller keeps `fd` open for the duration of the call; SIOCOUTQ (TIOCOUTQ)
+    // writes one `int` to the pointer it is given.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
     r != 0 || queued > 0
 }
 
@@ -404,7 +410,7 @@ const DISCARD_MAX: usize = 64 * 1024;
 
 /// Reads and drops what the client has sent and nobody read (at most [`DISCARD_MAX`],
 /// without waiting).
-fn discard_unread(client: &TcpStream) {
+pub(crate) fn discard_unread(client: &TcpStream) {
     let mut buf = [0u8; 4096];
     let mut dropped = 0;
     while dropped < DISCARD_MAX {

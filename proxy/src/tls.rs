@@ -9,9 +9,18 @@
 //! Reloading swaps the [`CertifiedKey`] behind the server's certificate resolver
 //! ([`ArcSwap`]): new handshakes get the new pair, established connections keep theirs,
 //! and a file that does not load leaves the old pair in place.
+//!
+//! The tcp path's TLS variant copies with `tokio::io::copy_bidirectional` (rustls is an
+//! `AsyncRead`/`AsyncWrite`, not a socket the copy loop of `copy.rs` can read directly), with
+//! each side wrapped in [`Noted`]: reads are noted in an [`Activity`] and a client between
+//! exchanges is not read while an in-place upgrade quiesces, so the drain rules of
+//! [`crate::quiesce`] hold here too. An idle TLS connection is ended with a `close_notify`
+//! and a FIN, which a TLS client takes as a clean close of its keep-alive connection.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,13 +33,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::Activity;
 use crate::backends::Backends;
 use crate::forward::{ForwardConfig, ForwardError, Forwarded, Transfer};
 use crate::server::{accept_loop, record, Connections, Proxy};
@@ -38,6 +48,11 @@ use crate::server::{accept_loop, record, Connections, Proxy};
 /// How long a tcp-mode client may take to finish its TLS handshake: as long as an HTTP
 /// client may take to send its head, so a stalled handshake holds a permit no longer.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long the `close_notify` (and the FIN after it) of a connection ended at an in-place
+/// upgrade may take to go out. The connection is idle, so its socket has room and this
+/// takes one write; the bound only keeps a wedged peer from holding the drain.
+const CLOSE_NOTIFY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a certificate or key could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -328,13 +343,109 @@ pub async fn forward(
         tracing::debug!(%peer, addr = %backend.addr, error = ?last, "backend connect failed, trying next");
     };
     let _ = upstream.set_nodelay(true);
-    let (to_backend, to_client) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .map_err(ForwardError::Copy)?;
+    let activity = Activity::default();
+    let quiesce = &*config.quiesce;
+    // By descriptor: the copy holds the stream mutably while the quiesce look asks.
+    let client_fd = client.get_ref().0.as_raw_fd();
+    let busy = || {
+        tracing::debug!(%peer, owes = activity.owes(), answered = activity.answered(), "tls connection still busy while quiescing");
+    };
+    let copied = {
+        let mut a = Noted::new(&mut client, &activity, Activity::to_backend, Some(quiesce));
+        let mut b = Noted::new(&mut upstream, &activity, Activity::to_client, None);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut a, &mut b) => Some(copied),
+            () = quiesce.idle(&activity, || crate::forward::unsent_fd(client_fd), busy) => None,
+        }
+    };
+    let Some(copied) = copied else {
+        // Idle at an in-place upgrade: a held request is dropped unread (an unread byte
+        // would turn the close into an RST), then close_notify and FIN, so the client sees
+        // its keep-alive connection closed cleanly and sends that request again.
+        crate::forward::discard_unread(client.get_ref().0);
+        let _ = tokio::time::timeout(CLOSE_NOTIFY, client.shutdown()).await;
+        return Err(ForwardError::Quiesced);
+    };
+    let (to_backend, to_client) = copied.map_err(ForwardError::Copy)?;
     Ok(Transfer {
         to_backend,
         to_client,
     })
+}
+
+/// One side of the TLS path's copy: notes each read that brought bytes in `activity` (with
+/// its direction, `read`), and while `hold` (an in-place upgrade's [`crate::quiesce::Quiesce`])
+/// holds the client, does not read it (see [`crate::quiesce`]): `copy.rs`'s rules, for a
+/// stream that is not a bare socket.
+struct Noted<'a, S> {
+    inner: S,
+    activity: &'a Activity,
+    read: fn(&Activity),
+    hold: Option<&'a crate::quiesce::Quiesce>,
+    /// While held: the wait for the quiescing to end (the upgrade was refused or failed).
+    resumed: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+}
+
+impl<'a, S> Noted<'a, S> {
+    fn new(
+        inner: S,
+        activity: &'a Activity,
+        read: fn(&Activity),
+        hold: Option<&'a crate::quiesce::Quiesce>,
+    ) -> Self {
+        Self {
+            inner,
+            activity,
+            read,
+            hold,
+            resumed: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Noted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // Checked on every read the copy asks for, so a request that arrives once the
+        // quiescing began is held too.
+        if let Some(q) = this.hold {
+            if this.resumed.is_none() && q.holds(this.activity) {
+                this.resumed = Some(Box::pin(q.resumed()));
+            }
+            if let Some(resumed) = this.resumed.as_mut() {
+                std::task::ready!(resumed.as_mut().poll(cx));
+                this.resumed = None;
+            }
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            (this.read)(this.activity);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Noted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -428,6 +539,66 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&back, b"ping");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// At an in-place upgrade a TLS connection with a request outstanding is not cut: its
+    /// (slow) answer is delivered, the client's next request is held back (never reaches the
+    /// backend), and the then idle connection ends with a close_notify (`read_to_end` is
+    /// `Ok` only after one: a bare FIN is an `UnexpectedEof`).
+    #[tokio::test]
+    async fn at_an_upgrade_an_owed_answer_is_delivered_then_the_idle_connection_gets_close_notify()
+    {
+        let dir = temp_dir("quiesce");
+        let root = write_pair(&dir);
+        let tls = Tls::load(&dir.join("cert.pem"), &dir.join("key.pem"), Alpn::None).unwrap();
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backends = Backends::new(crate::backends::Policy::RoundRobin);
+        backends.insert(1, 0, backend.local_addr().unwrap());
+        let config = ForwardConfig::default();
+        let quiesce = Arc::clone(&config.quiesce);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let proxy = async {
+            let (c, peer) = front.accept().await.unwrap();
+            forward(&tls, c, peer, &backends, &config, HANDSHAKE_TIMEOUT).await
+        };
+        let server = async {
+            let (mut s, _) = backend.accept().await.unwrap();
+            let mut req = [0u8; 3];
+            s.read_exact(&mut req).await.unwrap();
+            // The upgrade begins with the request outstanding, and the answer is slow: many
+            // quiesce looks find the connection owing, not idle.
+            quiesce.start();
+            tokio::time::sleep(crate::quiesce::LOOK * 8).await;
+            s.write_all(b"answer").await.unwrap();
+            // What else reaches the backend before the proxy closes its side.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            rest
+        };
+        let client = async {
+            let mut c = connect(addr, std::slice::from_ref(&root), &[]).await;
+            c.write_all(b"req").await.unwrap();
+            let mut answer = [0u8; 6];
+            c.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"answer");
+            // The next request, at once: held, never delivered.
+            c.write_all(b"next").await.unwrap();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+                .await
+                .expect("the idle connection was not closed")
+                .expect("closed without a close_notify");
+            rest
+        };
+        let (forwarded, at_backend, at_client) = tokio::join!(proxy, server, client);
+        assert!(
+            matches!(forwarded, Err(ForwardError::Quiesced)),
+            "{forwarded:?}"
+        );
+        assert!(at_backend.is_empty(), "{at_backend:?}");
+        assert!(at_client.is_empty(), "{at_client:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

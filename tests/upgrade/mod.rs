@@ -533,22 +533,79 @@ fn an_idle_keep_alive_connection_does_not_hold_the_upgrade_epoll() {
     idle_keep_alive_does_not_hold_the_upgrade(&["--engine", "epoll"]);
 }
 
+/// The same with TLS terminated by the master (tcp mode, `copy_bidirectional` over rustls):
+/// the idle connection is ended with a `close_notify` (a clean TLS close, not a truncation).
+#[test]
+fn an_idle_tls_keep_alive_connection_does_not_hold_the_upgrade() {
+    let install = Install::new("upgrade-tls-keepalive");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let (cert, key) = (
+        install.dir.path().join("tls.crt"),
+        install.dir.path().join("tls.key"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("writing the key");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ck.cert.der().clone())
+        .expect("trusting the certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let connect = move |tcp: std::net::TcpStream| -> Box<dyn ReadWrite> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+        let tls = rustls::ClientConnection::new(Arc::clone(&config), name).expect("TLS client");
+        Box::new(rustls::StreamOwned::new(tls, tcp))
+    };
+    idle_keep_alive_does_not_hold_the_upgrade_with(
+        &install,
+        &[
+            "--tls-cert",
+            cert.to_str().expect("UTF-8 temp path"),
+            "--tls-key",
+            key.to_str().expect("UTF-8 temp path"),
+        ],
+        &connect,
+    );
+}
+
+/// A client stream, plain or TLS.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
 /// An idle keep-alive connection is closed by the upgrade's drain, with `extra` flags.
 fn idle_keep_alive_does_not_hold_the_upgrade(extra: &[&str]) {
-    use std::io::{Read, Write};
     let install = Install::new("upgrade-keepalive");
+    idle_keep_alive_does_not_hold_the_upgrade_with(&install, extra, &|tcp| Box::new(tcp));
+}
+
+/// An idle keep-alive connection (made by `connect` over a fresh TCP connection) is closed
+/// by the upgrade's drain, with `extra` flags. A TLS stream reads its end as `Ok(0)` only
+/// after a `close_notify` (a bare FIN is an `UnexpectedEof` error).
+fn idle_keep_alive_does_not_hold_the_upgrade_with(
+    install: &Install,
+    extra: &[&str],
+    connect: &dyn Fn(std::net::TcpStream) -> Box<dyn ReadWrite>,
+) {
+    use std::io::{Read, Write};
     let mut args = vec!["--cpus", "1"];
     args.extend_from_slice(extra);
     let mut b = install.start(&args);
     let addr = b.addr();
     wait_all_ready(&b, 1);
-    let mut client = std::net::TcpStream::connect(addr).expect("connecting");
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
+    let tcp = std::net::TcpStream::connect(addr).expect("connecting");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("read timeout");
+    let mut client = connect(tcp);
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("sending a request");
+    client.flush().expect("sending a request");
     // One whole response (headers and a Content-Length body), the connection kept open.
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -587,11 +644,40 @@ fn idle_keep_alive_does_not_hold_the_upgrade(extra: &[&str]) {
         .and_then(parse_debug_duration)
         .unwrap_or_else(|| panic!("no drained_in in {line}"));
     assert!(drained_in < Duration::from_secs(5), "{line}");
-    // The idle connection was closed by the master (EOF, or a reset), not left open.
-    let n = client.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the idle connection got bytes: {:?}", &buf[..n]);
+    // The idle connection was closed by the master (EOF, or a reset; with TLS a
+    // close_notify), not left open.
+    let tls = !extra.is_empty() && extra.contains(&"--tls-cert");
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("the idle connection got bytes: {:?}", &buf[..n]),
+        Err(e) => assert!(!tls, "no close_notify: {e}"),
+    }
     expect_upgraded(&b, 1);
-    assert_eq!(get(addr, "/").expect("GET / after the upgrade").0, 200);
+    // A new connection (TLS too, when it is TLS) is served by the new image.
+    let tcp = std::net::TcpStream::connect(addr).expect("connecting after the upgrade");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut after = connect(tcp);
+    after
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("sending a request after the upgrade");
+    after.flush().expect("sending a request after the upgrade");
+    let mut got = Vec::new();
+    while !complete(&got) {
+        let n = after
+            .read(&mut buf)
+            .expect("reading the response after the upgrade");
+        assert!(n > 0, "closed before a whole response: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Closed, or the graceful stop below would wait for them (the TLS path passes the
+    // backend's close on as a half-close and waits for the client's).
+    drop((after, client));
     b.signal(libc::SIGTERM);
     assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
     assert_no_panic(&b);
