@@ -65,31 +65,26 @@ impl Registry {
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.lock().insert(
-            key,
-            WorkerStatus {
-                slot,
-                pid,
-                state: State::Starting,
-                reason: Reason::Spawned.to_string(),
-                addr: None,
-                started,
-                instance: key,
-            },
-        );
+        self.starting(key, slot, pid, started, Reason::Spawned);
     }
 
     /// A worker carried across an in-place upgrade, spawned at `started` (seconds since the
     /// Unix epoch), is instance `key` of `slot` in this image (its spawn was counted before).
     pub fn adopted(&self, key: u64, slot: usize, pid: u32, started: u64) {
         self.with_slot(slot, |_| {});
+        self.starting(key, slot, pid, started, Reason::Adopted);
+    }
+
+    /// Records instance `key` of `slot` as starting, for `reason` (a spawn or an adoption:
+    /// both enter the lifecycle at its first row and move on by [`Self::set`]).
+    fn starting(&self, key: u64, slot: usize, pid: u32, started: u64, reason: Reason) {
         self.lock().insert(
             key,
             WorkerStatus {
                 slot,
                 pid,
                 state: State::Starting,
-                reason: Reason::Adopted.to_string(),
+                reason: reason.to_string(),
                 addr: None,
                 started,
                 instance: key,

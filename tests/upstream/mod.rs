@@ -301,45 +301,86 @@ fn dns_records_are_followed_and_the_last_good_set_kept() {
     );
 }
 
-#[test]
-fn a_vanished_record_drains_its_open_connections_within_grace() {
-    use std::io::{Read, Write};
+/// `hold.test` resolving to an echo backend on .7, a backend on the same port on .8 for the
+/// record to move to, and a master following the name every second with `extra` flags.
+fn start_hold(extra: &[&str]) -> (Dns, Echo, Backend, Balancer) {
     let dns = Dns::start();
     dns.set("hold.test", &[ip(7)]);
     let echo = Echo::start(SocketAddr::new(ip(7), 0)).unwrap();
     let port = echo.addr.port();
     let next = Backend::start(SocketAddr::new(ip(8), port), "127.0.0.8")
         .expect("the same port on 127.0.0.8");
-    let bal = Balancer::start(&[
+    let upstream = format!("hold.test:{port}");
+    let resolver = dns.addr.to_string();
+    let mut args = vec![
         "--cpus",
         "0",
         "--upstream",
-        &format!("hold.test:{port}"),
+        &upstream,
         "--resolver",
-        &dns.addr.to_string(),
+        &resolver,
         "--resolve-interval",
         "1s",
         "--health-interval",
         "200ms",
-        "--grace",
-        "2s",
-    ]);
-    let addr = bal.addr();
-    expect_up(&bal, 0, echo.addr, UP);
+    ];
+    args.extend_from_slice(extra);
+    let bal = Balancer::start(&args);
+    (dns, echo, next, bal)
+}
+
+/// A client connection through the master to the echo backend, checked with one echo;
+/// reads time out after 20 s.
+fn echoing(addr: SocketAddr) -> std::net::TcpStream {
+    use std::io::{Read, Write};
     let mut open = std::net::TcpStream::connect(addr).unwrap();
-    open.set_read_timeout(Some(Duration::from_secs(10)))
+    open.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut echoed = [0u8; 4];
     open.write_all(b"ping").unwrap();
     open.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"ping");
+    open
+}
+
+/// Moves `hold.test` to .8 and waits for the master to retire `old`; returns the index and
+/// text of its `upstream backend retired` line.
+fn move_record(bal: &Balancer, dns: &Dns, old: SocketAddr) -> (usize, String) {
+    dns.set("hold.test", &[ip(8)]);
+    let want = old.to_string();
+    bal.expect_line(0, "`upstream backend retired` for .7", FOLLOW, |l| {
+        is_event(l, "upstream backend retired") && field(l, "addr") == Some(want.as_str())
+    })
+}
+
+/// `open` ends in EOF or a reset, with nothing more to read, not in its read timeout:
+/// balancer closed it.
+fn assert_closed_by_balancer(open: &mut std::net::TcpStream) {
+    use std::io::Read;
+    let mut rest = Vec::new();
+    if let Err(e) = open.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the retired backend's connection was not closed: {e}"
+        );
+    }
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[test]
+fn a_vanished_record_drains_its_open_connections_within_grace() {
+    use std::io::{Read, Write};
+    let (dns, echo, next, bal) = start_hold(&["--grace", "2s"]);
+    let addr = bal.addr();
+    expect_up(&bal, 0, echo.addr, UP);
+    let mut open = echoing(addr);
+    let mut echoed = [0u8; 4];
 
     // The record moves to .8: .7 leaves rotation at once, its open connection goes on.
-    dns.set("hold.test", &[ip(8)]);
-    let want = echo.addr.to_string();
-    let (retired, line) = bal.expect_line(0, "`upstream backend retired` for .7", FOLLOW, |l| {
-        is_event(l, "upstream backend retired") && field(l, "addr") == Some(want.as_str())
-    });
+    let (retired, line) = move_record(&bal, &dns, echo.addr);
     assert_eq!(field(&line, "open_connections"), Some("1"), "{line}");
     expect_up(&bal, 0, next.addr, FOLLOW);
     assert_eq!(tags(addr, 3), HashSet::from(["127.0.0.8".to_owned()]));
@@ -357,49 +398,18 @@ fn a_vanished_record_drains_its_open_connections_within_grace() {
             "grace period over; closing the retired backend's connections",
         )
     });
-    let mut rest = Vec::new();
-    // EOF or a reset, but not the 10 s read timeout: balancer closed it.
-    if let Err(e) = open.read_to_end(&mut rest) {
-        assert!(
-            !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "the retired backend's connection was not closed: {e}"
-        );
-    }
-    assert!(rest.is_empty(), "{rest:?}");
+    assert_closed_by_balancer(&mut open);
     drop((echo, next));
 }
 
 #[test]
 fn a_retired_upstream_gets_the_grace_in_force_after_a_sighup() {
-    use std::io::{Read, Write};
     // Started with a 60 s grace, re-read as 1 s: the retired backend's open connection is
     // closed after 1 s, not after the grace the master started with.
     let dir = TempDir::new("upstream-grace-reread");
     let file = dir.path().join("balancer.toml");
     std::fs::write(&file, "grace = \"60s\"\n").unwrap();
-    let dns = Dns::start();
-    dns.set("hold.test", &[ip(7)]);
-    let echo = Echo::start(SocketAddr::new(ip(7), 0)).unwrap();
-    let port = echo.addr.port();
-    let next = Backend::start(SocketAddr::new(ip(8), port), "127.0.0.8")
-        .expect("the same port on 127.0.0.8");
-    let bal = Balancer::start(&[
-        "--config",
-        file.to_str().expect("UTF-8 path"),
-        "--cpus",
-        "0",
-        "--upstream",
-        &format!("hold.test:{port}"),
-        "--resolver",
-        &dns.addr.to_string(),
-        "--resolve-interval",
-        "1s",
-        "--health-interval",
-        "200ms",
-    ]);
+    let (dns, echo, next, bal) = start_hold(&["--config", file.to_str().expect("UTF-8 path")]);
     let addr = bal.addr();
     expect_up(&bal, 0, echo.addr, UP);
     std::fs::write(&file, "grace = \"1s\"\n").unwrap();
@@ -407,19 +417,9 @@ fn a_retired_upstream_gets_the_grace_in_force_after_a_sighup() {
     bal.expect_line(0, "`SIGHUP: configuration re-read`", FOLLOW, |l| {
         is_event(l, "SIGHUP: configuration re-read")
     });
-    let mut open = std::net::TcpStream::connect(addr).unwrap();
-    open.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut echoed = [0u8; 4];
-    open.write_all(b"ping").unwrap();
-    open.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"ping");
+    let mut open = echoing(addr);
 
-    dns.set("hold.test", &[ip(8)]);
-    let want = echo.addr.to_string();
-    let (retired, _) = bal.expect_line(0, "`upstream backend retired` for .7", FOLLOW, |l| {
-        is_event(l, "upstream backend retired") && field(l, "addr") == Some(want.as_str())
-    });
+    let (retired, _) = move_record(&bal, &dns, echo.addr);
     let (_, line) = bal.expect_line(retired, "the grace line", FOLLOW, |l| {
         is_event(
             l,
@@ -427,17 +427,7 @@ fn a_retired_upstream_gets_the_grace_in_force_after_a_sighup() {
         )
     });
     assert_eq!(field(&line, "grace"), Some("1s"), "{line}");
-    let mut rest = Vec::new();
-    // EOF or a reset, not the read timeout.
-    if let Err(e) = open.read_to_end(&mut rest) {
-        assert!(
-            !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "the retired backend's connection was not closed: {e}"
-        );
-    }
+    assert_closed_by_balancer(&mut open);
     drop((echo, next));
 }
 
