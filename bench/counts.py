@@ -11,6 +11,10 @@ kind of built-in workers.
     python3 bench/counts.py --bin tokio=target/release/balancer \
         --bin "epoll=target/release/balancer --engine epoll"
 
+`--cmd "NAME=ARGV"` adds any other proxy (a spike): `{listen}` in ARGV becomes a free
+127.0.0.1 port and `{backends}` the first build's workers, space separated, e.g.
+`--cmd "uring=bench/spikes/uring-proxy/target/release/uring-proxy {listen} {backends}"`.
+
 `--strace-seconds 0` skips strace; `--loads close50` measures one load.
 """
 
@@ -29,7 +33,7 @@ from pathlib import Path
 import machine
 import wrk
 from processes import ProcessSet
-from targets import Target, start_balancer, start_haproxy, start_nginx
+from targets import Target, free_port, start_balancer, start_haproxy, start_nginx, wait_listening
 
 #: (name, connections, a new connection per request)
 LOADS = {"ka50": (50, False), "ka200": (200, False), "close50": (50, True)}
@@ -55,6 +59,14 @@ def parse_bin(spec: str) -> tuple[str, str, list[str]]:
     name, _, rest = spec.partition("=")
     path, *flags = rest.split()
     return name, path, flags
+
+
+def cmd_argv(argv: str, listen: str, backends: list[str]) -> list[str]:
+    """A `--cmd` ARGV as words: `{listen}` → `listen`, a `{backends}` word → one word each."""
+    words: list[str] = []
+    for w in argv.split():
+        words += backends if w == "{backends}" else [w.replace("{listen}", listen)]
+    return words
 
 
 def log(msg: str) -> None:
@@ -114,6 +126,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--strace-seconds", type=float, default=3.0)
     p.add_argument("--perf", action="store_true", help="also perf stat (context switches) per request")
+    p.add_argument("--cmd", action="append", default=[], help="NAME=ARGV of another proxy, with {listen} and {backends}")
+    p.add_argument("--nginx-workers", default="auto", help="nginx worker_processes (1 to match a one-thread proxy)")
     p.add_argument("--no-haproxy", action="store_true")
     p.add_argument("--extra", default="", help="extra balancer flags, space separated")
     a = p.parse_args()
@@ -128,7 +142,13 @@ def main() -> int:
             if not backends:
                 backends = [addr for _, (_, addr) in sorted(b.ready_workers().items())]
             targets.append(Target(name, f"http://{b.listen}/", lambda pid=b.pid: [pid]))
-        targets.append(start_nginx(procs, tmp, backends))
+        for spec in a.cmd:
+            name, _, argv = spec.partition("=")
+            port = free_port()
+            proc = procs.start(name, cmd_argv(argv, f"127.0.0.1:{port}", backends), tmp / f"{name}.log")
+            wait_listening(proc, port, 10.0)
+            targets.append(Target(name, f"http://127.0.0.1:{port}/", proc.pids))
+        targets.append(start_nginx(procs, tmp, backends, worker_processes=a.nginx_workers))
         if not a.no_haproxy:
             targets.append(start_haproxy(procs, tmp, backends, 2))
         loads = a.loads.split(",")

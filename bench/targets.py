@@ -200,11 +200,13 @@ def start_nginx(
     backlog: int | None = None,
     connect_timeout: str = "2s",
     multi_accept: bool = False,
+    worker_processes: str = "auto",
 ) -> Target:
     """nginx `stream` in front of `backends`. `worker_connections` counts both legs of a
     proxied connection, and one worker may take most connections (they race for accept).
     `backlog`: the listen queue; nginx's default is 511, balancer's 4096, HAProxy's its maxconn
-    (all capped by net.core.somaxconn), and a burst of 10,000 connects overflows 511."""
+    (all capped by net.core.somaxconn), and a burst of 10,000 connects overflows 511.
+    `worker_processes`: nginx's own setting; "1" matches a one-thread proxy."""
     port = free_port()
     conf = tmp / "nginx.conf"
     servers = "\n".join(f"        server {b};" for b in backends)
@@ -213,7 +215,7 @@ def start_nginx(
 {_nginx_load_stream()}
 daemon off;
 master_process on;
-worker_processes auto;
+worker_processes {worker_processes};
 worker_rlimit_nofile {_nofile()};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;

@@ -63,6 +63,12 @@ class WrkTests(unittest.TestCase):
 
 
 class CountsTests(unittest.TestCase):
+    def test_counts_cmd_argv(self):
+        self.assertEqual(
+            counts.cmd_argv("/s --x {listen} {backends}", "127.0.0.1:9", ["a:1", "b:2"]),
+            ["/s", "--x", "127.0.0.1:9", "a:1", "b:2"],
+        )
+
     def test_bin_with_flags_of_its_own(self):
         self.assertEqual(counts.parse_bin("new=/b"), ("new", "/b", []))
         self.assertEqual(
