@@ -55,35 +55,37 @@ def _all(values: list[float | None], ok) -> bool | None:
     return all(ok(v) for v in values)
 
 
+def proxy_goals(runs: list[report.Run], row: dict, loads: list[str], target: str, label: str, haproxy: bool) -> list[Goal]:
+    """The proxy-mode rows for `target`: CPU/request and req/s against nginx (and HAProxy
+    when `haproxy`), p99 against nginx's."""
+    def ratios(ref: str, field: str) -> list[float | None]:
+        return [getattr(row[(l, target)], field)[ref] if (l, target) in row else None for l in loads]
+
+    def line(vs: list[float | None]) -> str:
+        return ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, vs))
+
+    cpu, rps = ratios("nginx", "cpu_ratio"), ratios("nginx", "rps_ratio")
+    found = [
+        Goal(f"{label} master CPU/request ≤ {CPU_X_NGINX_MAX}× nginx, every load", line(cpu), _all(cpu, lambda v: v <= CPU_X_NGINX_MAX)),
+        Goal(f"{label} req/s ≥ {RPS_X_NGINX_MIN}× nginx, every load", line(rps), _all(rps, lambda v: v >= RPS_X_NGINX_MIN)),
+    ]
+    if haproxy:
+        hap = ratios("haproxy", "rps_ratio")
+        found.append(Goal(f"{label} req/s ≥ {RPS_X_HAPROXY_MIN}× HAProxy, every load", line(hap), _all(hap, lambda v: v >= RPS_X_HAPROXY_MIN)))
+    p99 = [paired(runs, l, target, "nginx", "p99_ms") for l in loads]
+    found.append(Goal(f"{label} p99 ≤ nginx's, every load (paired ratio)", line(p99), _all(p99, lambda v: v <= 1.0)))
+    return found
+
+
 def check(runs: list[report.Run], rows: list[report.Row], loads: list[str], memory, respawns) -> list[Goal]:
     row = {(r.load, r.target): r for r in rows}
     goals = []
 
-    cpu = [row[(l, "balancer")].cpu_ratio["nginx"] if (l, "balancer") in row else None for l in loads]
-    goals.append(Goal(f"`proxy` master CPU/request ≤ {CPU_X_NGINX_MAX}× nginx, every load",
-                      ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, cpu)), _all(cpu, lambda v: v <= CPU_X_NGINX_MAX)))
-    rps = [row[(l, "balancer")].rps_ratio["nginx"] if (l, "balancer") in row else None for l in loads]
-    goals.append(Goal(f"`proxy` req/s ≥ {RPS_X_NGINX_MIN}× nginx, every load",
-                      ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, rps)), _all(rps, lambda v: v >= RPS_X_NGINX_MIN)))
-    hap = [row[(l, "balancer")].rps_ratio["haproxy"] if (l, "balancer") in row else None for l in loads]
-    goals.append(Goal(f"`proxy` req/s ≥ {RPS_X_HAPROXY_MIN}× HAProxy, every load",
-                      ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, hap)), _all(hap, lambda v: v >= RPS_X_HAPROXY_MIN)))
-    p99 = [paired(runs, l, "balancer", "nginx", "p99_ms") for l in loads]
-    goals.append(Goal("`proxy` p99 ≤ nginx's, every load (paired ratio)",
-                      ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, p99)), _all(p99, lambda v: v <= 1.0)))
-
-    # The same three for `--engine epoll` when the run has it (an opt-in engine: reported
-    # beside the default, which is what the targets above judge).
+    goals += proxy_goals(runs, row, loads, "balancer", "`proxy`", haproxy=True)
+    # The same for `--engine epoll` when the run has it (an opt-in engine: reported beside
+    # the default, which is what the rows above judge).
     if any(r.target == "balancer-epoll" for r in rows):
-        cpu = [row[(l, "balancer-epoll")].cpu_ratio["nginx"] if (l, "balancer-epoll") in row else None for l in loads]
-        goals.append(Goal(f"`proxy --engine epoll` master CPU/request ≤ {CPU_X_NGINX_MAX}× nginx, every load",
-                          ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, cpu)), _all(cpu, lambda v: v <= CPU_X_NGINX_MAX)))
-        rps = [row[(l, "balancer-epoll")].rps_ratio["nginx"] if (l, "balancer-epoll") in row else None for l in loads]
-        goals.append(Goal(f"`proxy --engine epoll` req/s ≥ {RPS_X_NGINX_MIN}× nginx, every load",
-                          ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, rps)), _all(rps, lambda v: v >= RPS_X_NGINX_MIN)))
-        p99 = [paired(runs, l, "balancer-epoll", "nginx", "p99_ms") for l in loads]
-        goals.append(Goal("`proxy --engine epoll` p99 ≤ nginx's, every load (paired ratio)",
-                          ", ".join(f"{l} {_fmt(v)}" for l, v in zip(loads, p99)), _all(p99, lambda v: v <= 1.0)))
+        goals += proxy_goals(runs, row, loads, "balancer-epoll", "`proxy --engine epoll`", haproxy=False)
 
     for mode in ("shared", "reuseport"):
         v = row[(CLOSE_LOAD, f"balancer-{mode}")].rps_ratio["direct"] if (CLOSE_LOAD, f"balancer-{mode}") in row else None

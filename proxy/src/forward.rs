@@ -340,8 +340,9 @@ const EARLY_MAX: usize = 2048;
 /// bytes (empty: nothing yet), or `None` if it closed or failed before sending any. Read
 /// straight from the socket, not through tokio's readiness: the socket was registered a
 /// moment ago and tokio has not polled it yet. The `EPOLLIN` that registration queued is
-/// re-checked by `epoll_wait` when it is collected, so no empty read follows.
-fn read_early(client: &TcpStream) -> Option<Vec<u8>> {
+/// re-checked by `epoll_wait` when it is collected, so no empty read follows. The epoll
+/// engine reads its accepted sockets with it too (`engine::conn`).
+pub(crate) fn read_early(client: &impl AsRawFd) -> Option<Vec<u8>> {
     let mut buf = [MaybeUninit::<u8>::uninit(); EARLY_MAX];
     // SAFETY: the fd is open for the duration of the call; `buf` is valid for writes of
     // `buf.len()` bytes (recv(2) does not need them initialised).

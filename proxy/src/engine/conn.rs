@@ -36,10 +36,9 @@ use crate::forward::{ForwardConfig, ForwardError, Forwarded, Transfer};
 /// connection is driven again at the end of the turn.
 const READS_PER_TURN: usize = 16;
 
-/// At most this much of the client's first bytes is read at accept, before the connect
-/// (as the tokio path's `EARLY_MAX`): a request head, kept in case the backend must be
-/// swapped; the rest is left for the copy.
-pub(super) const EARLY_MAX: usize = 2048;
+/// The client's first bytes, read at accept without waiting: the tokio path's reader (the
+/// same rule and bound, on the mio socket's fd).
+pub(super) use crate::forward::read_early;
 
 /// At most this much of a held request is read and dropped before a quiesced close (as the
 /// tokio path's).
@@ -241,34 +240,6 @@ impl Side {
                 _ => Some(false),
             },
         }
-    }
-}
-
-/// The client's first bytes, read at accept without waiting (at most [`EARLY_MAX`]): empty
-/// when it has sent nothing yet, `None` when it closed (or failed) before sending any.
-pub(super) fn read_early(sock: &TcpStream) -> Option<Vec<u8>> {
-    let mut buf = [MaybeUninit::<u8>::uninit(); EARLY_MAX];
-    // SAFETY: the fd is open for the duration of the call; `buf` is valid for writes of
-    // `buf.len()` bytes.
-    let n = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => None,
-        n if n > 0 => {
-            // SAFETY: recv(2) initialised the first `n` bytes of `buf`.
-            let data = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
-            Some(data.to_vec())
-        }
-        _ => match io::Error::last_os_error().kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Some(Vec::new()),
-            _ => None,
-        },
     }
 }
 
