@@ -15,7 +15,10 @@ kind of built-in workers.
 127.0.0.1 port and `{backends}` the first build's workers, space separated, e.g.
 `--cmd "uring=bench/spikes/uring-proxy/target/release/uring-proxy {listen} {backends}"`.
 
-`--strace-seconds 0` skips strace; `--loads close50` measures one load.
+`--strace-seconds 0` skips strace; `--loads close50` measures one load. Besides the
+proxy's own CPU (utime+stime from /proc/PID/stat), each run reports the whole machine's busy
+CPU per request (/proc/stat), which also counts the kernel threads and softirqs a
+kernel-side data path (a sockmap redirect) runs in.
 """
 
 from __future__ import annotations
@@ -73,13 +76,24 @@ def log(msg: str) -> None:
     print(f"[counts {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def cpu_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[float, float]:
-    """(req/s, proxy CPU µs per request) of one wrk run."""
+def machine_us_per_request(before: tuple[int, int], after: tuple[int, int], requests: int) -> float:
+    """Busy CPU µs of the whole machine per request between two `machine.system_cpu()`
+    readings: wrk, the workers, the proxy, kernel threads and softirqs together. A proxy
+    whose bytes the kernel moves (a sockmap redirect runs in softirq and a kworker) hides
+    most of its cost from its own utime+stime; this total does not (other people's load
+    is in it too, so compare targets within one run)."""
+    return (after[0] - before[0]) / machine.CLK_TCK * 1e6 / max(requests, 1)
+
+
+def cpu_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[float, float, float]:
+    """(req/s, proxy CPU µs per request, machine CPU µs per request) of one wrk run."""
     pids = t.proxy_pids()
     before = machine.total_cpu_seconds(pids)
+    sys_before = machine.system_cpu()
     res, _ = wrk.run(t.url, conns, 2, seconds, close)
+    sys_after = machine.system_cpu()
     used = machine.total_cpu_seconds(pids) - before
-    return res.rps, used * 1e6 / max(res.requests, 1)
+    return res.rps, used * 1e6 / max(res.requests, 1), machine_us_per_request(sys_before, sys_after, res.requests)
 
 
 def strace_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[int, Counter[str]]:
@@ -154,18 +168,22 @@ def main() -> int:
         loads = a.loads.split(",")
         for load in loads:
             conns, close = LOADS[load]
-            cpu: dict[str, list[tuple[float, float]]] = {t.name: [] for t in targets}
+            cpu: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in targets}
             for r in range(a.rounds):
                 for t in targets:
                     cpu[t.name].append(cpu_run(t, conns, close, a.seconds))
             print(f"\n## {load}: median of {a.rounds} x {a.seconds:g} s")
-            print("| target | req/s | CPU µs/req | per round (µs/req) |")
-            print("|---|---:|---:|---|")
+            print("| target | req/s | CPU µs/req | per round (µs/req) | machine µs/req | per round (machine) |")
+            print("|---|---:|---:|---|---:|---|")
             for t in targets:
-                runs = sorted(cpu[t.name], key=lambda x: x[1])
-                rps = sorted(x[0] for x in cpu[t.name])[len(runs) // 2]
-                per = ", ".join(f"{x[1]:.1f}" for x in cpu[t.name])
-                print(f"| {t.name} | {rps:.0f} | {runs[len(runs) // 2][1]:.1f} | {per} |")
+                runs = cpu[t.name]
+                mid = len(runs) // 2
+                rps = sorted(x[0] for x in runs)[mid]
+                proxy = sorted(x[1] for x in runs)[mid]
+                whole = sorted(x[2] for x in runs)[mid]
+                per = ", ".join(f"{x[1]:.1f}" for x in runs)
+                per_whole = ", ".join(f"{x[2]:.1f}" for x in runs)
+                print(f"| {t.name} | {rps:.0f} | {proxy:.1f} | {per} | {whole:.1f} | {per_whole} |")
             if a.strace_seconds > 0:
                 rows = {}
                 for t in targets:

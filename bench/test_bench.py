@@ -75,6 +75,13 @@ class CountsTests(unittest.TestCase):
             counts.parse_bin("epoll=/b --engine epoll"), ("epoll", "/b", ["--engine", "epoll"])
         )
 
+    def test_machine_cpu_per_request_is_busy_ticks_over_requests(self):
+        # 100 busy ticks at 100 ticks/s over 1000 requests: 1 ms each; idle ticks do not count.
+        with mock.patch.object(counts.machine, "CLK_TCK", 100):
+            self.assertAlmostEqual(counts.machine_us_per_request((1000, 5000), (1100, 5400), 1000), 1000.0)
+            # No request completed: divided by 1, not by zero.
+            self.assertAlmostEqual(counts.machine_us_per_request((0, 0), (1, 2), 0), 10000.0)
+
 
 class LogTests(unittest.TestCase):
     def test_worker_ready(self):
