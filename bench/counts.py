@@ -18,7 +18,7 @@ kind of built-in workers.
 `--strace-seconds 0` skips strace; `--loads close50` measures one load. Besides the
 proxy's own CPU (utime+stime from /proc/PID/stat), each run reports the whole machine's busy
 CPU per request (/proc/stat), which also counts the kernel threads and softirqs a
-kernel-side data path (a sockmap redirect) runs in.
+kernel-side data path (a sockmap redirect) runs in, and the kworker threads' CPU per request.
 """
 
 from __future__ import annotations
@@ -85,15 +85,36 @@ def machine_us_per_request(before: tuple[int, int], after: tuple[int, int], requ
     return (after[0] - before[0]) / machine.CLK_TCK * 1e6 / max(requests, 1)
 
 
-def cpu_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[float, float, float]:
-    """(req/s, proxy CPU µs per request, machine CPU µs per request) of one wrk run."""
+def kworker_cpu() -> dict[int, float]:
+    """CPU seconds of every kernel worker thread (`kworker/...`) now, by pid."""
+    out = {}
+    for pid in machine.all_pids():
+        if machine._comm(pid).startswith("kworker"):
+            used = machine.cpu_seconds(pid)
+            if used is not None:
+                out[pid] = used
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two [`kworker_cpu`] readings: a thread that appeared counts
+    all its time, one that exited meanwhile is lost (kworkers come and go; a lower bound)."""
+    return sum(used - before.get(pid, 0.0) for pid, used in after.items())
+
+
+def cpu_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[float, float, float, float]:
+    """(req/s, and CPU µs per request of: the proxy, the whole machine, the kworkers) of one
+    wrk run."""
     pids = t.proxy_pids()
     before = machine.total_cpu_seconds(pids)
+    kw_before = kworker_cpu()
     sys_before = machine.system_cpu()
     res, _ = wrk.run(t.url, conns, 2, seconds, close)
     sys_after = machine.system_cpu()
+    kw = cpu_delta(kw_before, kworker_cpu())
     used = machine.total_cpu_seconds(pids) - before
-    return res.rps, used * 1e6 / max(res.requests, 1), machine_us_per_request(sys_before, sys_after, res.requests)
+    reqs = max(res.requests, 1)
+    return res.rps, used * 1e6 / reqs, machine_us_per_request(sys_before, sys_after, reqs), kw * 1e6 / reqs
 
 
 def strace_run(t: Target, conns: int, close: bool, seconds: float) -> tuple[int, Counter[str]]:
@@ -168,22 +189,26 @@ def main() -> int:
         loads = a.loads.split(",")
         for load in loads:
             conns, close = LOADS[load]
-            cpu: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in targets}
+            cpu: dict[str, list[tuple[float, float, float, float]]] = {t.name: [] for t in targets}
             for r in range(a.rounds):
                 for t in targets:
                     cpu[t.name].append(cpu_run(t, conns, close, a.seconds))
             print(f"\n## {load}: median of {a.rounds} x {a.seconds:g} s")
-            print("| target | req/s | CPU µs/req | per round (µs/req) | machine µs/req | per round (machine) |")
-            print("|---|---:|---:|---|---:|---|")
+            print(
+                "| target | req/s | CPU µs/req | per round (µs/req) | machine µs/req "
+                "| per round (machine) | kworker µs/req |"
+            )
+            print("|---|---:|---:|---|---:|---|---:|")
             for t in targets:
                 runs = cpu[t.name]
                 mid = len(runs) // 2
                 rps = sorted(x[0] for x in runs)[mid]
                 proxy = sorted(x[1] for x in runs)[mid]
                 whole = sorted(x[2] for x in runs)[mid]
+                kw = sorted(x[3] for x in runs)[mid]
                 per = ", ".join(f"{x[1]:.1f}" for x in runs)
                 per_whole = ", ".join(f"{x[2]:.1f}" for x in runs)
-                print(f"| {t.name} | {rps:.0f} | {proxy:.1f} | {per} | {whole:.1f} | {per_whole} |")
+                print(f"| {t.name} | {rps:.0f} | {proxy:.1f} | {per} | {whole:.1f} | {per_whole} | {kw:.2f} |")
             if a.strace_seconds > 0:
                 rows = {}
                 for t in targets:

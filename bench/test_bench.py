@@ -82,6 +82,10 @@ class CountsTests(unittest.TestCase):
             # No request completed: divided by 1, not by zero.
             self.assertAlmostEqual(counts.machine_us_per_request((0, 0), (1, 2), 0), 10000.0)
 
+    def test_kworker_cpu_delta_counts_new_threads_whole(self):
+        # pid 1 used 0.5 s more, pid 3 appeared with 0.25 s, pid 2 exited (lost).
+        self.assertAlmostEqual(counts.cpu_delta({1: 1.0, 2: 4.0}, {1: 1.5, 3: 0.25}), 0.75)
+
 
 class LogTests(unittest.TestCase):
     def test_worker_ready(self):
