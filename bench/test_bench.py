@@ -225,6 +225,31 @@ class GoalTests(unittest.TestCase):
         self.assertIn("no figure", goals.markdown(found))
 
 
+class ProfileTests(unittest.TestCase):
+    def test_perf_report_lines_are_grouped_by_part(self):
+        import kernel_profile as prof
+
+        text = """# Samples: 1K of event 'cpu-clock'
+    20.00%  [kernel.kallsyms]  [k] tcp_sendmsg_locked
+    10.00%  [kernel.kallsyms]  [k] ipt_do_table
+     5.00%  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore
+     5.00%  [kernel.kallsyms]  [k] finish_task_switch.isra.0
+     4.00%  [kernel.kallsyms]  [k] ep_poll_callback
+     3.00%  balancer           [.] proxy::engine::Engine::turn
+     2.00%  libc.so.6          [.] __memmove_avx_unaligned_erms
+     1.00%  [kernel.kallsyms]  [k] clear_page_erms
+"""
+        shares = prof.parse_report(text)
+        self.assertEqual(shares["TCP/IP/socket/skb"], 20.0)
+        self.assertEqual(shares["netfilter/conntrack"], 10.0)
+        self.assertEqual(shares["locks/irq restore"], 5.0)
+        self.assertEqual(shares["scheduler/switch"], 5.0)
+        self.assertEqual(shares["epoll"], 4.0)
+        self.assertEqual(shares["user space (the proxy's own code)"], 3.0)
+        self.assertEqual(shares["libc"], 2.0)
+        self.assertEqual(shares["slab/page alloc"], 1.0)
+
+
 class ReadmeTests(unittest.TestCase):
     def test_splice_replaces_between_markers_and_appends_once(self):
         with tempfile.TemporaryDirectory() as d:
