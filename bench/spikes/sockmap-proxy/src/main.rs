@@ -226,6 +226,12 @@ fn tcp_bytes(fd: RawFd) -> Option<(u64, u64)> {
     (r == 0).then_some((info.tcpi_bytes_received, info.tcpi_bytes_sent))
 }
 
+/// Data bytes a socket that has seen the peer's FIN received: `tcpi_bytes_received`
+/// counts the FIN's sequence number too.
+fn received_data(fd: RawFd) -> u64 {
+    tcp_bytes(fd).map_or(0, |b| b.0.saturating_sub(1))
+}
+
 struct Pair {
     client: TcpStream,
     backend: TcpStream,
@@ -270,7 +276,7 @@ fn open_pair(
     loop {
         match pair.client.read(&mut buf) {
             Ok(0) => {
-                let got = tcp_bytes(pair.client.as_raw_fd()).map_or(0, |b| b.0);
+                let got = received_data(pair.client.as_raw_fd());
                 let (c, bk) = (pair.client.as_raw_fd(), pair.backend.as_raw_fd());
                 pair.drain = Some((c, got, bk, Instant::now()));
                 break;
@@ -408,7 +414,7 @@ fn main() -> ExitCode {
                 } else {
                     (p.backend.as_raw_fd(), p.client.as_raw_fd())
                 };
-                let got = tcp_bytes(from).map_or(0, |b| b.0);
+                let got = received_data(from);
                 p.drain = Some((from, got, to, Instant::now()));
             }
         }
