@@ -49,6 +49,8 @@ const KEY_LEN: usize = 16;
 const MAX_ENTRIES: u32 = 65536;
 /// How long a pair may wait for the kernel to flush the redirected bytes after an EOF.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// Accepts per wake-up before the loop looks at EOFs again.
+const ACCEPT_BATCH: usize = 64;
 /// epoll data of the listener; pairs use `id << 1 | side`.
 const LISTENER: u64 = u64::MAX;
 
@@ -367,7 +369,9 @@ fn main() -> ExitCode {
         for ev in &events[..n as usize] {
             let (data, flags) = (ev.u64, ev.events);
             if data == LISTENER {
-                loop {
+                // At most ACCEPT_BATCH per wake-up (the listener is level-triggered): a
+                // backlog that never empties must not starve the closes below.
+                for _ in 0..ACCEPT_BATCH {
                     match listener.accept() {
                         Ok((c, SocketAddr::V4(peer))) => {
                             let backend = backends[rr % backends.len()];
