@@ -351,23 +351,45 @@ struct FirstBackend<'a> {
     accept_by: tokio::time::Instant,
 }
 
+/// Why the master starts accepting: logged once the proxy threads run, so the line means
+/// what it says (tests and operators read it as "the data path is up").
+#[derive(Debug, Clone, Copy)]
+enum AcceptReason {
+    /// A local worker is in rotation.
+    Worker,
+    /// A remote `--upstream` is, and no local worker yet.
+    Upstream,
+    /// The first `--ready-timeout` passed with no backend in rotation.
+    Timeout,
+}
+
+impl AcceptReason {
+    fn log(self) {
+        match self {
+            Self::Worker => tracing::info!("a worker is ready: accepting"),
+            Self::Upstream => tracing::info!("an upstream is in rotation: accepting"),
+            Self::Timeout => tracing::warn!(
+                "no backend in rotation within --ready-timeout: accepting anyway (clients get the no-backend answer until one is)"
+            ),
+        }
+    }
+}
+
 impl FirstBackend<'_> {
-    /// Resolves once the master should accept, logging why.
-    async fn wait(&self) {
+    /// Resolves once the master should accept, with why.
+    async fn wait(&self) -> AcceptReason {
         tokio::select! {
             biased;
-            () = self.registry.first_ready() => tracing::info!("a worker is ready: accepting"),
+            () = self.registry.first_ready() => AcceptReason::Worker,
             () = self.backends.in_rotation() => {
                 // A local worker may be in the set a moment before the registry has it.
                 if self.backends.snapshot().iter().any(|b| b.upstream.is_none()) {
-                    tracing::info!("a worker is ready: accepting");
+                    AcceptReason::Worker
                 } else {
-                    tracing::info!("an upstream is in rotation: accepting");
+                    AcceptReason::Upstream
                 }
             }
-            () = tokio::time::sleep_until(self.accept_by) => tracing::warn!(
-                "no backend in rotation within --ready-timeout: accepting anyway (clients get the no-backend answer until one is)"
-            ),
+            () = tokio::time::sleep_until(self.accept_by) => AcceptReason::Timeout,
         }
     }
 }
@@ -386,10 +408,11 @@ async fn serve_until(
         let intent = tokio::select! {
             intent = signals.next() => intent,
             Some(reply) = upgrades.recv() => return Ok(Wake::Upgrade(Some(reply))),
-            () = first.wait(), if unserved.is_some() => {
+            reason = first.wait(), if unserved.is_some() => {
                 if let Some(listeners) = unserved.take() {
                     proxy_threads.start(listeners).context("starting the proxy threads")?;
                 }
+                reason.log();
                 continue;
             }
         };
