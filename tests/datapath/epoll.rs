@@ -1,6 +1,7 @@
 //! Issue 15: `--engine epoll`, the tcp proxy on an epoll loop of balancer's own, run as the
 //! real binary: forwarding (many connections at once, bulk both ways through full socket
-//! buffers), a dead backend skipped, the idle timeout, the drain at stop, and the flags it
+//! buffers), a dead backend skipped, a stalled connect given up (for the next backend, or
+//! at once when its client leaves), the idle timeout, the drain at stop, and the flags it
 //! refuses. Half-close and close rules: `half_close::*_epoll`.
 
 use std::io::{Read, Write};
@@ -297,6 +298,105 @@ fn the_epoll_engine_gives_up_a_stalled_connect_and_tries_the_next_backend() {
         "no request waited for a connect timeout (slowest {slowest:?}): was the queue full?"
     );
     assert_no_panic(&b);
+}
+
+/// A client that connects, says nothing and leaves (a FIN, then a reset) while its backend
+/// connect is pending: the master drops that connect and the client's socket at once, and
+/// counts the client as abandoned, long before the connect timeout.
+fn a_client_that_leaves_during_a_stalled_connect_is_dropped_at_once(engine: &str) {
+    use crate::faults::procfs::{expect_fds_at_most, fd_count, fd_list, steady_fd_count};
+    use std::os::fd::AsRawFd;
+    // Up at its health check, then given the smallest accept queue, filled: the kernel
+    // drops further SYNs, so the master's connect stays in progress (see
+    // the_epoll_engine_gives_up_a_stalled_connect_and_tries_the_next_backend).
+    let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow = stalled.local_addr().unwrap();
+    let b = Balancer::start(&[
+        "--engine",
+        engine,
+        "--cpus",
+        "0",
+        "--upstream",
+        &slow.to_string(),
+        "--admin",
+        "127.0.0.1:0",
+        // Far beyond what the test waits for the master to let go.
+        "--connect-timeout",
+        "60s",
+        "--health-check",
+        "tcp",
+        "--health-interval",
+        "60s",
+        "--health-fall",
+        "1000",
+    ]);
+    let want = slow.to_string();
+    b.expect_line(0, "`upstream backend up`", READY, |l| {
+        is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str())
+    });
+    // With no local worker the proxy threads (their runtimes or epoll fds) exist before the
+    // `listening` line: the descriptor baseline below holds them.
+    let addr = b.addr();
+    let admin = admin_addr(&b);
+    // SAFETY: the fd is the open listener's; listen(2) again only changes its backlog.
+    assert_eq!(unsafe { libc::listen(stalled.as_raw_fd(), 0) }, 0);
+    let _fill: Vec<TcpStream> = (0..3)
+        .filter_map(|_| TcpStream::connect_timeout(&slow, Duration::from_millis(200)).ok())
+        .collect();
+    let master = b.pid();
+    let baseline = steady_fd_count(master, Duration::from_millis(300));
+    for (how, reset) in [("closes", false), ("resets", true)] {
+        let client = TcpStream::connect(addr).expect("connect");
+        // Accepted, and its backend connect started: two descriptors more.
+        let pending = wait_until(READY, || fd_count(master) >= baseline + 2);
+        assert!(
+            pending,
+            "a client that {how}: never accepted with a connect pending ({} fds, baseline {baseline}): {}\n{}",
+            fd_count(master),
+            fd_list(master),
+            b.dump()
+        );
+        if reset {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: the fd is the open client socket's; `linger` is a valid `struct
+            // linger` and its size is passed with it.
+            let r = unsafe {
+                libc::setsockopt(
+                    client.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_LINGER");
+        }
+        drop(client);
+        // Well before the 60 s connect timeout: the master noticed the client leave.
+        expect_fds_at_most(
+            master,
+            baseline,
+            Duration::from_secs(5),
+            &format!("{engine}: a client that {how} during a stalled connect"),
+        );
+    }
+    let c = connections(admin);
+    assert_eq!(c["abandoned"].as_u64(), Some(2), "{c}\n{}", b.dump());
+    assert_eq!(c["connect_failed"].as_u64(), Some(0), "{c}\n{}", b.dump());
+    assert_no_panic(&b);
+}
+
+#[test]
+fn the_epoll_engine_drops_a_stalled_connect_whose_client_left() {
+    a_client_that_leaves_during_a_stalled_connect_is_dropped_at_once("epoll");
+}
+
+#[test]
+fn the_tokio_engine_drops_a_stalled_connect_whose_client_left() {
+    a_client_that_leaves_during_a_stalled_connect_is_dropped_at_once("tokio");
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //! are polled under deadlines; sleeps only pace load and kill loops.
 
 mod load;
-mod procfs;
+pub(crate) mod procfs;
 mod python;
 pub(crate) mod rlimit;
 

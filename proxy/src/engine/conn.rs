@@ -1,9 +1,10 @@
 //! One proxied connection of the epoll engine, as a state machine the event loop drives:
 //! connect to a backend (the next one on a refusal, a timeout, or a reset before a byte
-//! either way), then copy both ways until both directions are done, with the same rules as
-//! the tokio path ([`crate::copy`], [`crate::forward`]): a short read or write clears that
-//! socket's readiness, a client's half-close is passed on, a backend's EOF ends the
-//! connection once delivered unless `--half-close`, and a reset is passed on as a reset.
+//! either way; given up if the client leaves before a byte meanwhile), then copy both ways
+//! until both directions are done, with the same rules as the tokio path ([`crate::copy`],
+//! [`crate::forward`]): a short read or write clears that socket's readiness, a client's
+//! half-close is passed on, a backend's EOF ends the connection once delivered unless
+//! `--half-close`, and a reset is passed on as a reset.
 //!
 //! Readiness is edge-triggered: the loop sets a socket's `readable`/`writable` flags from its
 //! events, and only I/O that returns `EAGAIN` (or comes back short) clears them. A peer's
@@ -488,6 +489,20 @@ impl Conn {
             return self.connect_next(ctx);
         };
         if let Stage::Connecting { .. } = up.stage {
+            // A client that leaves before a byte while the connect is pending is abandoned
+            // at once, as in the tokio path (`closed_without_data`): waiting for the connect
+            // would hold its permit and slot, and open a backend connection for nobody, up
+            // to the connect timeout. Bytes in hand (or waiting) are the backend's, whatever
+            // the client does now.
+            if self.early.is_empty() && self.client.readable {
+                match self.client.peek() {
+                    Some(false) => return Step::Done(Ok(Forwarded::Abandoned)),
+                    // Read by the copy once connected.
+                    Some(true) => {}
+                    // The readiness was stale: the next bytes (or the FIN) bring an edge.
+                    None => self.client.readable = self.client.rdhup,
+                }
+            }
             if !up.side.writable {
                 return Step::Wait;
             }
