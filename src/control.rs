@@ -120,6 +120,9 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     );
     keep("user", new.privilege != running.privilege);
     keep("half-close", new.half_close != running.half_close);
+    // The proxy threads run their engine's loop from start to stop (an in-place upgrade
+    // starts them anew, with the file as it is then).
+    keep("engine", new.data.engine != running.data.engine);
     // Remote backends are discovered by tasks started once (their health settings are live).
     keep(
         "upstream",
@@ -143,6 +146,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     new.idle_timeout = running.idle_timeout;
     new.response_timeout = running.response_timeout;
     new.half_close = running.half_close;
+    new.data.engine = running.data.engine;
     new.upstream = running.upstream.clone();
     new.privilege = running.privilege.clone();
     Ok(Reread {

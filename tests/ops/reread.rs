@@ -212,3 +212,36 @@ fn sighup_changes_the_grace_of_the_masters_own_stop() {
     drop(held);
     assert_no_panic(&b);
 }
+
+#[test]
+fn sighup_names_a_changed_engine_as_kept_and_serves_on_with_the_running_one() {
+    let dir = TempDir::new("ops-reread-engine");
+    let file = dir.path().join("balancer.toml");
+    let base = "listen = \"127.0.0.1:0\"\ncpus = 1\n";
+    write(&file, &format!("{base}engine = \"tokio\"\n"));
+    let file_arg = file.to_str().expect("UTF-8 path");
+    let b = Balancer::start_exact(&["--config", file_arg]);
+    let addr = b.addr();
+    wait_all_ready(&b, 1);
+    get_ok(addr, "/");
+
+    // The proxy threads run the tokio engine's loops: an epoll engine needs a restart.
+    write(&file, &format!("{base}engine = \"epoll\"\n"));
+    send_signal(b.pid(), libc::SIGHUP);
+    b.expect_line(0, "`SIGHUP: configuration re-read`", STARTUP, |l| {
+        is_event(l, "SIGHUP: configuration re-read")
+    });
+    // Logged before the re-read line, so it is there by now if at all.
+    let kept = b
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("change only with a restart"));
+    let kept = kept
+        .unwrap_or_else(|| panic!("a changed engine was ignored without a word:\n{}", b.dump()));
+    assert!(kept.ends_with("settings=engine"), "{kept}");
+    b.expect_line(0, "`rolling reload done`", READY_TIMEOUT, |l| {
+        is_event(l, "rolling reload done")
+    });
+    get_ok(addr, "/");
+    assert_no_panic(&b);
+}
