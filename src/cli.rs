@@ -457,6 +457,11 @@ pub struct HttpArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+
+    /// tcp with --tls-cert: a client must finish its TLS handshake within this, or is
+    /// closed (default 10s). In http mode the handshake counts toward --header-timeout.
+    #[arg(long, value_name = "DURATION", requires = "tls_cert")]
+    pub tls_handshake_timeout: Option<String>,
 }
 
 /// See [`HttpArgs::protocol`].

@@ -118,6 +118,10 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
         "response-timeout",
         new.response_timeout != running.response_timeout,
     );
+    keep(
+        "tls-handshake-timeout",
+        new.data.tls_handshake_timeout != running.data.tls_handshake_timeout,
+    );
     keep("user", new.privilege != running.privilege);
     keep("half-close", new.half_close != running.half_close);
     // The proxy threads run their engine's loop from start to stop (an in-place upgrade
@@ -145,6 +149,7 @@ pub fn reread(args: &[OsString], running: &Config) -> Result<Reread, String> {
     new.connect_timeout = running.connect_timeout;
     new.idle_timeout = running.idle_timeout;
     new.response_timeout = running.response_timeout;
+    new.data.tls_handshake_timeout = running.data.tls_handshake_timeout;
     new.half_close = running.half_close;
     new.data.engine = running.data.engine;
     new.upstream = running.upstream.clone();

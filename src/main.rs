@@ -292,6 +292,7 @@ fn data_path(config: &Config, threads: usize) -> (Arc<Proxy>, usize) {
             } else {
                 proxy::BackendEof::Close
             },
+            tls_handshake_timeout: config.data.tls_handshake_timeout,
             quiesce: Arc::default(),
         },
         max_conns,

@@ -54,6 +54,8 @@ pub struct DataConfig {
     pub http: HttpConfig,
     /// `--tls-cert` and `--tls-key`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// `--tls-handshake-timeout` (tcp mode; http's handshake is under its header timeout).
+    pub tls_handshake_timeout: Duration,
 }
 
 impl DataConfig {
@@ -117,6 +119,13 @@ impl DataConfig {
                 bail!("{flag} needs --protocol http");
             }
         }
+        if protocol == Protocol::Http && args.tls_handshake_timeout.is_some() {
+            bail!("--tls-handshake-timeout is for --protocol tcp (in http mode the handshake counts toward --header-timeout)");
+        }
+        let tls_handshake_timeout = match &args.tls_handshake_timeout {
+            Some(raw) => nonzero_duration("--tls-handshake-timeout", raw)?,
+            None => proxy::tls::HANDSHAKE_TIMEOUT,
+        };
         let mut http = HttpConfig {
             idle_timeout,
             access_log: args.access_log,
@@ -142,6 +151,7 @@ impl DataConfig {
             protocol,
             http,
             tls,
+            tls_handshake_timeout,
         })
     }
 }

@@ -276,8 +276,8 @@ fn write_clearing(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
 /// `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte. Closing a socket with unread bytes sends a
 /// reset, which can destroy the answer still in flight to the peer, so such a connection
 /// is ended by the half-close path instead. An error counts as unread (the slow, careful
-/// path will see it).
-fn has_unread(sock: &TcpStream) -> bool {
+/// path will see it). By descriptor too: the TLS path asks about its client's socket.
+pub(crate) fn has_unread(sock: &impl AsRawFd) -> bool {
     let mut byte = 0u8;
     // SAFETY: the fd is open for the duration of the call; `byte` is valid for one byte.
     let n = unsafe {

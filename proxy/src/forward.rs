@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::activity::{watch, Activity, Expired};
-use crate::backends::Backends;
+use crate::backends::{Backend, Backends};
 use crate::client_addr::ClientAddr;
 use crate::connect::{self, Connecting};
 pub use crate::copy::BackendEof;
@@ -38,6 +38,9 @@ pub struct ForwardConfig {
     /// What a backend's EOF means: the end of the connection (the default, as nginx's
     /// `proxy_half_close off`), or a half-close to pass on (`--half-close`).
     pub on_backend_eof: BackendEof,
+    /// How long a client of a TLS listener in tcp mode may take to finish its handshake
+    /// (`--tls-handshake-timeout`, default [`crate::tls::HANDSHAKE_TIMEOUT`]).
+    pub tls_handshake_timeout: Duration,
     /// Set by an in-place upgrade: idle connections end (see [`crate::quiesce`]).
     pub quiesce: std::sync::Arc<crate::quiesce::Quiesce>,
 }
@@ -50,6 +53,7 @@ impl Default for ForwardConfig {
             response_timeout: None,
             send_proxy: None,
             on_backend_eof: BackendEof::default(),
+            tls_handshake_timeout: crate::tls::HANDSHAKE_TIMEOUT,
             quiesce: std::sync::Arc::default(),
         }
     }
@@ -290,13 +294,7 @@ pub async fn forward(
                     ForwardError::Copy(e)
                 }),
             },
-            expired = watch(&activity, config.idle_timeout, config.response_timeout) => {
-                Err(match expired {
-                    Expired::Idle(t) => ForwardError::Idle(t),
-                    Expired::Response(t) => ForwardError::NoResponse(t),
-                })
-            }
-            _ = backend.closed() => return Err(ForwardError::Closed),
+            cut = cut_short(&activity, config, &backend) => Err(cut),
             () = quiesce.idle(&activity, || unsent(&client), busy) => {
                 // A held request is dropped unread, so the close is a FIN after the last
                 // answer (an RST could destroy what the client has not read yet): the client
@@ -305,18 +303,46 @@ pub async fn forward(
                 Err(ForwardError::Quiesced)
             }
         };
-        // Passive health: an answer proves life however the connection ended (a client that
-        // left before reading it included).
-        match &outcome {
-            Err(ForwardError::NoResponse(_)) => backend.record_response(false),
-            _ if activity.answered() => backend.record_response(true),
-            _ => {}
-        }
+        note_health(&backend, &activity, &outcome);
         let (to_backend, to_client) = outcome?;
         return Ok(Forwarded::Copied(Transfer {
             to_backend: to_backend + bytes.len() as u64,
             to_client,
         }));
+    }
+}
+
+/// Resolves with the reason a connection must end although its copy goes on: the idle or
+/// the response timeout of `config` ran out ([`watch`] over `activity`), or `backend` was
+/// retired and its grace ran out. One function for the plain and the TLS path, so every
+/// listener keeps `--idle-timeout` and `--response-timeout` alike.
+pub(crate) async fn cut_short(
+    activity: &Activity,
+    config: &ForwardConfig,
+    backend: &Backend,
+) -> ForwardError {
+    tokio::select! {
+        expired = watch(activity, config.idle_timeout, config.response_timeout) => match expired {
+            Expired::Idle(t) => ForwardError::Idle(t),
+            Expired::Response(t) => ForwardError::NoResponse(t),
+        },
+        () = backend.closed() => ForwardError::Closed,
+    }
+}
+
+/// Passive health from how a connection to `backend` ended: a response timeout counts
+/// against it, and an answer proves life however the connection ended (a client that left
+/// before reading it included). A retired backend's cut says nothing either way.
+pub(crate) fn note_health<T>(
+    backend: &Backend,
+    activity: &Activity,
+    outcome: &Result<T, ForwardError>,
+) {
+    match outcome {
+        Err(ForwardError::Closed) => {}
+        Err(ForwardError::NoResponse(_)) => backend.record_response(false),
+        _ if activity.answered() => backend.record_response(true),
+        _ => {}
     }
 }
 

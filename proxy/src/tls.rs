@@ -14,8 +14,13 @@
 //! `AsyncRead`/`AsyncWrite`, not a socket the copy loop of `copy.rs` can read directly), with
 //! each side wrapped in [`Noted`]: reads are noted in an [`Activity`] and a client between
 //! exchanges is not read while an in-place upgrade quiesces, so the drain rules of
-//! [`crate::quiesce`] hold here too. An idle TLS connection is ended with a `close_notify`
-//! and a FIN, which a TLS client takes as a clean close of its keep-alive connection.
+//! [`crate::quiesce`] hold here too, and `--idle-timeout` and `--response-timeout` are
+//! watched by the plain path's own `forward::cut_short` (passive health included).
+//! An idle TLS connection (at an upgrade, or for the idle timeout) is ended with a
+//! `close_notify` and a FIN, which a TLS client takes as a clean close of its keep-alive
+//! connection; a backend's EOF ends the client's side with a `close_notify` and one close
+//! (`Ends`), without waiting for the client. A handshake not done within
+//! `--tls-handshake-timeout` ([`HANDSHAKE_TIMEOUT`]) is closed.
 
 use std::future::Future;
 use std::io;
@@ -42,11 +47,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activity::Activity;
 use crate::backends::Backends;
+use crate::copy::BackendEof;
 use crate::forward::{ForwardConfig, ForwardError, Forwarded, Transfer};
 use crate::server::{accept_loop, record, Connections, Proxy};
 
-/// How long a tcp-mode client may take to finish its TLS handshake: as long as an HTTP
-/// client may take to send its head, so a stalled handshake holds a permit no longer.
+/// How long a tcp-mode client may take to finish its TLS handshake (the default of
+/// `--tls-handshake-timeout`): as long as an HTTP client may take to send its head (the
+/// http path's handshake counts toward its 10 s header timeout), so a stalled handshake
+/// holds a connection permit no longer. Shorter than nginx's 60 s `ssl_handshake_timeout`:
+/// a handshake takes a round trip or two, and a client that connects and says nothing holds
+/// its permit all that while. An in-place upgrade's drain does not wait this long (see
+/// [`forward`]).
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long the `close_notify` (and the FIN after it) of a connection ended at an in-place
@@ -284,15 +295,8 @@ pub async fn serve(
         move |client, from: crate::ClientAddr| {
             let (proxy, tls) = (Arc::clone(&shared), Arc::clone(&tls));
             async move {
-                let result = forward(
-                    &tls,
-                    client,
-                    from.addr,
-                    &proxy.backends,
-                    &proxy.forward,
-                    HANDSHAKE_TIMEOUT,
-                )
-                .await;
+                let result =
+                    forward(&tls, client, from.addr, &proxy.backends, &proxy.forward).await;
                 record(&proxy.stats, from, result.map(Forwarded::Copied));
             }
         },
@@ -300,26 +304,37 @@ pub async fn serve(
     .await;
 }
 
-/// The tcp path with TLS: runs the handshake (within `handshake_timeout`), connects to a
-/// backend (the next one on a refused or timed-out connect, each at most once) and copies
-/// the decrypted bytes both ways until both sides close.
+/// The tcp path with TLS: runs the handshake (within `config.tls_handshake_timeout`),
+/// connects to a backend (the next one on a refused or timed-out connect, each at most once)
+/// and copies the decrypted bytes both ways until both sides close, or the backend's does
+/// ([`BackendEof::Close`]), or a timeout of `config` ends the connection, as on the plain path.
 pub async fn forward(
     tls: &Tls,
     client: TcpStream,
     peer: SocketAddr,
     backends: &Backends,
     config: &ForwardConfig,
-    handshake_timeout: std::time::Duration,
 ) -> Result<Transfer, ForwardError> {
-    let handshake = tokio::time::timeout(handshake_timeout, tls.accept(client)).await;
-    let mut client = match handshake {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ForwardError::Copy(e)),
-        Err(_) => return Err(ForwardError::Copy(io::ErrorKind::TimedOut.into())),
+    let quiesce = &*config.quiesce;
+    // By descriptor: the handshake owns the stream while the quiesce look asks.
+    let client_fd = client.as_raw_fd();
+    let handshake = tokio::time::timeout(config.tls_handshake_timeout, tls.accept(client));
+    let nothing_yet = Activity::default();
+    let mut client = tokio::select! {
+        shaken = handshake => match shaken {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ForwardError::Copy(e)),
+            Err(_) => return Err(ForwardError::Copy(io::ErrorKind::TimedOut.into())),
+        },
+        // Nothing moved yet, so an upgrade's drain gives the handshake FIRST_BYTES, as the
+        // plain path gives a client's first bytes, not the whole handshake timeout.
+        () = quiesce.idle(&nothing_yet, || crate::forward::unsent_fd(client_fd), || {}) => {
+            return Err(ForwardError::Quiesced);
+        }
     };
     let mut tried = Vec::new();
     let mut last = None;
-    let (_active, mut upstream) = loop {
+    let (_active, backend, mut upstream) = loop {
         let Some(backend) = backends.pick_excluding(&tried) else {
             return Err(match last {
                 Some(last) => ForwardError::AllFailed {
@@ -334,7 +349,7 @@ pub async fn forward(
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(s)) => {
                 backend.record_connect(true);
-                break (active, s);
+                break (active, backend, s);
             }
             Ok(Err(e)) => last = Some(e),
             Err(_) => last = Some(io::ErrorKind::TimedOut.into()),
@@ -344,33 +359,59 @@ pub async fn forward(
     };
     let _ = upstream.set_nodelay(true);
     let activity = Activity::default();
-    let quiesce = &*config.quiesce;
     // By descriptor: the copy holds the stream mutably while the quiesce look asks.
     let client_fd = client.get_ref().0.as_raw_fd();
     let busy = || {
         tracing::debug!(%peer, owes = activity.owes(), answered = activity.answered(), "tls connection still busy while quiescing");
     };
-    let copied = {
-        let mut a = Noted::new(&mut client, &activity, Activity::to_backend, Some(quiesce));
-        let mut b = Noted::new(&mut upstream, &activity, Activity::to_client, None);
+    let ends = (config.on_backend_eof == BackendEof::Close).then_some(Ends {
+        fd: client_fd,
+        close_notify: |s: &mut &mut TlsStream<TcpStream>| s.get_mut().1.send_close_notify(),
+    });
+    let outcome = {
+        let mut a = Noted::new(
+            &mut client,
+            &activity,
+            Activity::to_backend,
+            Some(quiesce),
+            ends,
+        );
+        let mut b = Noted::new(&mut upstream, &activity, Activity::to_client, None, None);
         tokio::select! {
-            copied = tokio::io::copy_bidirectional(&mut a, &mut b) => Some(copied),
-            () = quiesce.idle(&activity, || crate::forward::unsent_fd(client_fd), busy) => None,
+            copied = tokio::io::copy_bidirectional(&mut a, &mut b) => copied.map_err(ForwardError::Copy),
+            cut = crate::forward::cut_short(&activity, config, &backend) => Err(cut),
+            () = quiesce.idle(&activity, || crate::forward::unsent_fd(client_fd), busy) => Err(ForwardError::Quiesced),
         }
     };
-    let Some(copied) = copied else {
-        // Idle at an in-place upgrade: a held request is dropped unread (an unread byte
-        // would turn the close into an RST), then close_notify and FIN, so the client sees
-        // its keep-alive connection closed cleanly and sends that request again.
+    crate::forward::note_health(&backend, &activity, &outcome);
+    if let Err(ForwardError::Quiesced | ForwardError::Idle(_)) = outcome {
+        // Idle (at an in-place upgrade, or for the idle timeout): a held request is dropped
+        // unread (an unread byte would turn the close into an RST), then close_notify and
+        // FIN, so the client sees its keep-alive connection closed cleanly (and sends a
+        // held request again). A response timeout or a retired backend gets no close_notify:
+        // the client must not take a missing answer for a whole one.
         crate::forward::discard_unread(client.get_ref().0);
         let _ = tokio::time::timeout(CLOSE_NOTIFY, client.shutdown()).await;
-        return Err(ForwardError::Quiesced);
-    };
-    let (to_backend, to_client) = copied.map_err(ForwardError::Copy)?;
+    }
+    let (to_backend, to_client) = outcome?;
     Ok(Transfer {
         to_backend,
         to_client,
     })
+}
+
+/// How the client's side of the TLS copy ends when the backend's EOF ends the connection
+/// ([`BackendEof::Close`], as `copy.rs` does it): `copy_bidirectional` shuts the client down
+/// once the backend's bytes are delivered; instead of a `shutdown(SHUT_WR)` and a wait for
+/// the client's own close, a `close_notify` goes out and the client's read side ends at
+/// once, so the copy returns and both sockets are closed (one `close`). A client with bytes
+/// in its socket that nobody read gets the half-close instead (closing would send an RST,
+/// which can destroy the answer in flight).
+struct Ends<S> {
+    /// The client's socket, asked whether it holds unread bytes.
+    fd: std::os::fd::RawFd,
+    /// Queues the `close_notify` (rustls' `send_close_notify`).
+    close_notify: fn(&mut S),
 }
 
 /// One side of the TLS path's copy: notes each read that brought bytes in `activity` (with
@@ -384,6 +425,11 @@ struct Noted<'a, S> {
     hold: Option<&'a crate::quiesce::Quiesce>,
     /// While held: the wait for the quiescing to end (the upgrade was refused or failed).
     resumed: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+    /// The client's side, when the backend's EOF ends the connection (see [`Ends`]); `None`
+    /// once it was found to need the half-close instead.
+    ends: Option<Ends<S>>,
+    /// The `close_notify` is queued: reads end, and the shutdown only flushes it.
+    ended: bool,
 }
 
 impl<'a, S> Noted<'a, S> {
@@ -392,6 +438,7 @@ impl<'a, S> Noted<'a, S> {
         activity: &'a Activity,
         read: fn(&Activity),
         hold: Option<&'a crate::quiesce::Quiesce>,
+        ends: Option<Ends<S>>,
     ) -> Self {
         Self {
             inner,
@@ -399,6 +446,8 @@ impl<'a, S> Noted<'a, S> {
             read,
             hold,
             resumed: None,
+            ends,
+            ended: false,
         }
     }
 }
@@ -410,6 +459,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Noted<'_, S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.ended {
+            // The backend ended the connection: this side is over too (see `Ends`).
+            return Poll::Ready(Ok(()));
+        }
         // Checked on every read the copy asks for, so a request that arrives once the
         // quiescing began is held too.
         if let Some(q) = this.hold {
@@ -444,7 +497,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Noted<'_, S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if !this.ended {
+            match this.ends.take() {
+                Some(ends) if crate::copy::has_unread(&ends.fd) => {}
+                Some(ends) => {
+                    (ends.close_notify)(&mut this.inner);
+                    this.ended = true;
+                }
+                None => {}
+            }
+        }
+        if !this.ended {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        std::task::ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        // The copy polled this side's read before this shutdown: it must look again to see
+        // the read side ended.
+        cx.waker().wake_by_ref();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -561,7 +632,7 @@ mod tests {
         let addr = front.local_addr().unwrap();
         let proxy = async {
             let (c, peer) = front.accept().await.unwrap();
-            forward(&tls, c, peer, &backends, &config, HANDSHAKE_TIMEOUT).await
+            forward(&tls, c, peer, &backends, &config).await
         };
         let server = async {
             let (mut s, _) = backend.accept().await.unwrap();
@@ -599,6 +670,104 @@ mod tests {
         );
         assert!(at_backend.is_empty(), "{at_backend:?}");
         assert!(at_client.is_empty(), "{at_client:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// One backend at `backend`, for `forward`.
+    fn one_backend(backend: &TcpListener) -> Backends {
+        let backends = Backends::new(crate::backends::Policy::RoundRobin);
+        backends.insert(1, 0, backend.local_addr().unwrap());
+        backends
+    }
+
+    /// The backend answers and closes; the client keeps its side open: the connection ends
+    /// all the same (the client reads a close_notify), as on the plain path, instead of
+    /// waiting for the client's close.
+    #[tokio::test]
+    async fn a_backend_eof_ends_the_connection_without_waiting_for_the_client() {
+        let dir = temp_dir("backend-eof");
+        let root = write_pair(&dir);
+        let tls = Tls::load(&dir.join("cert.pem"), &dir.join("key.pem"), Alpn::None).unwrap();
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backends = one_backend(&backend);
+        let config = ForwardConfig::default();
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let proxy = async {
+            let (c, peer) = front.accept().await.unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                forward(&tls, c, peer, &backends, &config),
+            )
+            .await
+        };
+        let server = async {
+            let (mut s, _) = backend.accept().await.unwrap();
+            let mut req = [0u8; 3];
+            s.read_exact(&mut req).await.unwrap();
+            s.write_all(b"answer").await.unwrap();
+        };
+        let client = async {
+            let mut c = connect(addr, std::slice::from_ref(&root), &[]).await;
+            c.write_all(b"req").await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+                .await
+                .expect("not closed")
+                .expect("closed without a close_notify");
+            // Kept open (not even half-closed) until the proxy is done.
+            (c, got)
+        };
+        let (forwarded, (), (_open, got)) = tokio::join!(proxy, server, client);
+        let t = forwarded
+            .expect("the proxy waited for the client's close")
+            .unwrap();
+        assert_eq!((t.to_backend, t.to_client), (3, 6));
+        assert_eq!(got, b"answer");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--response-timeout` holds on the TLS path: a backend that reads and never answers
+    /// ends the connection and is charged a failed response.
+    #[tokio::test]
+    async fn a_silent_backend_meets_the_response_timeout() {
+        let dir = temp_dir("response");
+        let root = write_pair(&dir);
+        let tls = Tls::load(&dir.join("cert.pem"), &dir.join("key.pem"), Alpn::None).unwrap();
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backends = one_backend(&backend);
+        let config = ForwardConfig {
+            response_timeout: Some(Duration::from_millis(200)),
+            ..ForwardConfig::default()
+        };
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let proxy = async {
+            let (c, peer) = front.accept().await.unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                forward(&tls, c, peer, &backends, &config),
+            )
+            .await
+        };
+        let server = async {
+            let (mut s, _) = backend.accept().await.unwrap();
+            let mut req = [0u8; 3];
+            s.read_exact(&mut req).await.unwrap();
+            s
+        };
+        let client = async {
+            let mut c = connect(addr, std::slice::from_ref(&root), &[]).await;
+            c.write_all(b"req").await.unwrap();
+            c
+        };
+        let (forwarded, _held, _client) = tokio::join!(proxy, server, client);
+        let forwarded = forwarded.expect("no response timeout on the TLS path");
+        assert!(
+            matches!(forwarded, Err(ForwardError::NoResponse(_))),
+            "{forwarded:?}"
+        );
+        assert_eq!(backends.snapshot()[0].response_failures(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -155,6 +155,161 @@ fn tls_terminates_in_tcp_mode_too() {
     assert!(out.starts_with("child worker run"), "{out}");
 }
 
+/// A blocking TLS connection to `addr` (as `localhost`) trusting the PEM certificate `ca`.
+fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(ca).expect("reading the certificate"))
+        .expect("trusting the certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
+    let tcp = TcpStream::connect(addr).expect("connecting");
+    tcp.set_read_timeout(Some(STEP)).expect("read timeout");
+    rustls::StreamOwned::new(tls, tcp)
+}
+
+/// Sends `GET /` on `s` and reads one whole `Content-Length` response, the connection kept.
+fn get(s: &mut impl ReadWriteTls) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("sending a request");
+    s.flush().expect("sending a request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            if length.is_some_and(|n| body.len() >= n) {
+                return text;
+            }
+        }
+        let n = s.read(&mut buf).expect("reading the response");
+        assert!(n > 0, "closed before a whole response: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A client stream.
+trait ReadWriteTls: Read + Write {}
+impl<T: Read + Write> ReadWriteTls for T {}
+
+/// `--idle-timeout` holds on a TLS listener in tcp mode as on a plain one: an answered,
+/// then silent keep-alive connection is closed after it, with a `close_notify` (rustls reads
+/// `Ok` to the end only after one; a bare FIN is an `UnexpectedEof` error). Before, the TLS
+/// path watched no timeout and the connection stayed open.
+#[test]
+fn tls_in_tcp_mode_closes_an_idle_connection_after_the_idle_timeout() {
+    let dir = TempDir::new("tls-idle");
+    let (cert, key) = pair(dir.path(), "idle");
+    let b = Balancer::start(&[
+        "--cpus",
+        "1",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--idle-timeout",
+        "1s",
+    ]);
+    wait_all_ready(&b, 1);
+    let mut s = tls_connect(b.addr(), &cert);
+    let answer = get(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let since = Instant::now();
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    let idle = since.elapsed();
+    end.unwrap_or_else(|e| panic!("not closed with a close_notify within {STEP:?}: {e}"));
+    assert!(rest.is_empty(), "{rest:?}");
+    // Accurate to 1/16 of the timeout; the rest is slack for a loaded machine.
+    assert!(
+        idle >= Duration::from_millis(950) && idle <= Duration::from_secs(3),
+        "--idle-timeout 1s closed after {idle:?}"
+    );
+}
+
+/// A client that connects to a TLS listener in tcp mode and never sends its ClientHello is
+/// closed after `--tls-handshake-timeout`, and its connection permit (`--max-conns 1`: the
+/// only one) is free again: the next client is served.
+#[test]
+fn tls_in_tcp_mode_closes_a_client_that_never_says_hello() {
+    let dir = TempDir::new("tls-hello");
+    let (cert, key) = pair(dir.path(), "hello");
+    let b = Balancer::start(&[
+        "--cpus",
+        "1",
+        "--max-conns",
+        "1",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-handshake-timeout",
+        "500ms",
+    ]);
+    wait_all_ready(&b, 1);
+    let mut silent = TcpStream::connect(b.addr()).expect("connecting");
+    silent.set_read_timeout(Some(STEP)).expect("read timeout");
+    let since = Instant::now();
+    let mut byte = [0u8; 1];
+    match silent.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the silent client was not closed within {STEP:?}: {other:?}"),
+    }
+    let waited = since.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450) && waited <= Duration::from_secs(3),
+        "--tls-handshake-timeout 500ms closed after {waited:?}"
+    );
+    let mut next = tls_connect(b.addr(), &cert);
+    let answer = get(&mut next);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn tls_handshake_timeout_is_refused_in_http_mode() {
+    let dir = TempDir::new("tls-hello-http");
+    let (cert, key) = pair(dir.path(), "http");
+    let out = Command::new(env!("CARGO_BIN_EXE_balancer"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cpus",
+            "1",
+            "--protocol",
+            "http",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .args(["--tls-handshake-timeout", "1s"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--tls-handshake-timeout is for --protocol tcp"),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_or_unparsable_tls_files_are_one_error_line() {
     let dir = TempDir::new("tls-bad");

@@ -574,6 +574,55 @@ fn an_idle_tls_keep_alive_connection_does_not_hold_the_upgrade() {
     );
 }
 
+/// A client that connects to a TLS listener (tcp mode) and never sends its ClientHello does
+/// not hold the upgrade's drain for the 10 s handshake timeout: nothing moved on it yet, so
+/// it gets the 1 s a plain connection gets for its first bytes, then is closed. Before, the
+/// handshake was left to run out and the drain took its whole bound.
+#[test]
+fn a_tls_client_that_never_says_hello_does_not_hold_the_upgrade() {
+    use std::io::Read;
+    let install = Install::new("upgrade-tls-hello");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let (cert, key) = (
+        install.dir.path().join("tls.crt"),
+        install.dir.path().join("tls.key"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("writing the key");
+    let mut b = install.start(&[
+        "--cpus",
+        "1",
+        "--tls-cert",
+        cert.to_str().expect("UTF-8 temp path"),
+        "--tls-key",
+        key.to_str().expect("UTF-8 temp path"),
+    ]);
+    wait_all_ready(&b, 1);
+    let mut silent = std::net::TcpStream::connect(b.addr()).expect("connecting");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    install.replace(Replacement::Same);
+    b.signal(libc::SIGUSR2);
+    let (_, line) = b.expect_line(0, "`executing the new binary`", UPGRADE, |l| {
+        is_event(l, "executing the new binary")
+    });
+    let drained_in = field(&line, "drained_in")
+        .and_then(parse_debug_duration)
+        .unwrap_or_else(|| panic!("no drained_in in {line}"));
+    assert!(drained_in < Duration::from_secs(5), "{line}");
+    let mut byte = [0u8; 1];
+    match silent.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the silent client was not closed: {other:?}"),
+    }
+    expect_upgraded(&b, 1);
+    b.signal(libc::SIGTERM);
+    assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
+    assert_no_panic(&b);
+}
+
 /// A client stream, plain or TLS.
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
@@ -675,8 +724,7 @@ fn idle_keep_alive_does_not_hold_the_upgrade_with(
         "{}",
         String::from_utf8_lossy(&got)
     );
-    // Closed, or the graceful stop below would wait for them (the TLS path passes the
-    // backend's close on as a half-close and waits for the client's).
+    // Closed before the stop, so that neither holds its drain.
     drop((after, client));
     b.signal(libc::SIGTERM);
     assert!(b.expect_exit(EXIT).success(), "{}", b.dump());
