@@ -245,12 +245,17 @@ def http_request():
         "absolute-form": (0, "GET http://other.test:81/p HTTP/1.1\r\nHost: example.test\r\n"),
         "connect": (0, "CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n"),
         "options-star": (0, "OPTIONS * HTTP/1.1\r\nHost: a\r\n"),
+        # RFC 9112 section 3.2.4: no path after the authority is `OPTIONS *`, a slash is `/`.
+        "options-absolute-empty": (0, "OPTIONS http://a.test:80 HTTP/1.1\r\nHost: other.test\r\n"),
+        "options-absolute-slash": (0, "OPTIONS http://a.test:80/ HTTP/1.1\r\nHost: other.test\r\n"),
+        "options-absolute-query": (0, "OPTIONS http://a.test?q HTTP/1.0\r\n"),
         "get-star": (0, "GET * HTTP/1.1\r\nHost: a\r\n"),
         "quoted-host": (0, "GET / HTTP/1.1\r\nHost: a\"b\\c;d=e\r\n"),
         "no-host": (0, "GET / HTTP/1.0\r\n"),
         # Refused with 400 (RFC 9112 section 3.2): no Host in HTTP/1.1, userinfo, a bad port.
         "no-host-1-1": (0, "GET / HTTP/1.1\r\nAccept: */*\r\n"),
         "userinfo-host": (0, "GET / HTTP/1.1\r\nHost: user@a.test\r\n"),
+        "userinfo-target": (0, "GET http://user:pw@a.test/ HTTP/1.1\r\nHost: a.test\r\n"),
         "bad-port-host": (0, "GET / HTTP/1.1\r\nHost: a.test:80:81\r\n"),
         "connection-names-ours": (1, "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-forwarded-for, forwarded, x-forwarded-proto\r\n"
                                      "X-Forwarded-For: 1.1.1.1\r\nForwarded: for=1.1.1.1\r\nX-Forwarded-Proto: https\r\n"),

@@ -1,9 +1,10 @@
 //! Fuzzes what the HTTP path (`--protocol http`) does to a request between hyper's parser
-//! and the backend: `headers::check_target` (the 400 for `*` but with OPTIONS) and
+//! and the backend: `headers::check_target` (the 400 for `*` but with OPTIONS, and for a
+//! target's authority that cannot be a Host) and
 //! `headers::check_host` (the 400 for several, invalid or, in HTTP/1.1, missing Host
 //! fields), then on the requests it lets through `upgrade::requested`,
 //! `headers::rewrite_request` (Host from the
-//! authority, hop-by-hop and `Connection`-named headers removed, `Upgrade` kept for an
+//! target's authority, `OPTIONS *` for an absolute-form OPTIONS with no path, hop-by-hop and `Connection`-named headers removed, `Upgrade` kept for an
 //! upgrade, `X-Forwarded-*` and `Forwarded` set, trusted or not), `client::origin_form`
 //! (the URI sent to the backend), and `headers::strip_hop_by_hop` on the same headers as a
 //! backend's response.
@@ -16,7 +17,9 @@
 //! never hand it over.
 //!
 //! Checks besides "no panic", against the head as sent:
-//! - `check_target` refuses exactly the asterisk form with a method other than OPTIONS;
+//! - `check_target` refuses exactly the asterisk form with a method other than OPTIONS
+//!   and a target whose authority `headers::is_host` refuses; an authority it lets through
+//!   has no userinfo and reads back as the authority of an `http://AUTHORITY/` URI;
 //! - `check_host` refuses every request with more than one Host field and every HTTP/1.1
 //!   request with none, and lets through HTTP/1.0 and HTTP/2 ones with none; a single
 //!   Host it lets through reads back as the authority of an `http://HOST/` URI with no
@@ -25,12 +28,14 @@
 //! - no hop-by-hop header and no header named in any `Connection` field survives (but
 //!   `Upgrade` with `Connection: upgrade` on an upgrade), and every other header is
 //!   passed on unchanged;
-//! - `Host` is the client's (its `Host`, or else the URI's authority);
+//! - `Host` is the target's authority if it has one (RFC 9112 §3.2.2), or else the
+//!   client's `Host`;
 //! - `X-Forwarded-For` is one field ending in the client address, replacing a client's
 //!   own or appended to a trusted proxy's; `X-Forwarded-Proto` likewise;
 //! - `Forwarded` ends in an element for the client whose `host=` reads back to the host;
 //! - the request-target sent on is origin-form with the path and query kept, or `*` and
-//!   CONNECT's authority as sent.
+//!   CONNECT's authority as sent, or `*` for an HTTP/1 OPTIONS whose absolute-form target
+//!   had nothing after the authority (but a fragment) in the bytes sent.
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
@@ -65,6 +70,30 @@ const CLIENTS: [&str; 4] = [
     "[::ffff:198.51.100.3]:40000",
     "127.0.0.1:1",
 ];
+
+/// The request-target's bytes in the head's first line.
+fn raw_target(head: &[u8]) -> &[u8] {
+    let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    first.splitn(3, |&b| b == b' ').nth(1).unwrap_or_default()
+}
+
+/// Whether `uri`, parsed from `raw`, is absolute-form with nothing after its authority in
+/// the bytes themselves (a fragment aside, which is no part of a path): what RFC 9112
+/// §3.2.4 sends on as `OPTIONS *`. Read from the bytes, not from `uri` (which shows `/`).
+fn raw_path_empty(uri: &Uri, raw: &[u8]) -> bool {
+    let (Some(_), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        return false;
+    };
+    let Some(start) = raw.windows(3).position(|w| w == b"://") else {
+        return false;
+    };
+    let rest = &raw[start + 3..];
+    let authority = authority.as_str().as_bytes();
+    assert!(rest.starts_with(authority), "authority {authority:?} not at {rest:?}");
+    let after = &rest[authority.len()..];
+    after.is_empty() || after[0] == b'#'
+}
 
 /// The request hyper would have handed over for this head.
 fn request(head: &[u8]) -> Request<()> {
@@ -189,14 +218,30 @@ fuzz_target!(|data: &[u8]| {
     let original = request(head);
     let before = original.headers().clone();
 
-    // The asterisk form: only OPTIONS (a 400 otherwise, never reaching a backend).
+    // The asterisk form: only OPTIONS; an authority: only one that can be the Host (a 400
+    // otherwise, never reaching a backend).
     let asterisk = original.uri().authority().is_none() && original.uri().path() == "*";
+    let authority = original.uri().authority().map(|a| a.as_str().to_owned());
+    let bad_authority = authority.as_ref().is_some_and(|a| !headers::is_host(a.as_bytes()));
     match headers::check_target(&original) {
-        Err(_) => {
+        Err(headers::BadTarget::Asterisk) => {
             assert!(asterisk && original.method() != Method::OPTIONS, "refused {}", original.uri());
             return;
         }
-        Ok(()) => assert!(!asterisk || original.method() == Method::OPTIONS),
+        Err(headers::BadTarget::Authority) => {
+            assert!(bad_authority, "refused {}", original.uri());
+            return;
+        }
+        Ok(()) => {
+            assert!(!asterisk || original.method() == Method::OPTIONS);
+            assert!(!bad_authority, "let through {}", original.uri());
+            if let Some(a) = &authority {
+                assert!(!a.contains('@'), "userinfo in the authority let through: {a:?}");
+                let uri = Uri::try_from(format!("http://{a}/"))
+                    .unwrap_or_else(|e| panic!("authority {a:?} let through is no Host: {e}"));
+                assert_eq!(uri.authority().map(|x| x.as_str()), Some(a.as_str()));
+            }
+        }
     }
 
     // Host fields: what is refused never reaches the rewrite.
@@ -231,12 +276,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let named = named_in_connection(&before);
     let kept = |n: &HeaderName| trusted && !named.contains(n);
-    let host = before.get(HOST).cloned().or_else(|| {
-        original
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = authority
+        .as_ref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+        .or_else(|| before.get(HOST).cloned());
+    let to_asterisk = original.method() == Method::OPTIONS
+        && original.version() != Version::HTTP_2
+        && raw_path_empty(original.uri(), raw_target(head));
 
     let mut req = request(head);
     let upgrading = upgrade::requested(&req);
@@ -244,11 +290,15 @@ fuzz_target!(|data: &[u8]| {
     let after = req.headers();
     assert_eq!(req.version(), Version::HTTP_11);
     assert_eq!(req.method(), original.method());
-    assert_eq!(req.uri(), original.uri());
+    if to_asterisk {
+        assert_eq!(req.uri(), "*", "OPTIONS {}", original.uri());
+    } else {
+        assert_eq!(req.uri(), original.uri());
+    }
     check_hop_by_hop(&before, after, upgrading, &SET_BY_US);
 
     // Host.
-    assert_eq!(after.get(HOST), host.as_ref(), "Host is not the client's");
+    assert_eq!(after.get(HOST), host.as_ref(), "Host is not the target's or the client's");
     if let Some(h) = &host {
         assert_eq!(after.get_all(HOST).iter().count(), 1);
         if !kept(&X_FORWARDED_HOST) || !before.contains_key(&X_FORWARDED_HOST) {
@@ -307,7 +357,9 @@ fuzz_target!(|data: &[u8]| {
     // and CONNECT's authority-form as they came.
     client::origin_form(&mut req);
     let uri = original.uri();
-    if uri.authority().is_none() || original.method() == Method::CONNECT {
+    if to_asterisk {
+        assert_eq!(req.uri(), "*");
+    } else if uri.authority().is_none() || original.method() == Method::CONNECT {
         assert_eq!(req.uri(), uri);
     } else {
         assert!(req.uri().scheme().is_none() && req.uri().authority().is_none(), "{}", req.uri());

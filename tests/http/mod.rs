@@ -18,8 +18,10 @@ const READY: Duration = Duration::from_secs(30);
 const STEP: Duration = Duration::from_secs(20);
 
 /// A python worker for the cases the built-in worker cannot show: `/headers` answers the
-/// request headers, `/ws` upgrades (101) and echoes bytes, `/slow` answers after 3 s,
-/// `/die` (any method) kills the worker before it answers; anything else answers its pid.
+/// request headers, `/seen…` the request line as received and then the headers, `/ws`
+/// upgrades (101) and echoes bytes, `/slow` answers after 3 s, `/die` (any method) kills
+/// the worker before it answers, OPTIONS answers `OPTIONS` and the target it got;
+/// anything else answers its pid.
 const PY_WORKER: &str = r#"
 import os, sys, time, socket, http.server
 ipc = int(os.environ["BALANCER_IPC_FD"])
@@ -35,6 +37,8 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/headers":
             return self.answer("".join("%s: %s\n" % (k.lower(), v) for k, v in self.headers.items()))
+        if self.path.startswith("/seen"):
+            return self.answer(self.requestline + "\n" + "".join("%s: %s\n" % (k.lower(), v) for k, v in self.headers.items()))
         if self.path == "/ws":
             self.send_response(101)
             self.send_header("upgrade", self.headers.get("upgrade", ""))
@@ -352,6 +356,57 @@ fn options_asterisk_reaches_the_backend_as_asterisk() {
     assert!(head.contains("connection: close"), "{head}");
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
+    assert_no_panic_in(&b);
+}
+
+#[test]
+fn an_absolute_form_target_reaches_the_backend_as_its_host_and_origin_form() {
+    // RFC 9112 §3.2.2: the authority of an absolute-form target, not the client's Host,
+    // is the host: the backend gets it as Host (and X-Forwarded-Host) and the target in
+    // origin-form. §3.2.4: with OPTIONS and an empty path, the target is `*`.
+    let dir = TempDir::new("http-absolute");
+    let b = python_workers(&dir, "1", &[]);
+    let mut s = TcpStream::connect(b.addr()).unwrap();
+    let (status, head, body) = exchange(
+        &mut s,
+        "GET http://site.test:8080/seen?q=1 HTTP/1.1\r\nHost: other.test\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{head}{body}");
+    assert_eq!(
+        body.lines().next(),
+        Some("GET /seen?q=1 HTTP/1.1"),
+        "{body}"
+    );
+    assert!(body.contains("\nhost: site.test:8080\n"), "{body}");
+    assert!(
+        body.contains("x-forwarded-host: site.test:8080\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("forwarded: for=127.0.0.1;host=\"site.test:8080\";proto=http\n"),
+        "{body}"
+    );
+    assert!(!body.contains("other.test"), "{body}");
+    // The same keep-alive connection: OPTIONS with no path, a slash, a query, both.
+    for (target, seen) in [
+        ("http://h.test:80", "OPTIONS *"),
+        ("http://h.test:80/", "OPTIONS /"),
+        ("http://h.test:80?q", "OPTIONS /?q"),
+        ("http://h.test:80/p?q", "OPTIONS /p?q"),
+        ("http://h.test:80", "OPTIONS *"),
+    ] {
+        let req = format!("OPTIONS {target} HTTP/1.1\r\nHost: other.test\r\n\r\n");
+        let (status, head, body) = exchange(&mut s, &req);
+        assert_eq!((status, body.as_str()), (200, seen), "{target}: {head}");
+    }
+    // An authority that cannot be a Host (userinfo, RFC 9110 §4.2.4) is a 400.
+    let mut s = TcpStream::connect(b.addr()).unwrap();
+    let (status, head, body) = exchange(
+        &mut s,
+        "GET http://user@site.test/seen HTTP/1.1\r\nHost: site.test\r\n\r\n",
+    );
+    assert_eq!(status, 400, "{head}{body}");
+    assert!(body.contains("authority"), "{body}");
     assert_no_panic_in(&b);
 }
 

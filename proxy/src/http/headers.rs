@@ -122,24 +122,67 @@ impl Origin {
 }
 
 /// Everything the HTTP path changes in a client's request before it goes to a backend:
-/// `Host` from the authority where only that was sent (backends speak HTTP/1.1, so an
-/// HTTP/2 request's `:authority` becomes its `Host`), the hop-by-hop headers removed
-/// (`Upgrade` kept when `upgrade`), the forwarding headers set, and the version 1.1.
+/// `Host` from the target's authority where there is one (see [`host_of`]; backends speak
+/// HTTP/1.1, so an HTTP/2 request's `:authority` becomes its `Host`), an absolute-form
+/// `OPTIONS` with an empty path made `OPTIONS *` (see [`sent_without_path`]), the
+/// hop-by-hop headers removed (`Upgrade` kept when `upgrade`), the forwarding headers set,
+/// and the version 1.1. The rest of the absolute form (scheme and authority) comes off in
+/// [`client::origin_form`](super::client::origin_form), just before the send.
 /// One function so the fuzz target (`fuzz/fuzz_targets/http_request.rs`) runs exactly it.
 pub fn rewrite_request<B>(req: &mut Request<B>, origin: &Origin, upgrade: bool) {
     let host = host_of(req.headers(), req.uri());
+    let from_target = req.uri().authority().is_some();
+    // RFC 9112 §3.2.4: the last proxy sends `OPTIONS http://h:80` on as `OPTIONS *` (and
+    // `OPTIONS http://h:80/` as `OPTIONS /`). Only an HTTP/1 request line can tell the two
+    // apart; HTTP/2 has `:path` `*` for the first.
+    if req.method() == Method::OPTIONS
+        && (req.version() == Version::HTTP_11 || req.version() == Version::HTTP_10)
+        && sent_without_path(req.uri())
+    {
+        *req.uri_mut() = hyper::Uri::from_static("*");
+    }
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // After the strip: `Connection: host` must not take the client's Host away (found by
     // the fuzz target; the backend then saw no Host at all).
-    // Exactly one Host goes on: none left (only the authority was sent) becomes the
-    // authority. Several never get here: [`check_host`] answers them 400 first.
-    if req.headers().get_all(HOST).iter().count() != 1 {
+    // Exactly one Host goes on: the target's authority, replacing whatever Host came with
+    // it, or else the client's one Host. Several never get here: [`check_host`] answers
+    // them 400 first.
+    if from_target || req.headers().get_all(HOST).iter().count() != 1 {
         if let Some(h) = &host {
             req.headers_mut().insert(HOST, h.clone());
         }
     }
     set_forwarded(req.headers_mut(), origin, host.as_ref());
     *req.version_mut() = Version::HTTP_11;
+}
+
+/// Whether an absolute-form target was sent with an empty path (`http://h:80`, not
+/// `http://h:80/`, nor `http://h:80?q`).
+///
+/// The `http` crate reads both `http://h:80` and `http://h:80/` as the path `/` and keeps
+/// no flag of which was sent. What tells them apart is where that `/` lives: a path that
+/// was sent is a slice of the same bytes as the authority, starting right where the
+/// authority ends (hyper hands the parser the request line's bytes, and the parser slices
+/// them without copying), while the `/` made up for an empty path is a static string.
+/// A URI put together from parts (HTTP/2's pseudo-headers) has its path elsewhere too,
+/// so the caller asks this of HTTP/1 request lines only.
+///
+/// Should a later `http` copy the path out instead, every path would look made up: the
+/// same parse of a static `http://a/` is checked first, and if its path is not right after
+/// its authority either, this answers `false` (`OPTIONS /`, as before) rather than turn
+/// every `OPTIONS http://h/` into `OPTIONS *`.
+pub fn sent_without_path(uri: &hyper::Uri) -> bool {
+    fn path_follows_authority(uri: &hyper::Uri) -> Option<bool> {
+        let authority = uri.authority()?.as_str();
+        let path = uri.path_and_query()?.as_str();
+        // Addresses compared, never dereferenced: no byte outside either slice is read.
+        Some(path.as_ptr() as usize == authority.as_ptr() as usize + authority.len())
+    }
+    if uri.scheme().is_none() || uri.path_and_query().map(|p| p.as_str()) != Some("/") {
+        return false;
+    }
+    let slices = path_follows_authority(&hyper::Uri::from_static("http://a/")) == Some(true);
+    slices && path_follows_authority(uri) == Some(false)
 }
 
 /// Why a request's `Host` is refused (RFC 9112 §3.2: a server MUST answer 400).
@@ -162,6 +205,16 @@ pub enum BadHost {
 /// Checks the request's `Host` fields as RFC 9112 §3.2 asks of a server: exactly one in
 /// HTTP/1.1 (at most one otherwise), and a valid `uri-host [":" port]`. The caller answers
 /// 400 and closes on an error, as nginx and HAProxy do.
+///
+/// The same with an absolute-form target (`GET http://a.test/ HTTP/1.1`), whose authority
+/// then names the host and whose `Host` value is ignored and replaced ([`host_of`], RFC
+/// 9112 §3.2.2): the 400 of §3.2 is for "any HTTP/1.1 request message" that lacks Host or
+/// has several or an invalid one, with no exception for the absolute form, and nginx
+/// answers so too (it takes the host from the request line, yet still refuses an HTTP/1.1
+/// request with no, two or an invalid Host). A valid Host that differs from the authority
+/// is let through and replaced, as nginx does and §3.2.2 says ("MUST ignore"); HAProxy
+/// answers that 400, which guards a next hop that might read the Host instead, and here
+/// the next hop never sees the client's Host at all.
 pub fn check_host<B>(req: &Request<B>) -> Result<(), BadHost> {
     let mut fields = req.headers().get_all(HOST).iter();
     match (fields.next(), fields.next()) {
@@ -180,19 +233,29 @@ pub enum BadTarget {
     /// only OPTIONS asks about the server as a whole.
     #[error("request-target * with a method other than OPTIONS")]
     Asterisk,
+    /// A target's authority (absolute-form, CONNECT's authority-form, HTTP/2's
+    /// `:authority`) that is not `uri-host [":" port]`: it becomes the request's `Host`
+    /// ([`host_of`]), which must be valid. Userinfo (`http://user@h/`) is the usual case:
+    /// RFC 9110 §4.2.4 has a recipient treat it as an error, and nginx answers it 400.
+    #[error("request-target authority is not a valid host")]
+    Authority,
 }
 
 /// Checks the request-target's form: `*` only for OPTIONS, which goes to the backend as
 /// `OPTIONS *`, as HAProxy passes it (nginx refuses it outright, which leaves a backend
-/// that implements server-wide OPTIONS unreachable through the proxy).
-///
-/// Not done: RFC 9112 §3.2.4 also has the last proxy send an absolute-form OPTIONS with
-/// an empty path (`OPTIONS http://h:80`) on as `*`. The `http` crate reads an empty path
-/// as `/` and keeps no trace of which was sent, so that request goes on as `OPTIONS /`.
+/// that implements server-wide OPTIONS unreachable through the proxy); an authority in
+/// the target only if it can be the `Host` sent on.
 pub fn check_target<B>(req: &Request<B>) -> Result<(), BadTarget> {
-    let asterisk = req.uri().authority().is_none() && req.uri().path() == "*";
+    let uri = req.uri();
+    let asterisk = uri.authority().is_none() && uri.path() == "*";
     if asterisk && req.method() != Method::OPTIONS {
         return Err(BadTarget::Asterisk);
+    }
+    if uri
+        .authority()
+        .is_some_and(|a| !is_host(a.as_str().as_bytes()))
+    {
+        return Err(BadTarget::Authority);
     }
     Ok(())
 }
@@ -326,12 +389,15 @@ pub fn set_forwarded(headers: &mut HeaderMap, origin: &Origin, host: Option<&Hea
     }
 }
 
-/// The request's host: `Host`, or else the URI authority (HTTP/2's `:authority`).
+/// The request's host: the target's authority if it has one, or else `Host`. The
+/// authority wins wherever both came: RFC 9112 §3.2.2 has a server ignore the Host of an
+/// absolute-form request (`GET http://a.test/ HTTP/1.1`) and use the target's, RFC 9113
+/// §8.3.1 has an intermediary make an HTTP/2 request's Host from `:authority`, and a
+/// CONNECT's authority-form target is its host by definition (§3.2.3).
 pub fn host_of(headers: &HeaderMap, uri: &hyper::Uri) -> Option<HeaderValue> {
-    headers.get(HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+    uri.authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| headers.get(HOST).cloned())
 }
 
 /// Appends `value` to the (comma-separated) header `name`, merging repeated fields.
@@ -512,10 +578,169 @@ mod tests {
             Err(BadTarget::Asterisk)
         );
         assert_eq!(check_target(&req(Method::GET, "/")), Ok(()));
-        // `*` goes on untouched (client::backend_uri then keeps it as the path).
+        // `*` goes on untouched (client::origin_form then leaves it as it is).
         let mut r = req(Method::OPTIONS, "*");
         rewrite_request(&mut r, &origin("10.0.0.7:5000", false), false);
         assert_eq!(r.uri(), "*");
+    }
+
+    /// `method target`, as hyper hands it over (`Host: other.test` unless `host` is None),
+    /// rewritten and then made origin-form as [`super::super::client::Balance`] sends it.
+    fn forwarded(
+        method: Method,
+        target: &str,
+        version: Version,
+        host: Option<&'static str>,
+    ) -> Request<()> {
+        let mut r = Request::new(());
+        *r.method_mut() = method;
+        // From bytes, as hyper parses a request line (a `Bytes` of the whole head).
+        *r.uri_mut() = hyper::Uri::try_from(target.as_bytes()).unwrap();
+        *r.version_mut() = version;
+        if let Some(h) = host {
+            r.headers_mut().insert(HOST, HeaderValue::from_static(h));
+        }
+        rewrite_request(&mut r, &origin("10.0.0.7:5000", false), false);
+        super::super::client::origin_form(&mut r);
+        r
+    }
+
+    #[test]
+    fn an_absolute_form_target_names_the_host() {
+        // RFC 9112 §3.2.2: the target's authority, not the client's Host, is the host;
+        // the backend gets it as Host, and the path and query in origin-form.
+        let r = forwarded(
+            Method::GET,
+            "http://example.com:8080/path?q=1",
+            Version::HTTP_11,
+            Some("other.test"),
+        );
+        assert_eq!(r.uri(), "/path?q=1");
+        assert_eq!(r.headers().get_all(HOST).iter().count(), 1);
+        assert_eq!(r.headers()[HOST], "example.com:8080");
+        assert_eq!(r.headers()[&X_FORWARDED_HOST], "example.com:8080");
+        assert_eq!(
+            r.headers()[FORWARDED],
+            "for=10.0.0.7;host=\"example.com:8080\";proto=http"
+        );
+        // HTTP/1.0 may send no Host: the authority still becomes one.
+        let r = forwarded(Method::GET, "http://a.test/", Version::HTTP_10, None);
+        assert_eq!(r.uri(), "/");
+        assert_eq!(r.headers()[HOST], "a.test");
+        // `Connection: host` takes the client's Host, never the target's.
+        let mut r = Request::new(());
+        *r.uri_mut() = hyper::Uri::from_static("http://a.test/x");
+        r.headers_mut()
+            .insert(HOST, HeaderValue::from_static("other.test"));
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("host"));
+        rewrite_request(&mut r, &origin("10.0.0.7:5000", false), false);
+        assert_eq!(r.headers()[HOST], "a.test");
+        // Origin-form keeps the client's Host (the HTTP/1.1 case of every browser).
+        let r = forwarded(Method::GET, "/p", Version::HTTP_11, Some("other.test"));
+        assert_eq!(r.uri(), "/p");
+        assert_eq!(r.headers()[HOST], "other.test");
+    }
+
+    #[test]
+    fn absolute_form_hosts_are_checked_as_any_and_userinfo_is_refused() {
+        let req = |target: &'static str, host: Option<&'static str>| {
+            let mut r = Request::new(());
+            *r.uri_mut() = hyper::Uri::from_static(target);
+            if let Some(h) = host {
+                r.headers_mut().insert(HOST, HeaderValue::from_static(h));
+            }
+            r
+        };
+        // Host is still required, once and valid (RFC 9112 §3.2, as nginx), but a Host
+        // other than the authority is no error: it is replaced.
+        assert_eq!(check_host(&req("http://a.test/", Some("b.test"))), Ok(()));
+        assert_eq!(
+            check_host(&req("http://a.test/", None)),
+            Err(BadHost::Missing)
+        );
+        assert_eq!(
+            check_host(&req("http://a.test/", Some("b c"))),
+            Err(BadHost::Invalid)
+        );
+        // The authority becomes the Host sent on, so it must be a valid one.
+        assert_eq!(
+            check_target(&req("http://a.test:81/", Some("a.test"))),
+            Ok(())
+        );
+        assert_eq!(
+            check_target(&req("http://[::1]:81/", Some("a.test"))),
+            Ok(())
+        );
+        assert_eq!(
+            check_target(&req("http://user@a.test/", Some("a.test"))),
+            Err(BadTarget::Authority)
+        );
+        assert_eq!(
+            check_target(&req("http://user:pw@a.test/", Some("a.test"))),
+            Err(BadTarget::Authority)
+        );
+    }
+
+    #[test]
+    fn options_with_an_empty_path_goes_on_as_asterisk() {
+        // RFC 9112 §3.2.4: `OPTIONS http://h:80` is `OPTIONS *` to the origin server, and
+        // `OPTIONS http://h:80/` stays `/`.
+        let options = |target| forwarded(Method::OPTIONS, target, Version::HTTP_11, Some("x"));
+        let r = options("http://h.test:80");
+        assert_eq!(r.uri(), "*");
+        assert_eq!(r.headers()[HOST], "h.test:80");
+        assert_eq!(options("http://h.test:80/").uri(), "/");
+        assert_eq!(options("http://h.test:80?q").uri(), "/?q");
+        assert_eq!(options("http://h.test:80/p?q").uri(), "/p?q");
+        assert_eq!(options("*").uri(), "*");
+        assert_eq!(options("/").uri(), "/");
+        let r = forwarded(Method::OPTIONS, "http://h.test", Version::HTTP_10, None);
+        assert_eq!(r.uri(), "*");
+        // Only OPTIONS: any other method's empty path is `/`.
+        let r = forwarded(Method::GET, "http://h.test:80", Version::HTTP_11, Some("x"));
+        assert_eq!(r.uri(), "/");
+        // HTTP/2 sends `:path: *` for that and `:path: /` for `/`: its `/` stays.
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTPS);
+        parts.authority = Some(hyper::http::uri::Authority::from_static("h.test"));
+        parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+        let mut r = Request::new(());
+        *r.method_mut() = Method::OPTIONS;
+        *r.uri_mut() = hyper::Uri::from_parts(parts).unwrap();
+        *r.version_mut() = Version::HTTP_2;
+        rewrite_request(&mut r, &origin("10.0.0.7:5000", false), false);
+        super::super::client::origin_form(&mut r);
+        assert_eq!(r.uri(), "/");
+    }
+
+    #[test]
+    fn an_empty_path_is_told_from_a_slash_however_the_uri_was_parsed() {
+        // What `sent_without_path` leans on (the `http` crate's slicing), from each way a
+        // URI is parsed from bytes.
+        for target in ["http://h.test:80", "https://[::1]", "http://h.test#f"] {
+            assert!(
+                sent_without_path(&hyper::Uri::try_from(target).unwrap()),
+                "{target}"
+            );
+            let owned = hyper::Uri::try_from(target.as_bytes().to_vec()).unwrap();
+            assert!(sent_without_path(&owned), "{target}");
+        }
+        for target in [
+            "http://h.test:80/",
+            "http://h.test/?",
+            "http://h.test?q",
+            "/",
+            "*",
+            "h.test:443",
+        ] {
+            assert!(
+                !sent_without_path(&hyper::Uri::try_from(target).unwrap()),
+                "{target}"
+            );
+            let owned = hyper::Uri::try_from(target.as_bytes().to_vec()).unwrap();
+            assert!(!sent_without_path(&owned), "{target}");
+        }
     }
 
     #[test]
