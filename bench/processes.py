@@ -44,8 +44,15 @@ class Started:
         # without hitting a process that reused the pid.
         self._known: dict[int, int | None] = {}
         self._log = open(log_path, "w", buffering=1)
-        # A session of its own: a Ctrl-C in the terminal reaches only this script, which
-        # then stops everything in order.
+        # A process group of its own: a Ctrl-C in the terminal reaches only this script,
+        # which then stops everything in order. Not a session of its own: with
+        # kernel.sched_autogroup_enabled=1 (Debian's default) every session is a scheduling
+        # group with one group's share of the CPUs, so a balancer and the workers it starts
+        # shared one share while nginx and its backends (two sessions) had two, and wrk a
+        # third. On this saturated 2-core box that made balancer's proxy threads sleep about
+        # once per request (1.2 voluntary context switches per request on close50, against
+        # 0.08 with every process in one group) and charged it the wake-ups. In one session,
+        # every target, its backends and wrk are scheduled alike, thread by thread.
         self.popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -53,7 +60,7 @@ class Started:
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            start_new_session=True,
+            process_group=0,
             env=env,
         )
         registry.append(self)
