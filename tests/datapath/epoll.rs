@@ -2,10 +2,13 @@
 //! real binary: forwarding (many connections at once, bulk both ways through full socket
 //! buffers), a dead backend skipped, a stalled connect given up (for the next backend, or
 //! at once when its client leaves), the idle timeout, the drain at stop, and the flags it
-//! refuses. Half-close and close rules: `half_close::*_epoll`.
+//! refuses. Half-close and close rules: `half_close::*_epoll`. Segments saved per
+//! connection (the handshake's last ACK on the first bytes, the FIN on the last ones):
+//! counted with `TCP_INFO` on both ends.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -468,4 +471,162 @@ fn the_epoll_engine_refuses_what_it_does_not_do_in_one_line() {
             "{args:?}: {line}"
         );
     }
+}
+
+/// `tcpi_segs_in` of a socket (`TCP_INFO`, Linux 4.2+): segments received, handshake and
+/// pure ACKs included. Read at its offset (140) in `struct tcp_info`, which the libc
+/// crate's older copy of the struct does not reach.
+fn segments_in(sock: &impl std::os::fd::AsRawFd) -> u32 {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the fd is open; `info` is writable for `len` bytes and `len` says so.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    assert!(len >= 144, "TCP_INFO too short for tcpi_segs_in: {len}");
+    u32::from_ne_bytes(info[140..144].try_into().unwrap())
+}
+
+/// What the corked backend saw of one connection.
+enum Seen {
+    /// A connection came in (before its first bytes).
+    Opened,
+    /// A request was in, after this many segments on the backend's socket.
+    Request(u32),
+}
+
+/// A backend that reads one request per connection (a thread each), notes how many
+/// segments its socket had received by then, and answers with the answer and its FIN in
+/// one segment (`TCP_CORK`, then `shutdown`), so the proxy reads the last bytes with the
+/// FIN already in.
+fn corked_backend() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                if tx.send(Seen::Opened).is_err() {
+                    return;
+                }
+                let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(Seen::Request(segments_in(&c)));
+                let on: libc::c_int = 1;
+                // SAFETY: the fd is open; `on` is an int and its size is passed with it.
+                unsafe {
+                    libc::setsockopt(
+                        c.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_CORK,
+                        (&on as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+                let _ = c.shutdown(Shutdown::Write);
+                // Until the proxy's close, so nothing resets.
+                let _ = c.read(&mut buf);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Per connection through `engine`: the segments the backend had received when the
+/// request was in (`SYN` and the request carrying the handshake's ACK: 2, where a bare ACK
+/// first makes 3), and the segments the client received in all (`SYN-ACK`, the ACK of its
+/// request, the answer with the FIN on it: 3, where a FIN of its own makes 4).
+///
+/// The request must be in before the proxy accepts, or the proxy connects with no bytes
+/// in hand (and rightly acknowledges at once). So with `--max-conns 1`, a holder
+/// connection takes the one permit; the measured client connects and sends while the
+/// proxy cannot accept it; the holder's close lets it in.
+fn segments_per_connection(engine: &str) -> Vec<(u32, u32)> {
+    let (backend, seen) = corked_backend();
+    let b = Balancer::start(&[
+        "--engine",
+        engine,
+        "--cpus",
+        "0",
+        "--max-conns",
+        "1",
+        "--upstream",
+        &backend.to_string(),
+        "--health-check",
+        "http",
+        "--health-interval",
+        "60s",
+    ]);
+    let want = backend.to_string();
+    b.expect_line(0, "`upstream backend up`", READY, |l| {
+        is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str())
+    });
+    let next = |what: &str| {
+        seen.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("the backend saw no {what}\n{}", b.dump()))
+    };
+    // The health check's request (answered like any other).
+    while !matches!(next("health check"), Seen::Request(_)) {}
+    let mut counts = Vec::new();
+    for i in 0..10 {
+        let holder = connect(&b);
+        // Accepted and connected on: the permit is taken.
+        while !matches!(next("holder"), Seen::Opened) {}
+        let mut c = connect(&b);
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        drop(holder);
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", b.dump()));
+        assert!(
+            answer.ends_with(b"\r\n\r\nok"),
+            "connection {i}: {answer:?}"
+        );
+        let at_backend = loop {
+            if let Seen::Request(n) = next("request") {
+                break n;
+            }
+        };
+        counts.push((at_backend, segments_in(&c)));
+    }
+    assert_no_panic(&b);
+    counts
+}
+#[test]
+fn the_epoll_engine_sends_the_first_bytes_with_the_handshake_ack_and_the_fin_with_the_last() {
+    let counts = segments_per_connection("epoll");
+    assert!(
+        counts
+            .iter()
+            .all(|&(backend, client)| backend <= 2 && client <= 3),
+        "segments (at the backend when the request was in, at the client in all): {counts:?}"
+    );
+}
+
+#[test]
+fn the_tokio_engine_sends_the_first_bytes_with_the_handshake_ack() {
+    let counts = segments_per_connection("tokio");
+    assert!(
+        counts.iter().all(|&(backend, _)| backend <= 2),
+        "segments at the backend when the request was in: {counts:?}"
+    );
 }

@@ -73,6 +73,8 @@ pub(super) struct Side {
     writable: bool,
     /// The peer sent its FIN (or the socket failed): a read will not block.
     rdhup: bool,
+    /// The peer sent its FIN (not an error): what is left to read is the last of it.
+    fin: bool,
 }
 
 impl Side {
@@ -82,6 +84,7 @@ impl Side {
             readable: false,
             writable: false,
             rdhup: false,
+            fin: false,
         }
     }
 
@@ -94,7 +97,7 @@ impl Side {
             self.readable = true;
         }
         if ev.is_read_closed() {
-            (self.readable, self.rdhup) = (true, true);
+            (self.readable, self.rdhup, self.fin) = (true, true, true);
         }
         if ev.is_writable() || ev.is_write_closed() {
             self.writable = true;
@@ -129,7 +132,20 @@ impl Side {
     }
 
     /// Writes as much of `data` as the socket takes now (no `SIGPIPE`); returns how much.
-    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.send(data, 0)
+    }
+
+    /// [`write`](Self::write) of bytes after which this socket's FIN follows in the same
+    /// turn (the source's FIN is already in): `MSG_MORE` keeps them queued a moment, and
+    /// the close or `shutdown` that comes next puts its FIN on their segment (the kernel's
+    /// `tcp_send_fin` marks an unsent tail) and sends it: one segment fewer per
+    /// connection, and one ACK for both at the peer.
+    fn write_last(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.send(data, libc::MSG_MORE)
+    }
+
+    fn send(&mut self, mut data: &[u8], flags: libc::c_int) -> io::Result<usize> {
         let len = data.len();
         while !data.is_empty() && self.writable {
             // SAFETY: the fd is open for the duration of the call; `data` is a readable slice
@@ -139,7 +155,7 @@ impl Side {
                     self.sock.as_raw_fd(),
                     data.as_ptr().cast(),
                     data.len(),
-                    libc::MSG_NOSIGNAL,
+                    libc::MSG_NOSIGNAL | flags,
                 )
             };
             if n >= 0 {
@@ -300,7 +316,13 @@ fn one_way(
         let data = unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), n) };
         *reads += 1;
         dir.total += n as u64;
-        let w = dst.write(data)?;
+        // With the source's FIN in, the read that follows returns its EOF (or more of the
+        // last bytes), and the EOF ends this side with a FIN in the same turn.
+        let w = if src.fin {
+            dst.write_last(data)?
+        } else {
+            dst.write(data)?
+        };
         if w < n {
             dir.pending.extend_from_slice(&data[w..]);
         }
