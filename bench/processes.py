@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import subprocess
 import threading
 import time
@@ -60,7 +61,8 @@ class Started:
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            process_group=0,
+            # `process_group` is Python 3.11+; `setpgrp` in the child does the same before.
+            **({"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}),
             env=env,
         )
         registry.append(self)

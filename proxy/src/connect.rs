@@ -61,7 +61,8 @@ pub(crate) fn start_socket(addr: SocketAddr, first: &[u8]) -> io::Result<(Socket
         // is up, the handshake's last ACK waits (delayed-ACK mode) and rides on them, one
         // segment fewer per backend connection, and the backend is woken once, with its
         // accept and the bytes together. Only with bytes in hand: a server that speaks
-        // first would otherwise see its accept wait for the delayed-ACK timer (40 ms).
+        // first would otherwise see its accept wait for the delayed-ACK timer (up to
+        // `TCP_DELACK_MAX`, 200 ms, in `tcp_rcv_synsent_state_process`).
         let _ = socket.set_tcp_quickack(false);
     }
     let established = match socket.connect(&addr.into()) {

@@ -140,7 +140,11 @@ impl Side {
     /// turn (the source's FIN is already in): `MSG_MORE` keeps them queued a moment, and
     /// the close or `shutdown` that comes next puts its FIN on their segment (the kernel's
     /// `tcp_send_fin` marks an unsent tail) and sends it: one segment fewer per
-    /// connection, and one ACK for both at the peer.
+    /// connection, and one ACK for both at the peer. The price: if the client sends bytes
+    /// in the microseconds between the unread check before that close and the close itself,
+    /// the close is a reset and takes the held bytes with it, where before they were on the
+    /// wire ahead of it. Only a client that sends again after a `Connection: close` answer
+    /// can meet it, and its next request is lost either way.
     fn write_last(&mut self, data: &[u8]) -> io::Result<usize> {
         self.send(data, libc::MSG_MORE)
     }
