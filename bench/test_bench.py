@@ -86,6 +86,16 @@ class CountsTests(unittest.TestCase):
         # pid 1 used 0.5 s more, pid 3 appeared with 0.25 s, pid 2 exited (lost).
         self.assertAlmostEqual(counts.cpu_delta({1: 1.0, 2: 4.0}, {1: 1.5, 3: 0.25}), 0.75)
 
+    def test_tcp_out_segments_come_from_the_tcp_rows_of_snmp(self):
+        snmp = (
+            "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+            "Tcp: RtoAlgorithm RtoMin ActiveOpens OutSegs RetransSegs\nTcp: 1 200 7 12345 3\n"
+            "Udp: InDatagrams\nUdp: 9\n"
+        )
+        self.assertEqual(counts.machine.parse_tcp_out_segments(snmp), 12345)
+        self.assertIsNone(counts.machine.parse_tcp_out_segments("Ip: a\nIp: 1\n"))
+        self.assertIsNone(counts.machine.parse_tcp_out_segments("Tcp: OutSegs\nTcp: x\n"))
+
 
 class LogTests(unittest.TestCase):
     def test_worker_ready(self):
