@@ -47,6 +47,18 @@ while True:
     threading.Thread(target=answer, args=(c,), daemon=True).start()
 "#;
 
+/// Waits for the master's `upstream backend up` line for `addr` (its first health check
+/// passed): from then on it is in rotation.
+fn wait_upstream_up(b: &Balancer, addr: std::net::SocketAddr) {
+    let want = addr.to_string();
+    b.expect_line(
+        0,
+        &format!("`upstream backend up` for {want}"),
+        READY,
+        |l| is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str()),
+    );
+}
+
 fn connect(b: &Balancer) -> TcpStream {
     let s = TcpStream::connect(b.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -227,13 +239,7 @@ fn the_epoll_engine_skips_a_dead_backend() {
         "1000",
     ]);
     for addr in [dead, live.addr] {
-        let want = addr.to_string();
-        b.expect_line(
-            0,
-            &format!("`upstream backend up` for {want}"),
-            READY,
-            |l| is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str()),
-        );
+        wait_upstream_up(&b, addr);
     }
     drop(dying);
     for i in 0..6 {
@@ -272,13 +278,7 @@ fn the_epoll_engine_gives_up_a_stalled_connect_and_tries_the_next_backend() {
         "1000",
     ]);
     for addr in [slow, live.addr] {
-        let want = addr.to_string();
-        b.expect_line(
-            0,
-            &format!("`upstream backend up` for {want}"),
-            READY,
-            |l| is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str()),
-        );
+        wait_upstream_up(&b, addr);
     }
     // SAFETY: the fd is the open listener's; listen(2) again only changes its backlog.
     assert_eq!(unsafe { libc::listen(stalled.as_raw_fd(), 0) }, 0);
@@ -333,10 +333,7 @@ fn a_client_that_leaves_during_a_stalled_connect_is_dropped_at_once(engine: &str
         "--health-fall",
         "1000",
     ]);
-    let want = slow.to_string();
-    b.expect_line(0, "`upstream backend up`", READY, |l| {
-        is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str())
-    });
+    wait_upstream_up(&b, slow);
     // With no local worker the proxy threads (their runtimes or epoll fds) exist before the
     // `listening` line: the descriptor baseline below holds them.
     let addr = b.addr();
@@ -584,10 +581,7 @@ fn segments_per_connection(engine: &str) -> Vec<(u32, u32)> {
         "--health-interval",
         "60s",
     ]);
-    let want = backend.to_string();
-    b.expect_line(0, "`upstream backend up`", READY, |l| {
-        is_event(l, "upstream backend up") && field(l, "addr") == Some(want.as_str())
-    });
+    wait_upstream_up(&b, backend);
     let next = |what: &str| {
         seen.recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| panic!("the backend saw no {what}\n{}", b.dump()))
