@@ -47,6 +47,20 @@ while True:
     threading.Thread(target=answer, args=(c,), daemon=True).start()
 "#;
 
+/// Reads a request's head (up to its blank line) from `c`: the bytes read, and whether the
+/// head is complete (false: EOF or an error came first).
+fn read_head(c: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return (head, false),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    (head, true)
+}
+
 /// Waits for the master's `upstream backend up` line for `addr` (its first health check
 /// passed): from then on it is in rotation.
 fn wait_upstream_up(b: &Balancer, addr: std::net::SocketAddr) {
@@ -182,14 +196,7 @@ impl Live {
                 }
                 let Ok(mut c) = c else { continue };
                 let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let (head, _) = read_head(&mut c);
                 if !head.is_empty() {
                     let _ = c.write_all(
                         b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlive",
@@ -524,14 +531,10 @@ fn corked_backend() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<Seen>) {
                     return;
                 }
                 let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut c).1 {
+                    return;
                 }
+                let mut buf = [0u8; 1];
                 let _ = tx.send(Seen::Request(segments_in(&c)));
                 let on: libc::c_int = 1;
                 // SAFETY: the fd is open; `on` is an int and its size is passed with it.
